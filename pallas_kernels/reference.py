@@ -1,0 +1,172 @@
+"""Pure-jnp references of every kernel, over the unified pool layout.
+
+These are the specification the Pallas kernels are tested against, and the
+`kernels="xla"` path. They take arrays and index tables only (no engine
+objects), so this package imports nothing of `slora_jax`.
+
+Pool layout (shared by all kernels)
+-----------------------------------
+``pool`` has shape ``[L, S, W]``: for every layer, ``S`` rows of width ``W``,
+where ``W`` is the width of one token's K (or V) vector in one layer
+(``num_kv_heads * head_dim``). Rows are grouped in pages of ``page_rows`` rows;
+a page index ``p`` (``0 <= p < N``, ``S = 2 * N * page_rows``) owns the K block
+of rows ``[p * page_rows, (p + 1) * page_rows)`` and the V block
+``[(N + p) * page_rows, (N + p + 1) * page_rows)``. In block units (blocks of
+``page_rows`` rows) the V block of page ``p`` is ``p + N``.
+
+A page either holds ``page_rows`` tokens of one sequence's K and V (token
+``i`` of a sequence sits at offset ``i % page_rows`` of the page
+``block_table[i // page_rows]``), or ``2 * page_rows`` rows of an adapter.
+
+An adapter matrix row of width ``D`` (a column of A, i.e. a row of A^T, or a
+row of B) is stored zero-padded over ``K = ceil(D / W)`` pool rows; the LoRA
+kernels get, per segment and rank row, those ``K`` pool row indices, and read
+``concat(pool[layer, rows[c]] for c in range(K))[:D]``.
+
+Segments
+--------
+Tokens of one step are grouped by adapter into contiguous segments:
+segment ``s`` covers tokens ``seg_starts[s]:seg_starts[s + 1]`` and has rank
+``seg_ranks[s]`` (0: no adapter; its tokens get no LoRA term). Tokens at or
+after ``seg_starts[-1]`` are padding. Rank rows ``j >= seg_ranks[s]`` of the
+index tables are ignored (any in-range value).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _segment_ids(seg_starts: jax.Array, num_tokens: int) -> jax.Array:
+    """Segment index of every token; tokens past the last segment get S (out of range)."""
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    return jnp.searchsorted(seg_starts, t, side="right").astype(jnp.int32) - 1
+
+
+def _gather_rows(pool, layer, rows, width):
+    """rows [S, R, K] -> matrix rows [S, R, width] read from pool[layer]."""
+    s, r, k = rows.shape
+    w = pool.shape[-1]
+    flat = jnp.take(pool[layer], rows.reshape(-1), axis=0)  # [S*R*K, W]
+    return flat.reshape(s, r, k * w)[..., :width]
+
+
+def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows):
+    """v[m, t, j] = x[t] . A_m(seg(t))[:, j] for j < rank, else 0.
+
+    x: [T, D_in]; pool: [L, S, W]; layer: int32 scalar;
+    seg_starts: [NS + 1] int32; seg_ranks: [M, NS] int32;
+    a_rows: [M, NS, R, K_in] int32 pool rows of A^T (M modules sharing x).
+    Returns float32 [M, T, R].
+    """
+    t, d_in = x.shape
+    m, ns, r, _ = a_rows.shape
+    seg = _segment_ids(seg_starts, t)
+    valid = (seg >= 0) & (seg < ns)
+    seg_c = jnp.clip(seg, 0, ns - 1)
+    outs = []
+    for i in range(m):
+        a_t = _gather_rows(pool, layer, a_rows[i], d_in)  # [NS, R, D_in]
+        v = jnp.einsum("td,trd->tr", x.astype(jnp.float32), a_t[seg_c].astype(jnp.float32))
+        keep = valid[:, None] & (jnp.arange(r)[None, :] < seg_ranks[i][seg_c][:, None])
+        outs.append(jnp.where(keep, v, 0.0))
+    return jnp.stack(outs)
+
+
+def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales):
+    """y[t] + scale(seg(t)) * sum_{j < rank} v[t, j] * B(seg(t))[j, :].
+
+    y: [T, D_out] (base output, returned in its dtype); v: [T, R] float32;
+    seg_ranks: [NS]; b_rows: [NS, R, K_out]; seg_scales: [NS] float32.
+    """
+    t, d_out = y.shape
+    ns, r, _ = b_rows.shape
+    seg = _segment_ids(seg_starts, t)
+    valid = (seg >= 0) & (seg < ns)
+    seg_c = jnp.clip(seg, 0, ns - 1)
+    b = _gather_rows(pool, layer, b_rows, d_out)  # [NS, R, D_out]
+    keep = valid[:, None] & (jnp.arange(r)[None, :] < seg_ranks[seg_c][:, None])
+    vv = jnp.where(keep, v, 0.0) * seg_scales[seg_c][:, None]
+    delta = jnp.einsum("tr,trd->td", vv, b[seg_c].astype(jnp.float32))
+    return (y.astype(jnp.float32) + delta).astype(y.dtype)
+
+
+def write_kv(pool, layer, k, v, slots):
+    """Write new K/V rows: token t's K to row slots[t], its V to slots[t] + S/2.
+
+    k, v: [T, W]; slots: [T] int32 K rows (block * page_rows + offset), -1 = skip.
+    Returns the updated pool (in place under jit when the pool is donated).
+    """
+    s = pool.shape[1]
+    k_rows = jnp.where(slots < 0, s, slots)  # out of range -> dropped
+    v_rows = jnp.where(slots < 0, s, slots + s // 2)
+    pool = pool.at[layer, k_rows].set(k.astype(pool.dtype), mode="drop")
+    return pool.at[layer, v_rows].set(v.astype(pool.dtype), mode="drop")
+
+
+def _gather_kv(pool, layer, block_tables, page_rows):
+    """block_tables [B, M] -> K, V of shape [B, M * page_rows, W]."""
+    s, w = pool.shape[1], pool.shape[2]
+    n_pages = s // (2 * page_rows)
+    offs = jnp.arange(page_rows, dtype=jnp.int32)
+    k_rows = (block_tables[..., None] * page_rows + offs).reshape(block_tables.shape[0], -1)
+    v_rows = k_rows + n_pages * page_rows
+    return pool[layer][k_rows], pool[layer][v_rows]
+
+
+def _attend(q, k, v, mask, scale):
+    """q [B, Q, Hq, hd]; k, v [B, C, Hkv, hd]; mask [B, Q, C] -> [B, Q, Hq, hd]."""
+    b, nq, hq, hd = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    qg = q.reshape(b, nq, hkv, g, hd).astype(jnp.float32)
+    s = jnp.einsum("bqhgd,bchd->bhgqc", qg, k.astype(jnp.float32)) * scale
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    p = jnp.where(mask[:, None, None], p, 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bhgqc,bchd->bqhgd", p / jnp.where(denom > 0, denom, 1.0), v.astype(jnp.float32))
+    return o.reshape(b, nq, hq, hd).astype(q.dtype)
+
+
+def paged_attention_decode(q, pool, layer, block_tables, lengths, *, page_rows, scale):
+    """One query per sequence over its first lengths[b] tokens (GQA-aware).
+
+    q: [B, Hq, hd]; block_tables: [B, M] int32 page indices; lengths: [B] int32
+    (0: inactive row, output 0). Returns [B, Hq, hd] in q's dtype.
+    """
+    b, hq, hd = q.shape
+    k, v = _gather_kv(pool, layer, block_tables, page_rows)
+    hkv = pool.shape[-1] // hd
+    c = k.shape[1]
+    k = k.reshape(b, c, hkv, hd)
+    v = v.reshape(b, c, hkv, hd)
+    mask = (jnp.arange(c)[None, :] < lengths[:, None])[:, None, :]
+    return _attend(q[:, None], k, v, mask, scale)[:, 0]
+
+
+def paged_attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, page_rows, scale):
+    """Causal attention of packed query chunks over their sequences' pages.
+
+    q: [T, Hq, hd], sequence b's queries are rows q_starts[b]:q_starts[b+1] and
+    are the last n_b positions of its kv_lens[b] tokens (its K/V, the chunk's
+    own included, are already in the pool). Query i of b sits at position
+    kv_lens[b] - n_b + i and sees keys 0..that position. Rows at or past
+    q_starts[-1] are padding (output 0). Returns [T, Hq, hd].
+    """
+    t, hq, hd = q.shape
+    nb = block_tables.shape[0]
+    seq = _segment_ids(q_starts, t)
+    valid = (seq >= 0) & (seq < nb)
+    seq_c = jnp.clip(seq, 0, nb - 1)
+    n_q = q_starts[1:] - q_starts[:-1]
+    pos = kv_lens[seq_c] - n_q[seq_c] + (jnp.arange(t) - q_starts[seq_c])
+    k, v = _gather_kv(pool, layer, block_tables, page_rows)
+    hkv = pool.shape[-1] // hd
+    c = k.shape[1]
+    k = k.reshape(nb, c, hkv, hd)[seq_c]
+    v = v.reshape(nb, c, hkv, hd)[seq_c]
+    mask = (jnp.arange(c)[None, :] <= pos[:, None]) & valid[:, None]
+    out = _attend(q[:, None], k, v, mask[:, None, :], scale)[:, 0]
+    return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)
