@@ -1,0 +1,60 @@
+"""Kernels over the unified pool: segmented LoRA and paged attention.
+
+One entry point per op; `kernel_set(mode)` picks the implementation:
+"xla" runs the pure-jnp references, "pallas" the Pallas kernels (compiled on
+GPU/TPU, interpret mode on CPU), "auto" Pallas on accelerators and the
+references on CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+
+from . import reference
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSet:
+    """The ops a model step needs; hashable so it can be a static jit argument."""
+
+    name: str
+    lora_shrink: Callable
+    lora_expand: Callable
+    write_kv: Callable
+    attention_decode: Callable
+    attention_prefill: Callable
+
+
+def resolve_mode(mode: str) -> str:
+    if mode not in ("auto", "pallas", "xla"):
+        raise ValueError(f"kernels must be 'auto', 'pallas' or 'xla', got {mode!r}")
+    if mode == "auto":
+        return "xla" if jax.default_backend() == "cpu" else "pallas"
+    return mode
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_set(mode: str = "auto") -> KernelSet:
+    mode = resolve_mode(mode)
+    if mode == "xla":
+        return KernelSet(
+            "xla",
+            reference.lora_shrink,
+            reference.lora_expand,
+            reference.write_kv,
+            reference.paged_attention_decode,
+            reference.paged_attention_prefill,
+        )
+    from . import attention, lora
+
+    return KernelSet(
+        "pallas",
+        lora.lora_shrink,
+        lora.lora_expand,
+        reference.write_kv,  # a donated scatter: XLA already does it in place
+        attention.paged_attention_decode,
+        attention.paged_attention_prefill,
+    )

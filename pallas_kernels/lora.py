@@ -1,0 +1,458 @@
+"""Segmented multi-LoRA kernels over the unified pool (S-LoRA's MBGMM / MBGMV).
+
+``lora_shrink`` computes ``v = x @ A`` and ``lora_expand`` computes
+``y + scale * v @ B`` for a batch whose tokens are grouped into contiguous
+segments, one adapter (of its own rank) per segment. Both read the adapter
+rows straight out of the pool by their row indices, inside the kernel; the
+layout and the exact semantics are those of `reference.py` (its docstring and
+its ``lora_shrink`` / ``lora_expand``), which ``impl="xla"`` runs.
+
+GPU kernels use Pallas' Triton lowering; on CPU they run in interpret mode
+(``interpret=None`` picks that from ``jax.default_backend()``).
+
+Work list (static grid, any segment lengths)
+--------------------------------------------
+Under ``jit`` the grid must be static although segment lengths are not. Each
+kernel's grid axis 0 enumerates ``NS + 1 + ceil(T / BT)`` *work items*, each a
+run of at most ``BT`` tokens of one segment:
+
+* head item ``s`` (``0 <= s <= NS``) covers segment ``s`` from its start up to
+  the first multiple of ``BT`` (empty when the start is aligned);
+* global item ``g`` covers tokens ``[g*BT, (g+1)*BT)`` of the segment that
+  contains token ``g*BT``, cut at that segment's end.
+
+Every token is covered exactly once (``s = NS`` and ``s = -1`` stand for the
+padding tokens after ``seg_starts[-1]`` and before ``seg_starts[0]``). A
+program finds its item from ``seg_starts`` alone (one vector compare for
+global items), so no XLA op runs before the kernel: in a model step the only
+per-call inputs are the tables the engine already has.
+
+Why this and not a ``(segment, token-block)`` list built with a cumsum or a
+grid over segments with an inner token loop: a decode batch (512 one-token
+segments) gets 512 programs that each read one adapter (a per-segment grid
+would give the same, but a 4 x 512-token prefill would then run 4 programs
+walking 512 tokens each, and a cumsum work list costs extra XLA launches per
+call); a prefill gets ``T / BT`` full blocks of ``BT`` tokens that share one
+adapter tile (the MBGMM case) plus at most ``NS + 1`` partial head blocks.
+Programs of empty items, padding and rank-0 segments exit after reading the
+tables (shrink writes their zeros).
+
+Shrink (``[M, T, R]`` float32)
+------------------------------
+Grid ``(items, M * ceil(R / BR) * k_splits)``: a program owns ``BT`` tokens x
+``BR`` rank columns of one module and one of ``k_splits`` slices of the
+``D_in`` reduction. Rank blocks at or past the segment's rank only store
+zeros, so work follows the real rank (waste only inside the last rank block).
+The reduction walks ``D_in`` in ``BD``-wide chunks that never straddle a pool
+row: chunk ``(c, jb)`` is columns ``[jb*BD, jb*BD + BD)`` of the adapter's
+``c``-th pool row, so both the ``x`` tile and the gathered ``A^T`` tile
+(``pool[layer, rows[m, s, j, c], cols]``) are contiguous loads, multiplied on
+tensor cores (``[BT, BD] x [BD, BR]``, float32 accumulation). ``k_splits > 1``
+splits those chunks over more programs for small batches and sums the
+partial results with one small XLA reduction (deterministic, no atomics).
+All ``M`` modules (q, k, v share ``x``) are one launch.
+
+Expand (``y``'s dtype; ``y`` aliased to the output)
+---------------------------------------------------
+Grid ``(items, K_out * ceil(W / BD))``: a program owns ``BT`` tokens x ``BD``
+output columns lying in one pool row ``c`` of the segment's ``B`` rows, loops
+over the segment's rank blocks only (dynamic trip count), and writes
+``y + delta`` in one pass. Rows of padding / rank-0 tokens are never touched
+(``y`` is aliased to the output; donate ``y`` to avoid XLA's copy). With a
+16-bit pool, ``v * scale`` is split into a 16-bit high and low part (two
+tensor-core dots), which keeps the product at about float32 accuracy.
+
+Block sizes are powers of two, at least 16 (Triton's ``dot`` minimum); every
+edge (T, D_in, D_out, W, R, segment ends) is masked.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from . import reference
+
+__all__ = ["lora_shrink", "lora_expand", "shrink_defaults", "expand_defaults"]
+
+_SHRINK_TUNABLES = ("block_t", "block_r", "block_d", "k_splits", "num_warps", "num_stages")
+_EXPAND_TUNABLES = ("block_t", "block_r", "block_d", "num_warps", "num_stages")
+
+
+# --------------------------------------------------------------------------- helpers
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_at_least(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << max(0, (int(n) - 1).bit_length()))
+
+
+def _resolve_interpret(interpret: bool | None) -> bool:
+    if interpret is None:
+        return jax.default_backend() == "cpu"
+    return bool(interpret)
+
+
+def _decode_like(t: int, ns: int) -> bool:
+    """Many short segments (decode, or mostly decode) vs. few long ones (prefill)."""
+    return t <= 8 * max(ns, 1)
+
+
+def shrink_defaults(t: int, ns: int, r: int, w: int) -> dict[str, int]:
+    """Default tunables of `lora_shrink` for T tokens, NS segments, max rank R, pool width W."""
+    if _decode_like(t, ns):
+        cfg = dict(block_t=16, block_r=16, block_d=512, k_splits=1, num_warps=4, num_stages=3)
+    else:
+        cfg = dict(block_t=64, block_r=min(64, _pow2_at_least(r)), block_d=128, k_splits=1,
+                   num_warps=4, num_stages=3)
+    cfg["block_d"] = min(cfg["block_d"], _pow2_at_least(w))
+    return cfg
+
+
+def expand_defaults(t: int, ns: int, r: int, w: int) -> dict[str, int]:
+    """Default tunables of `lora_expand` for T tokens, NS segments, max rank R, pool width W."""
+    if _decode_like(t, ns):
+        cfg = dict(block_t=16, block_r=16 if r <= 16 else 32, block_d=512, num_warps=4, num_stages=3)
+    else:
+        cfg = dict(block_t=64, block_r=min(64, _pow2_at_least(r)), block_d=128, num_warps=4,
+                   num_stages=3)
+    cfg["block_d"] = min(cfg["block_d"], _pow2_at_least(w))
+    return cfg
+
+
+def _tunables(name: str, given: dict[str, Any], allowed: tuple[str, ...], defaults: dict[str, int]):
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise TypeError(f"{name}: unknown tunable(s) {unknown}; allowed: {list(allowed)}")
+    cfg = dict(defaults)
+    cfg.update({k: v for k, v in given.items() if v is not None})
+    for k in ("block_t", "block_r", "block_d"):
+        v = cfg[k]
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise ValueError(f"{name}: {k} must be a power of two >= 16, got {v!r}")
+    if "k_splits" in cfg and (not isinstance(cfg["k_splits"], int) or cfg["k_splits"] < 1):
+        raise ValueError(f"{name}: k_splits must be a positive int, got {cfg['k_splits']!r}")
+    return cfg
+
+
+def _check_int(name: str, arg: str, a) -> None:
+    if not jnp.issubdtype(a.dtype, jnp.integer):
+        raise TypeError(f"{name}: {arg} must be an integer array, got dtype {a.dtype}")
+
+
+def _layer_array(name: str, layer, n_layers: int) -> jax.Array:
+    shape = jnp.shape(layer)
+    if shape != ():
+        raise ValueError(f"{name}: layer must be a scalar, got shape {shape}")
+    if isinstance(layer, int) and not -n_layers <= layer < n_layers:
+        raise ValueError(f"{name}: layer {layer} out of range for a pool of {n_layers} layers")
+    layer = jnp.asarray(layer, jnp.int32)
+    # jnp indexing semantics of the reference: negative wraps, too large clamps.
+    layer = jnp.where(layer < 0, layer + n_layers, layer)
+    return jnp.clip(layer, 0, n_layers - 1).reshape(1)
+
+
+# --------------------------------------------------------------------------- work items
+def _work_item(i, starts_ref, *, ns: int, nsp: int, t: int, bt: int):
+    """Work item i -> (segment, first token, end token); segment in [-1, NS]."""
+    n_head = ns + 1
+    is_head = i < n_head
+    # Head item s: from the segment's start to the next multiple of BT.
+    s_h = jnp.minimum(i, ns)
+    lo_h = jnp.clip(starts_ref[s_h], 0, t)
+    end_h = jnp.where(s_h < ns, jnp.clip(starts_ref[jnp.minimum(s_h + 1, ns)], 0, t), t)
+    hi_h = jnp.minimum(lax.div(lo_h + (bt - 1), bt) * bt, end_h)
+    # Global item g: block g's tokens of the segment holding token g * BT.
+    tok_g = jnp.maximum(i - n_head, 0) * bt
+    lane = lax.broadcasted_iota(jnp.int32, (nsp,), 0)
+    sv = plgpu.load(starts_ref.at[pl.ds(0, nsp)], mask=lane <= ns, other=t)
+    sv = jnp.clip(sv, 0, t)
+    s_g = jnp.sum((sv <= tok_g).astype(jnp.int32)) - 1
+    end_g = jnp.where(s_g >= ns, t, jnp.clip(starts_ref[jnp.clip(s_g + 1, 0, ns)], 0, t))
+    hi_g = jnp.minimum(tok_g + bt, end_g)
+    seg = jnp.where(is_head, s_h, s_g)
+    lo = jnp.where(is_head, lo_h, tok_g)
+    hi = jnp.where(is_head, hi_h, hi_g)
+    return seg, lo, hi
+
+
+def _num_items(t: int, ns: int, bt: int) -> int:
+    return ns + 1 + _cdiv(t, bt)
+
+
+def _compute_dtype(*dtypes) -> jnp.dtype:
+    """16-bit float tiles stay 16-bit (tensor cores, exact products); anything else is float32."""
+    dts = {jnp.dtype(d) for d in dtypes}
+    if len(dts) == 1 and next(iter(dts)) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return next(iter(dts))
+    return jnp.dtype(jnp.float32)
+
+
+# --------------------------------------------------------------------------- shrink
+def _shrink_kernel(layer_ref, starts_ref, ranks_ref, rows_ref, x_ref, pool_ref, out_ref, *,
+                   ns, nsp, t, d, w, r, nrb, ks, bt, br, bd, nj, n_chunks, per_split, cdt):
+    i = pl.program_id(0)
+    j = pl.program_id(1)  # (module, rank block, split), split fastest
+    m = lax.div(j, nrb * ks)
+    rb = lax.rem(lax.div(j, ks), nrb)
+    sp = lax.rem(j, ks)
+
+    seg, lo, hi = _work_item(i, starts_ref, ns=ns, nsp=nsp, t=t, bt=bt)
+    real = (seg >= 0) & (seg < ns)
+    segc = jnp.clip(seg, 0, ns - 1)
+    rank = jnp.where(real, jnp.clip(ranks_ref[m, segc], 0, r), 0)
+
+    r0 = rb * br
+    jv = r0 + lax.broadcasted_iota(jnp.int32, (br,), 0)
+    rmask = jv < rank
+    tmask = (lo + lax.broadcasted_iota(jnp.int32, (bt,), 0)) < hi
+    lane = lax.broadcasted_iota(jnp.int32, (bd,), 0)
+    layer = layer_ref[0]
+
+    c_begin = sp * per_split
+    n_iter = jnp.minimum(per_split, n_chunks - c_begin)
+    n_iter = jnp.where((rank > r0) & (hi > lo), n_iter, 0)
+
+    def body(q, acc):
+        ch = c_begin + q
+        c = lax.div(ch, nj)  # which of the K pool rows of an adapter row
+        col0 = lax.rem(ch, nj) * bd  # column offset inside that pool row
+        cols = col0 + lane
+        cmask = (cols < w) & (cols < d - c * w)
+        xt = plgpu.load(
+            x_ref.at[pl.ds(lo, bt), pl.ds(c * w + col0, bd)],
+            mask=tmask[:, None] & cmask[None, :],
+            other=0,
+        )
+        idx = plgpu.load(rows_ref.at[m, segc, pl.ds(r0, br), c], mask=rmask, other=0)
+        at = plgpu.load(
+            pool_ref.at[layer, idx[:, None], cols[None, :]],
+            mask=rmask[:, None] & cmask[None, :],
+            other=0,
+        )
+        return acc + plgpu.dot(xt.astype(cdt), at.astype(cdt), trans_b=True)
+
+    acc = lax.fori_loop(0, n_iter, body, jnp.zeros((bt, br), jnp.float32))
+    acc = jnp.where(rmask[None, :], acc, 0.0)
+    plgpu.store(
+        out_ref.at[sp, m, pl.ds(lo, bt), pl.ds(r0, br)],
+        acc,
+        mask=tmask[:, None] & (jv < r)[None, :],
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("block_t", "block_r", "block_d", "k_splits", "num_warps", "num_stages", "interpret"),
+)
+def _shrink_pallas(x, pool, layer, seg_starts, seg_ranks, a_rows, *, block_t, block_r, block_d,
+                   k_splits, num_warps, num_stages, interpret):
+    t, d = x.shape
+    _, _, w = pool.shape
+    m, ns, r, _ = a_rows.shape
+    bt, br, bd = block_t, block_r, block_d
+    nj = _cdiv(w, bd)
+    k_full = _cdiv(d, w)
+    n_chunks = (k_full - 1) * nj + _cdiv(d - (k_full - 1) * w, bd)
+    ks = max(1, min(k_splits, n_chunks))
+    per_split = _cdiv(n_chunks, ks)
+    ks = _cdiv(n_chunks, per_split)
+    nrb = _cdiv(r, br)
+    nsp = _pow2_at_least(ns + 1, 2)
+    kernel = functools.partial(
+        _shrink_kernel, ns=ns, nsp=nsp, t=t, d=d, w=w, r=r, nrb=nrb, ks=ks, bt=bt, br=br, bd=bd,
+        nj=nj, n_chunks=n_chunks, per_split=per_split, cdt=_compute_dtype(x.dtype, pool.dtype),
+    )
+    out = pl.pallas_call(
+        kernel,
+        grid=(_num_items(t, ns, bt), m * nrb * ks),
+        out_shape=jax.ShapeDtypeStruct((ks, m, t, r), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"lora_shrink_bt{bt}_br{br}_bd{bd}_ks{ks}",
+    )(layer, seg_starts, seg_ranks, a_rows, x, pool)
+    return out[0] if ks == 1 else out.sum(axis=0)
+
+
+def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, impl: str = "pallas",
+                interpret: bool | None = None, **tunables) -> jax.Array:
+    """v[m, t, j] = x[t] . A_m(seg(t))[:, j] for j < rank, else 0 (see `reference.lora_shrink`).
+
+    x: [T, D_in]; pool: [L, S, W]; layer: int32 scalar (may be traced);
+    seg_starts: [NS + 1] int32; seg_ranks: [M, NS] int32;
+    a_rows: [M, NS, R, K_in] int32 pool rows of A^T, K_in = ceil(D_in / W).
+    Returns float32 [M, T, R].
+
+    impl: "pallas" (this module's kernel) or "xla" (the reference).
+    interpret: None = interpret mode on CPU, compiled elsewhere.
+    tunables: block_t, block_r, block_d (powers of two >= 16), k_splits,
+    num_warps, num_stages; defaults from `shrink_defaults`.
+    """
+    name = "lora_shrink"
+    if x.ndim != 2:
+        raise ValueError(f"{name}: x must be [T, D_in], got shape {x.shape}")
+    if pool.ndim != 3:
+        raise ValueError(f"{name}: pool must be [L, S, W], got shape {pool.shape}")
+    if seg_starts.ndim != 1 or seg_starts.shape[0] < 1:
+        raise ValueError(f"{name}: seg_starts must be [NS + 1] with NS >= 0, got shape {seg_starts.shape}")
+    if a_rows.ndim != 4:
+        raise ValueError(f"{name}: a_rows must be [M, NS, R, K_in], got shape {a_rows.shape}")
+    t, d = x.shape
+    n_layers, _, w = pool.shape
+    ns = seg_starts.shape[0] - 1
+    m, ns_a, r, k = a_rows.shape
+    k_want = _cdiv(d, w)
+    if ns_a != ns or k != k_want:
+        raise ValueError(
+            f"{name}: a_rows must have shape [M, NS, R, K_in] with NS = len(seg_starts) - 1 = {ns} "
+            f"and K_in = ceil(D_in / W) = ceil({d} / {w}) = {k_want}, got {a_rows.shape}"
+        )
+    if seg_ranks.shape != (m, ns):
+        raise ValueError(f"{name}: seg_ranks must have shape [M, NS] = {(m, ns)}, got {seg_ranks.shape}")
+    for arg, a in (("seg_starts", seg_starts), ("seg_ranks", seg_ranks), ("a_rows", a_rows)):
+        _check_int(name, arg, a)
+    if impl == "xla":
+        return reference.lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows)
+    if impl != "pallas":
+        raise ValueError(f"{name}: impl must be 'pallas' or 'xla', got {impl!r}")
+    layer_arr = _layer_array(name, layer, n_layers)
+    cfg = _tunables(name, tunables, _SHRINK_TUNABLES, shrink_defaults(t, ns, r, w))
+    if t == 0 or r == 0 or m == 0 or ns == 0 or d == 0:
+        return jnp.zeros((m, t, r), jnp.float32)
+    return _shrink_pallas(
+        x, pool, layer_arr, seg_starts.astype(jnp.int32), seg_ranks.astype(jnp.int32),
+        a_rows.astype(jnp.int32), interpret=_resolve_interpret(interpret), **cfg,
+    )
+
+
+# --------------------------------------------------------------------------- expand
+def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, rows_ref, v_ref, pool_ref, y_ref,
+                   o_ref, *, ns, nsp, t, d, w, r, bt, br, bd, nj, cdt):
+    del y_ref  # aliased to o_ref: read and write through o_ref
+    i = pl.program_id(0)
+    n = pl.program_id(1)
+    seg, lo, hi = _work_item(i, starts_ref, ns=ns, nsp=nsp, t=t, bt=bt)
+    real = (seg >= 0) & (seg < ns)
+    segc = jnp.clip(seg, 0, ns - 1)
+    rank = jnp.where(real, jnp.clip(ranks_ref[segc], 0, r), 0)
+    scale = scales_ref[segc].astype(jnp.float32)
+
+    c = lax.div(n, nj)  # pool row of the B rows holding this column block
+    col0 = lax.rem(n, nj) * bd
+    cols = col0 + lax.broadcasted_iota(jnp.int32, (bd,), 0)
+    cmask = (cols < w) & (cols < d - c * w)
+    tmask = (lo + lax.broadcasted_iota(jnp.int32, (bt,), 0)) < hi
+    active = (hi > lo) & (rank > 0) & (c * w + col0 < d)
+    layer = layer_ref[0]
+    n_rb = jnp.where(active, lax.div(rank + (br - 1), br), 0)
+
+    def body(q, acc):
+        jv = q * br + lax.broadcasted_iota(jnp.int32, (br,), 0)
+        rmask = jv < rank
+        vt = plgpu.load(v_ref.at[pl.ds(lo, bt), pl.ds(q * br, br)],
+                        mask=tmask[:, None] & rmask[None, :], other=0.0)
+        vt = vt.astype(jnp.float32) * scale
+        idx = plgpu.load(rows_ref.at[segc, pl.ds(q * br, br), c], mask=rmask, other=0)
+        bt_ = plgpu.load(
+            pool_ref.at[layer, idx[:, None], cols[None, :]],
+            mask=rmask[:, None] & cmask[None, :],
+            other=0,
+        ).astype(cdt)
+        if cdt == jnp.float32:
+            return acc + plgpu.dot(vt, bt_)
+        v_hi = vt.astype(cdt)
+        v_lo = (vt - v_hi.astype(jnp.float32)).astype(cdt)
+        return acc + plgpu.dot(v_hi, bt_) + plgpu.dot(v_lo, bt_)
+
+    acc = lax.fori_loop(0, n_rb, body, jnp.zeros((bt, bd), jnp.float32))
+    omask = (tmask & active)[:, None] & cmask[None, :]
+    tile = o_ref.at[pl.ds(lo, bt), pl.ds(c * w + col0, bd)]
+    yt = plgpu.load(tile, mask=omask, other=0)
+    plgpu.store(tile, (yt.astype(jnp.float32) + acc).astype(o_ref.dtype), mask=omask)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("block_t", "block_r", "block_d", "num_warps", "num_stages", "interpret")
+)
+def _expand_pallas(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *, block_t,
+                   block_r, block_d, num_warps, num_stages, interpret):
+    t, d = y.shape
+    _, _, w = pool.shape
+    ns, r, k = b_rows.shape
+    bt, br, bd = block_t, block_r, block_d
+    nj = _cdiv(w, bd)
+    nsp = _pow2_at_least(ns + 1, 2)
+    kernel = functools.partial(
+        _expand_kernel, ns=ns, nsp=nsp, t=t, d=d, w=w, r=r, bt=bt, br=br, bd=bd, nj=nj,
+        cdt=_compute_dtype(pool.dtype),
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(_num_items(t, ns, bt), k * nj),
+        out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
+        input_output_aliases={7: 0},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"lora_expand_bt{bt}_br{br}_bd{bd}",
+    )(layer, seg_starts, seg_ranks, seg_scales, b_rows, v, pool, y)
+
+
+def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *,
+                impl: str = "pallas", interpret: bool | None = None, **tunables) -> jax.Array:
+    """y[t] + scale(seg(t)) * sum_{j < rank} v[t, j] * B(seg(t))[j, :] (see `reference.lora_expand`).
+
+    y: [T, D_out] (returned in its dtype; aliased to the output, so donate it
+    to update in place); v: [T, R] float32; pool: [L, S, W]; layer: int32
+    scalar; seg_starts: [NS + 1]; seg_ranks: [NS]; b_rows: [NS, R, K_out]
+    with K_out = ceil(D_out / W); seg_scales: [NS] float32.
+
+    impl, interpret: as in `lora_shrink`. tunables: block_t, block_r, block_d
+    (powers of two >= 16), num_warps, num_stages; defaults from `expand_defaults`.
+    """
+    name = "lora_expand"
+    if y.ndim != 2:
+        raise ValueError(f"{name}: y must be [T, D_out], got shape {y.shape}")
+    if pool.ndim != 3:
+        raise ValueError(f"{name}: pool must be [L, S, W], got shape {pool.shape}")
+    if seg_starts.ndim != 1 or seg_starts.shape[0] < 1:
+        raise ValueError(f"{name}: seg_starts must be [NS + 1] with NS >= 0, got shape {seg_starts.shape}")
+    if b_rows.ndim != 3:
+        raise ValueError(f"{name}: b_rows must be [NS, R, K_out], got shape {b_rows.shape}")
+    t, d = y.shape
+    n_layers, _, w = pool.shape
+    ns = seg_starts.shape[0] - 1
+    ns_b, r, k = b_rows.shape
+    k_want = _cdiv(d, w)
+    if ns_b != ns or k != k_want:
+        raise ValueError(
+            f"{name}: b_rows must have shape [NS, R, K_out] with NS = len(seg_starts) - 1 = {ns} "
+            f"and K_out = ceil(D_out / W) = ceil({d} / {w}) = {k_want}, got {b_rows.shape}"
+        )
+    if v.shape != (t, r):
+        raise ValueError(f"{name}: v must have shape [T, R] = {(t, r)} (T from y, R from b_rows), got {v.shape}")
+    if seg_ranks.shape != (ns,):
+        raise ValueError(f"{name}: seg_ranks must have shape [NS] = {(ns,)}, got {seg_ranks.shape}")
+    if seg_scales.shape != (ns,):
+        raise ValueError(f"{name}: seg_scales must have shape [NS] = {(ns,)}, got {seg_scales.shape}")
+    for arg, a in (("seg_starts", seg_starts), ("seg_ranks", seg_ranks), ("b_rows", b_rows)):
+        _check_int(name, arg, a)
+    if impl == "xla":
+        return reference.lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales)
+    if impl != "pallas":
+        raise ValueError(f"{name}: impl must be 'pallas' or 'xla', got {impl!r}")
+    layer_arr = _layer_array(name, layer, n_layers)
+    cfg = _tunables(name, tunables, _EXPAND_TUNABLES, expand_defaults(t, ns, r, w))
+    if t == 0 or r == 0 or ns == 0 or d == 0:
+        return y
+    return _expand_pallas(
+        y, v.astype(jnp.float32), pool, layer_arr, seg_starts.astype(jnp.int32),
+        seg_ranks.astype(jnp.int32), b_rows.astype(jnp.int32), seg_scales.astype(jnp.float32),
+        interpret=_resolve_interpret(interpret), **cfg,
+    )

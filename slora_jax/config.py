@@ -1,0 +1,198 @@
+"""Model and engine configuration: frozen dataclasses read from JSON.
+
+`ModelConfig` reads an HF Llama `config.json` (Llama 2 MHA, Llama 3 GQA with
+llama3 rope scaling; transformers 4 `rope_scaling`/`rope_theta` and
+transformers 5 `rope_parameters` spellings) or one of our presets in
+`configs/`, which use the same keys plus an optional `"engine"` section of
+EngineConfig defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+# The linear layers LoRA may target, in the order adapter rows are laid out in the pool.
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that we cannot serve."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    bos_token_id: Optional[int] = 1
+    eos_token_ids: tuple = (2,)
+    name: str = "llama"
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def module_shape(self, module: str) -> tuple[int, int]:
+        """(in_features, out_features) of a LoRA-targetable linear."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (h, self.q_size),
+            "k_proj": (h, self.kv_size),
+            "v_proj": (h, self.kv_size),
+            "o_proj": (self.q_size, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }[module]
+
+    def num_params(self) -> int:
+        per_layer = sum(a * b for a, b in (self.module_shape(m) for m in LORA_MODULES)) + 2 * self.hidden_size
+        head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        return self.num_layers * per_layer + self.vocab_size * self.hidden_size + head + self.hidden_size
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, name: str = "llama") -> "ModelConfig":
+        arch = d.get("model_type", "llama")
+        if arch not in ("llama", "mistral"):
+            raise ConfigError(f"model_type {arch!r} is not supported (only Llama-architecture models)")
+        try:
+            heads = int(d["num_attention_heads"])
+            hidden = int(d["hidden_size"])
+            rope_params = dict(d.get("rope_parameters") or {})
+            scaling = d.get("rope_scaling") or None
+            if scaling is None and rope_params.get("rope_type", "default") != "default":
+                scaling = rope_params
+            if scaling is not None:
+                scaling = dict(scaling)
+                kind = scaling.get("rope_type", scaling.get("type"))
+                if kind not in ("llama3", "default"):
+                    raise ConfigError(f"rope scaling type {kind!r} is not supported (only 'llama3')")
+                scaling = None if kind == "default" else {**scaling, "rope_type": "llama3"}
+            eos = d.get("eos_token_id", 2)
+            eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+            return cls(
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(d["intermediate_size"]),
+                num_layers=int(d["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(d.get("num_key_value_heads") or heads),
+                head_dim=int(d.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(d.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
+                rope_scaling=scaling,
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_ids=eos,
+                name=name,
+            )
+        except KeyError as e:
+            raise ConfigError(f"config is missing the key {e.args[0]!r}") from None
+
+    def to_hf_dict(self) -> dict:
+        d = {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids),
+            "hidden_act": "silu",
+        }
+        if self.rope_scaling:
+            d["rope_scaling"] = dict(self.rope_scaling)
+        return d
+
+    def rope_inv_freq(self):
+        """Inverse RoPE frequencies [head_dim/2] as float64 numpy (llama3 scaling applied)."""
+        import numpy as np
+
+        dim = self.head_dim
+        inv = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+        s = self.rope_scaling
+        if not s:
+            return inv
+        factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+        old = float(s["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        return np.where(medium, smoothed, scaled)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Serving knobs. `num_pages=None` sizes the pool from `mem_fraction` of free device memory."""
+
+    num_pages: Optional[int] = None
+    mem_fraction: float = 0.85
+    page_rows: int = 16
+    max_rank: int = 64
+    max_running: int = 64
+    max_batch_tokens: int = 2048
+    max_model_len: int = 2048
+    max_adapters_per_step: Optional[int] = None  # segments per step; default max_running
+    early_abort_s: Optional[float] = None  # drop waiting requests older than this (S-LoRA's early abort)
+    kernels: str = "auto"  # auto | pallas | xla
+    dtype: str = "bfloat16"
+    seed: int = 0
+    tp: int = 1
+
+    def replace(self, **kw: Any) -> "EngineConfig":
+        unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown engine option(s): {sorted(unknown)}")
+        return dataclasses.replace(self, **kw)
+
+
+def resolve_preset(path_or_name: str) -> str:
+    """'tiny' or 'configs/tiny.json' or a model dir -> an existing path."""
+    if os.path.exists(path_or_name):
+        return path_or_name
+    cand = os.path.join(CONFIGS_DIR, path_or_name if path_or_name.endswith(".json") else path_or_name + ".json")
+    if os.path.exists(cand):
+        return cand
+    raise ConfigError(f"no model directory or config preset named {path_or_name!r}")
+
+
+def load_model_config(path_or_name: str) -> tuple[ModelConfig, dict]:
+    """Returns (ModelConfig, engine defaults from the preset's "engine" section)."""
+    path = resolve_preset(path_or_name)
+    cfg_file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.exists(cfg_file):
+        raise ConfigError(f"{path!r} has no config.json")
+    with open(cfg_file) as f:
+        d = json.load(f)
+    name = os.path.basename(os.path.normpath(path)).removesuffix(".json")
+    return ModelConfig.from_hf_dict(d, name=d.get("name", name)), dict(d.get("engine", {}))

@@ -1,0 +1,113 @@
+"""Ragged batch -> StepInput in a small fixed set of bucket shapes.
+
+Shapes are padded to powers of two (tokens T, sequences B, page-table width M;
+segments NS = B; rank R = max_rank) so jit compiles a bounded number of
+programs: about log2(max_batch_tokens) x log2(max_running) x log2(max pages)
+per step kind, all hit during warm-up. Requests are ordered by adapter slot so
+tokens of one adapter form one contiguous segment. The host work is numpy
+over the batch; Python loops only over requests, never over tokens or pages.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from ..config import LORA_MODULES
+from ..memory.pages import PageTable
+from ..memory.residency import AdapterResidency
+from ..model.inputs import LoraInput, StepInput
+from .scheduler import ScheduledStep
+
+
+@dataclasses.dataclass
+class SamplingArrays:
+    temperature: np.ndarray  # [B] float32, 0 = greedy
+    top_p: np.ndarray  # [B] float32
+    top_k: np.ndarray  # [B] int32, 0 = off
+    seeds: np.ndarray  # [B] uint32
+    counters: np.ndarray  # [B] int32 tokens generated so far (folds into the key)
+
+
+jax.tree_util.register_dataclass(
+    SamplingArrays, data_fields=["temperature", "top_p", "top_k", "seeds", "counters"], meta_fields=[])
+
+
+def pow2(n: int, lo: int) -> int:
+    return 1 << max(lo - 1, n - 1, 0).bit_length() if n > lo else lo
+
+
+class BatchBuilder:
+    def __init__(self, pages: PageTable, residency: AdapterResidency, max_rank: int, max_pages_per_seq: int):
+        self.pages, self.residency, self.max_rank = pages, residency, max_rank
+        self.max_pages_per_seq = max_pages_per_seq
+
+    def build(self, step: ScheduledStep) -> tuple[StepInput, SamplingArrays, list]:
+        slots = [self.residency.slot_of[r.adapter] if r.adapter else -1 for r in step.requests]
+        order = sorted(range(len(step.requests)), key=lambda i: slots[i])
+        reqs = [step.requests[i] for i in order]
+        ntok = np.array([step.num_tokens[i] for i in order], np.int32)
+        slot_arr = np.array([slots[i] for i in order], np.int32)
+        decode = step.is_decode
+        nb = len(reqs)
+        b = pow2(nb, 4)
+        t = b if decode else pow2(int(ntok.sum()), 16)
+
+        tokens = np.zeros(t, np.int32)
+        positions = np.zeros(t, np.int32)
+        kv_slots = np.full(t, -1, np.int32)
+        q_starts = np.zeros(b + 1, np.int32)
+        q_starts[1: nb + 1] = np.cumsum(ntok)
+        q_starts[nb + 1:] = q_starts[nb]
+        kv_lens = np.zeros(b, np.int32)
+        for i, r in enumerate(reqs):
+            lo, n = r.num_computed, int(ntok[i])
+            s = q_starts[i]
+            tokens[s: s + n] = r.all_ids[lo: lo + n]
+            positions[s: s + n] = np.arange(lo, lo + n)
+            kv_slots[s: s + n] = self.pages.kv_slots(r.id_int, lo, lo + n)
+            kv_lens[i] = lo + n
+        width = pow2(max(len(self.pages.seq_pages(r.id_int)) for r in reqs), 1)
+        width = min(width, self.max_pages_per_seq)
+        block_tables = np.zeros((b, width), np.int32)
+        block_tables[:nb] = self.pages.block_table([r.id_int for r in reqs], width)
+        logit_rows = np.arange(b, dtype=np.int32) if decode else np.maximum(q_starts[1:] - 1, 0)
+
+        inp = StepInput(tokens, positions, kv_slots, block_tables, kv_lens, q_starts, logit_rows,
+                        self._lora(slot_arr, q_starts, b), decode, self.pages.page_rows)
+        return inp, self._sampling(reqs, b), reqs
+
+    def _lora(self, slot_arr: np.ndarray, q_starts: np.ndarray, b: int):
+        if not (slot_arr >= 0).any():
+            return None
+        nb = len(slot_arr)
+        # one segment per run of equal slots (requests are sorted by slot)
+        starts = np.flatnonzero(np.r_[True, slot_arr[1:] != slot_arr[:-1]]) if nb else np.zeros(0, int)
+        seg_slot = np.full(b, -1, np.int32)
+        seg_slot[: len(starts)] = slot_arr[starts]
+        seg_starts = np.full(b + 1, q_starts[nb], np.int32)
+        seg_starts[: len(starts)] = q_starts[starts]
+        res = self.residency
+        safe = np.maximum(seg_slot, 0)
+        has = (seg_slot >= 0)[:, None]
+        ranks = np.where(has, res.rank_tab[safe], 0).T.astype(np.int32)  # [7, NS]
+        a_rows = tuple(res.a_tab[i][safe] for i in range(len(LORA_MODULES)))
+        b_rows = tuple(res.b_tab[i][safe] for i in range(len(LORA_MODULES)))
+        scales = np.ones((len(LORA_MODULES), b), np.float32)  # scaling is folded into B on the host
+        return LoraInput(seg_starts, ranks, scales, a_rows, b_rows)
+
+    @staticmethod
+    def _sampling(reqs: list, b: int) -> SamplingArrays:
+        def col(fn, dtype, fill=0):
+            out = np.full(b, fill, dtype)
+            out[: len(reqs)] = [fn(r) for r in reqs]
+            return out
+
+        return SamplingArrays(
+            col(lambda r: r.sampling.temperature, np.float32),
+            col(lambda r: r.sampling.top_p, np.float32, 1.0),
+            col(lambda r: r.sampling.top_k, np.int32),
+            col(lambda r: r.seed & 0xFFFFFFFF, np.uint32),
+            col(lambda r: len(r.output_ids), np.int32),
+        )

@@ -1,0 +1,261 @@
+"""The host loop: schedule -> swap adapters in -> build the batch -> run the step -> post-process.
+
+Driven synchronously by `LLM.generate`, or from a background thread for the
+server (`start()`); one lock serialises steps against requests and adapter
+changes arriving from other threads. The host reads back only the sampled
+tokens of each step.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+import threading
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from pallas_kernels import kernel_set
+
+from ..adapters.lora import AdapterError, LoraWeights
+from ..adapters.store import AdapterStore
+from ..config import EngineConfig, ModelConfig
+from ..memory.pages import OutOfPages, PageTable
+from ..memory.pool import DevicePool, choose_num_pages
+from ..memory.residency import AdapterResidency
+from ..model.weights import dtype_of
+from ..tokenizer import IncrementalDecoder
+from .batch import BatchBuilder, pow2
+from .request import Request, RequestError, SamplingParams, Status
+from .runner import ModelRunner
+from .scheduler import LOOKAHEAD, ScheduledStep, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, cfg: ModelConfig, ecfg: EngineConfig, model, tokenizer, pool_sharding=None):
+        self.cfg, self.ecfg, self.tokenizer = cfg, ecfg, tokenizer
+        dtype = dtype_of(ecfg.dtype)
+        self.runner = ModelRunner(model, kernel_set(ecfg.kernels))
+        num_pages = choose_num_pages(cfg, ecfg, dtype)
+        pages_per_seq = math.ceil(ecfg.max_model_len / ecfg.page_rows)
+        if num_pages < pages_per_seq + 1:
+            raise ValueError(f"num_pages={num_pages} cannot hold one max_model_len={ecfg.max_model_len} sequence "
+                             f"({pages_per_seq} pages of {ecfg.page_rows} tokens)")
+        self.pool = DevicePool(cfg, num_pages, ecfg.page_rows, dtype, pool_sharding)
+        self.pages = PageTable(num_pages, ecfg.page_rows)
+        self.store = AdapterStore(cfg, ecfg.max_rank, dtype)
+        self.residency = AdapterResidency(cfg, self.store, self.pages, self.pool, ecfg.max_rank)
+        self.scheduler = Scheduler(self.pages, self.residency, ecfg.max_running, ecfg.max_batch_tokens,
+                                   ecfg.early_abort_s)
+        self.builder = BatchBuilder(self.pages, self.residency, ecfg.max_rank, pow2(pages_per_seq, 1))
+        self.requests: dict = {}
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: Optional[threading.Thread] = None
+        self._stop = False
+        self.counters = {"requests_finished": 0, "requests_aborted": 0, "tokens_generated": 0, "prompt_tokens": 0,
+                         "steps": 0, "preemptions": 0}
+        self.on_step: list = []  # callables(finished requests) for metrics
+
+    # -- requests ----------------------------------------------------------------------
+    def add_request(self, prompt_ids: list, adapter: Optional[str], sampling: SamplingParams,
+                    request_id: Optional[str] = None, listener: Optional[Callable] = None) -> Request:
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        if len(prompt_ids) >= self.ecfg.max_model_len:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; max_model_len is {self.ecfg.max_model_len} "
+                               "(prompt plus at least one generated token)")
+        bad = [t for t in prompt_ids if not 0 <= int(t) < self.cfg.vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary (size {self.cfg.vocab_size})")
+        with self._lock:
+            if adapter is not None and adapter not in self.store:
+                raise AdapterError(f"adapter {adapter!r} is not registered")
+            n = next(self._ids)
+            seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+            req = Request(request_id or f"req-{n}", n, prompt_ids, adapter, sampling, seed)
+            req.decoder = IncrementalDecoder(self.tokenizer)
+            if listener is not None:
+                req.listeners.append(listener)
+            self.requests[req.id] = req
+            self.scheduler.add(req)
+            self.counters["prompt_tokens"] += len(prompt_ids)
+            self._wake.notify()
+        return req
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            req = self.requests.get(request_id)
+            if req is not None and not req.finished:
+                self._finish(req, "abort")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- adapters ----------------------------------------------------------------------
+    def add_adapter(self, lw: LoraWeights, replace: bool = False):
+        with self._lock:
+            if replace and lw.name in self.store:
+                self.remove_adapter(lw.name)
+            return self.store.add(lw)
+
+    def remove_adapter(self, name: str) -> None:
+        with self._lock:
+            users = [r.id for r in self.requests.values() if r.adapter == name and not r.finished]
+            if users:
+                raise AdapterError(f"adapter {name!r} is in use by {len(users)} request(s); retry when they finish")
+            self.store.get(name)
+            self.residency.forget(name)
+            self.store.remove(name)
+
+    # -- the step ----------------------------------------------------------------------
+    def step(self) -> list:
+        """Run one engine step; returns the requests that finished in it."""
+        with self._lock:
+            sched = self.scheduler.schedule()
+            if sched is None:
+                return []
+            finished = [self._finish(r, "abort") for r in sched.aborted]
+            self.counters["preemptions"] += len(sched.preempted)
+            if sched.requests:
+                self.residency.prefetch([r.adapter for r in itertools.islice(self.scheduler.waiting, LOOKAHEAD)])
+                finished += self._run(sched)
+            self.counters["steps"] += 1
+        for cb in self.on_step:
+            cb(finished)
+        return finished
+
+    def _run(self, sched: ScheduledStep) -> list:
+        inp, samp, reqs = self.builder.build(sched)
+        ntok = dict(zip((r.id for r in sched.requests), sched.num_tokens))
+        tokens, self.pool.array = self.runner.step(self.pool.array, inp, samp)
+        tokens = np.asarray(tokens)  # the one device->host read of a step
+        now = time.monotonic()
+        finished = []
+        for i, r in enumerate(reqs):
+            r.num_computed += ntok[r.id]
+            if r.num_computed < r.num_tokens:
+                continue  # a prefill chunk that has not reached the end of the prompt
+            if self._append(r, int(tokens[i]), now):
+                finished.append(r)
+        return finished
+
+    def _append(self, r: Request, tok: int, now: float) -> bool:
+        sp = r.sampling
+        r.output_ids.append(tok)
+        if r.first_token_time is None:
+            r.first_token_time = now
+        self.counters["tokens_generated"] += 1
+        delta = r.decoder.push([tok]) if tok not in self.tokenizer.eos_ids else ""
+        reason = None
+        if (tok in self.tokenizer.eos_ids and not sp.ignore_eos) or tok in sp.stop_token_ids:
+            reason = "stop"
+        elif len(r.output_ids) >= sp.max_tokens or r.num_tokens >= self.ecfg.max_model_len:
+            reason = "length"
+        if sp.stop and delta:
+            text = r.text + delta
+            hits = [text.find(s, max(0, len(r.text) - len(s))) for s in sp.stop]
+            hits = [h for h in hits if h >= 0]
+            if hits:
+                delta, reason = text[: min(hits)][len(r.text):], "stop"
+        r.text += delta
+        if reason:
+            self._finish(r, reason, delta)
+            return True
+        for cb in r.listeners:
+            cb(r, delta)
+        return False
+
+    def _finish(self, r: Request, reason: str, delta: str = "", error: Optional[str] = None) -> Request:
+        self.scheduler.finish(r)
+        r.finish_reason, r.error = reason, error
+        r.finish_time = time.monotonic()
+        self.counters["requests_aborted" if reason == "abort" else "requests_finished"] += 1
+        self.requests.pop(r.id, None)
+        for cb in r.listeners:
+            cb(r, delta)
+        return r
+
+    # -- loops ---------------------------------------------------------------------------
+    def run_until_done(self, reqs: list) -> None:
+        while not all(r.finished for r in reqs):
+            if not self.step() and not self.has_work():
+                break
+
+    def start(self) -> None:
+        """Serve from a background thread (the HTTP server's mode)."""
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="slora-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self.has_work():
+                    self._wake.wait(timeout=0.1)
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception:  # one bad step must not kill the server: fail the running requests, go on
+                log.exception("engine step failed")
+                with self._lock:
+                    for r in list(self.scheduler.running):
+                        self._finish(r, "error", error="internal error in the engine step")
+
+    # -- direct forward ------------------------------------------------------------------
+    def logits(self, token_ids: list, adapter: Optional[str]) -> np.ndarray:
+        """[len, vocab] float32 logits of every position, through the serving path (pool, pages, kernels)."""
+        with self._lock:
+            if len(token_ids) > self.ecfg.max_model_len:
+                raise RequestError(f"{len(token_ids)} tokens exceed max_model_len={self.ecfg.max_model_len}")
+            req = Request("logits", next(self._ids), token_ids, adapter, SamplingParams(), 0)
+            if adapter is not None:
+                self.store.get(adapter)
+            try:
+                if adapter is not None:
+                    self.residency.make_resident(adapter)
+                    self.pages.acquire(adapter)
+                need = self.pages.pages_needed(req.id_int, len(token_ids))
+                if need > self.pages.free_count:
+                    for name in self.pages.evict_for(need):
+                        self.residency.evict(name)
+                self.pages.extend(req.id_int, len(token_ids))
+                inp, _, _ = self.builder.build(ScheduledStep([req], [len(token_ids)], [], []))
+                inp.logit_rows = np.arange(len(inp.tokens), dtype=np.int32)
+                logits, self.pool.array = self.runner.logits(self.pool.array, inp)
+                return np.asarray(logits, np.float32)[: len(token_ids)]
+            except OutOfPages as e:
+                raise RequestError(f"the pool cannot hold this sequence now: {e}") from None
+            finally:
+                if self.pages.has_seq(req.id_int):
+                    self.pages.free_seq(req.id_int)
+                if adapter is not None and self.pages.is_resident(adapter) and self.pages.refcount(adapter):
+                    self.pages.release(adapter)
+
+    def stats(self) -> dict:
+        with self._lock:
+            p = self.pages.stats()
+            return {
+                "pages_total": p["pages_total"], "pages_free": p["pages_free"], "pages_kv": p["pages_kv"],
+                "pages_adapter": p["pages_adapter"], "page_rows": self.pages.page_rows,
+                "adapters_registered": len(self.store), "adapters_resident": p["adapters_resident"],
+                "swaps_in": self.residency.swaps_in, "swaps_out": self.residency.swaps_out,
+                "requests_running": len(self.scheduler.running), "requests_waiting": len(self.scheduler.waiting),
+                "pool_bytes": self.pool.nbytes, "kernels": self.runner.kernels.name, **self.counters,
+            }

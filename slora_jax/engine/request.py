@@ -1,0 +1,102 @@
+"""Per-request state: one object holds everything about a request (nano-vllm's Sequence)."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from typing import Optional
+
+
+class RequestError(ValueError):
+    """A request we cannot serve as asked (prompt too long, bad sampling values, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+    stop: tuple = ()
+    stop_token_ids: tuple = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not self.temperature >= 0:
+            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be >= 0, got {self.top_k}")
+
+
+class Status(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list
+    token_ids: list
+    text: str
+    finish_reason: Optional[str]  # "stop" | "length" | "abort" | "error" | None while running
+    adapter: Optional[str] = None
+    error: Optional[str] = None
+    ttft_s: Optional[float] = None
+    latency_s: Optional[float] = None
+
+
+class Request:
+    def __init__(self, request_id: str, id_int: int, prompt_ids: list, adapter: Optional[str],
+                 sampling: SamplingParams, seed: int, arrival: Optional[float] = None):
+        self.id = request_id
+        self.id_int = id_int  # the page table's sequence id
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list = []
+        self.adapter = adapter
+        self.sampling = sampling
+        self.seed = seed
+        self.status = Status.WAITING
+        self.num_computed = 0  # tokens whose K/V are in the pool
+        self.arrival = time.monotonic() if arrival is None else arrival
+        self.first_token_time: Optional[float] = None
+        self.finish_time: Optional[float] = None
+        self.finish_reason: Optional[str] = None
+        self.error: Optional[str] = None
+        self.text = ""
+        self.preemptions = 0
+        self.listeners: list = []  # callables(RequestOutput, delta_text) for streaming
+
+    @property
+    def all_ids(self) -> list:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def remaining_prefill(self) -> int:
+        """Tokens to compute before the next sampled token (1 when decoding)."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def output(self) -> RequestOutput:
+        now = self.finish_time or time.monotonic()
+        return RequestOutput(
+            self.id, self.prompt_ids, list(self.output_ids), self.text, self.finish_reason, self.adapter, self.error,
+            None if self.first_token_time is None else self.first_token_time - self.arrival,
+            None if self.finish_time is None else now - self.arrival)

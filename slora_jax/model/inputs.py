@@ -1,0 +1,49 @@
+"""The arrays one model step reads: a pytree built on the host by engine/batch.py.
+
+The model only sees these arrays (tokens, positions, where their K/V go, the
+page tables attention reads, and the LoRA segment tables); it knows nothing
+of requests, the scheduler or the page allocator.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+
+
+@dataclasses.dataclass
+class LoraInput:
+    """Tokens grouped by adapter into segments; per target module, each
+    segment's rank, scaling and the pool rows of its A^T and B rows
+    (see pallas_kernels/reference.py for the layout)."""
+
+    seg_starts: jax.Array  # [NS + 1] int32
+    ranks: jax.Array  # [7, NS] int32, module order config.LORA_MODULES; 0 = not targeted
+    scales: jax.Array  # [7, NS] float32
+    a_rows: tuple  # 7 x [NS, R, K_in(module)] int32
+    b_rows: tuple  # 7 x [NS, R, K_out(module)] int32
+
+
+@dataclasses.dataclass
+class StepInput:
+    tokens: jax.Array  # [T] int32
+    positions: jax.Array  # [T] int32
+    kv_slots: jax.Array  # [T] int32 pool K row for each token's new K/V, -1 = padding
+    block_tables: jax.Array  # [B, M] int32 page indices per sequence
+    kv_lens: jax.Array  # [B] int32 tokens in the pool per sequence after this step
+    q_starts: jax.Array  # [B + 1] int32 token range of each sequence (prefill)
+    logit_rows: jax.Array  # [n] int32 token rows whose logits are returned
+    lora: Optional[LoraInput] = None
+    decode: bool = False  # one token per sequence, token b belongs to sequence b
+    page_rows: int = 16  # rows per pool page (static: kernels tile by it)
+
+
+jax.tree_util.register_dataclass(
+    LoraInput, data_fields=["seg_starts", "ranks", "scales", "a_rows", "b_rows"], meta_fields=[]
+)
+jax.tree_util.register_dataclass(
+    StepInput,
+    data_fields=["tokens", "positions", "kv_slots", "block_tables", "kv_lens", "q_starts", "logit_rows", "lora"],
+    meta_fields=["decode", "page_rows"],
+)

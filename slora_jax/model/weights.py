@@ -1,0 +1,133 @@
+"""Model parameters: random init of real shapes, HF safetensors checkpoints, orbax.
+
+HF stores each linear as [out, in]; we keep [in, out] (y = x @ W). Random init
+runs as one jitted program so that a 7B..70B model is materialised directly on
+the device in seconds, without passing through host memory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from ..config import LORA_MODULES, ConfigError, ModelConfig
+from .llama import Llama
+
+log = logging.getLogger(__name__)
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def dtype_of(name: str):
+    try:
+        return {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}[name]
+    except KeyError:
+        raise ConfigError(f"dtype must be bfloat16, float16 or float32, got {name!r}") from None
+
+
+def random_model(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0) -> Llama:
+    """A Llama of cfg's real shapes with N(0, 0.02) weights, initialised on the default device."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(cfg, dtype, rngs=nnx.Rngs(seed))))
+    state = jax.jit(lambda: nnx.split(Llama(cfg, dtype, rngs=nnx.Rngs(seed)))[1])()
+    return nnx.merge(graphdef, state)
+
+
+def abstract_model(cfg: ModelConfig, dtype=jnp.bfloat16) -> Llama:
+    return nnx.eval_shape(lambda: Llama(cfg, dtype, rngs=nnx.Rngs(0)))
+
+
+def _hf_name(path: tuple) -> tuple[str, bool]:
+    """Our param path -> (HF tensor name, transpose?)."""
+    if path == ("embed",):
+        return "model.embed_tokens.weight", False
+    if path == ("norm",):
+        return "model.norm.weight", False
+    if path == ("lm_head",):
+        return "lm_head.weight", True
+    _, i, leaf = path
+    if leaf == "input_norm":
+        return f"model.layers.{i}.input_layernorm.weight", False
+    if leaf == "post_norm":
+        return f"model.layers.{i}.post_attention_layernorm.weight", False
+    group = "self_attn" if leaf in _ATTN else "mlp"
+    return f"model.layers.{i}.{group}.{leaf}.weight", True
+
+
+def _checkpoint_files(model_dir: str) -> list[str]:
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(model_dir, f) for f in files]
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    if any(f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(model_dir)):
+        raise ConfigError(f"{model_dir!r} holds only pickle checkpoints; convert it to safetensors")
+    raise ConfigError(f"{model_dir!r} has no model.safetensors or model.safetensors.index.json")
+
+
+def load_hf_checkpoint(model_dir: str, cfg: ModelConfig, dtype=jnp.bfloat16) -> Llama:
+    """Read an HF Llama checkpoint dir (single or sharded safetensors) with a progress bar."""
+    from safetensors import safe_open
+
+    model = abstract_model(cfg, dtype)
+    graphdef, state = nnx.split(model)
+    wanted = {}
+    for path, var in nnx.to_flat_state(state):
+        name, transpose = _hf_name(tuple(str(p) for p in path))
+        wanted[name] = (path, transpose, var.shape)
+    values = {}
+    files = _checkpoint_files(model_dir)
+    with tqdm(total=len(wanted), desc=f"loading {os.path.basename(model_dir.rstrip('/'))}", unit="tensor",
+              disable=len(wanted) < 64) as bar:
+        for file in files:
+            with safe_open(file, framework="numpy") as f:
+                for name in f.keys():
+                    if name not in wanted:
+                        continue  # rotary inv_freq buffers and the like
+                    path, transpose, shape = wanted[name]
+                    arr = f.get_tensor(name)
+                    arr = arr.T if transpose else arr
+                    if arr.shape != tuple(shape):
+                        raise ConfigError(f"{name}: checkpoint shape {arr.shape} != expected {tuple(shape)}")
+                    values[path] = jnp.asarray(arr, dtype)
+                    bar.update(1)
+    if cfg.tie_word_embeddings is False and ("lm_head",) not in values and ("embed",) in values:
+        raise ConfigError("checkpoint has no lm_head.weight but tie_word_embeddings is false")
+    missing = [wanted_name for wanted_name, (p, _, _) in wanted.items() if p not in values]
+    if missing:
+        raise ConfigError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+    flat = nnx.to_flat_state(state)
+    new_state = nnx.from_flat_state([(p, v.replace(values[p])) for p, v in flat])
+    return nnx.merge(graphdef, new_state)
+
+
+def save_params(model: Llama, path: str) -> None:
+    """Orbax checkpoint of the params (a directory; overwritten)."""
+    import orbax.checkpoint as ocp
+
+    _, state = nnx.split(model)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.abspath(path), nnx.to_pure_dict(state), force=True)
+
+
+def restore_params(path: str, cfg: ModelConfig, dtype=jnp.bfloat16) -> Llama:
+    import orbax.checkpoint as ocp
+
+    graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
+    target = nnx.to_pure_dict(abstract)
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(os.path.abspath(path), target)
+    nnx.replace_by_pure_dict(abstract, restored)
+    return nnx.merge(graphdef, abstract)
+
+
+def param_bytes(model: Llama) -> int:
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
