@@ -105,24 +105,44 @@ def _decode_like(t: int, ns: int) -> bool:
     return t <= 8 * max(ns, 1)
 
 
-def shrink_defaults(t: int, ns: int, r: int, w: int) -> dict[str, int]:
-    """Default tunables of `lora_shrink` for T tokens, NS segments, max rank R, pool width W."""
+def shrink_defaults(t: int, ns: int, m: int, r: int, d: int, w: int) -> dict[str, int]:
+    """Default tunables of `lora_shrink` (T tokens, NS segments, M modules, max rank R, D_in, W).
+
+    Decode-like batches: 16-token blocks, 16 rank columns per program (more
+    programs for high ranks), long 512-wide D chunks. Prefill-like: 64-token
+    blocks sharing one adapter tile, the whole rank in one block. ``k_splits``
+    then splits D_in until there are about 256 programs.
+    """
     if _decode_like(t, ns):
-        cfg = dict(block_t=16, block_r=16, block_d=512, k_splits=1, num_warps=4, num_stages=3)
+        cfg = dict(block_t=16, block_r=16, block_d=512, num_warps=4, num_stages=3)
     else:
-        cfg = dict(block_t=64, block_r=min(64, _pow2_at_least(r)), block_d=128, k_splits=1,
-                   num_warps=4, num_stages=3)
+        cfg = dict(block_t=64, block_r=min(64, _pow2_at_least(r)), block_d=128, num_warps=4,
+                   num_stages=3)
     cfg["block_d"] = min(cfg["block_d"], _pow2_at_least(w))
+    items = min(ns, t) + _cdiv(t, cfg["block_t"])
+    programs = max(1, items * m * _cdiv(max(r, 1), cfg["block_r"]))
+    chunks = _cdiv(d, w) * _cdiv(w, cfg["block_d"])
+    ks = 1
+    while ks < 8 and programs * ks < 256 and 2 * ks <= chunks:
+        ks *= 2
+    cfg["k_splits"] = ks
     return cfg
 
 
 def expand_defaults(t: int, ns: int, r: int, w: int) -> dict[str, int]:
-    """Default tunables of `lora_expand` for T tokens, NS segments, max rank R, pool width W."""
+    """Default tunables of `lora_expand` (T tokens, NS segments, max rank R, pool width W).
+
+    Decode-like: 16-token blocks, the rank in as few blocks as fit (<= 64),
+    output blocks of 8K-16K adapter elements. Prefill-like: 64 x 128 output
+    tiles, rank blocks of up to 64.
+    """
+    br = min(64, _pow2_at_least(r))
     if _decode_like(t, ns):
-        cfg = dict(block_t=16, block_r=16 if r <= 16 else 32, block_d=512, num_warps=4, num_stages=3)
-    else:
-        cfg = dict(block_t=64, block_r=min(64, _pow2_at_least(r)), block_d=128, num_warps=4,
+        bd = 512 if br <= 16 else 256
+        cfg = dict(block_t=16, block_r=br, block_d=bd, num_warps=8 if br * bd >= 16384 else 4,
                    num_stages=3)
+    else:
+        cfg = dict(block_t=64, block_r=br, block_d=128, num_warps=8, num_stages=3)
     cfg["block_d"] = min(cfg["block_d"], _pow2_at_least(w))
     return cfg
 
@@ -148,15 +168,26 @@ def _check_int(name: str, arg: str, a) -> None:
 
 
 def _layer_array(name: str, layer, n_layers: int) -> jax.Array:
+    """layer as an int32 [1] array (a bitcast, no XLA op); kernels clamp it like jnp indexing."""
     shape = jnp.shape(layer)
     if shape != ():
         raise ValueError(f"{name}: layer must be a scalar, got shape {shape}")
     if isinstance(layer, int) and not -n_layers <= layer < n_layers:
         raise ValueError(f"{name}: layer {layer} out of range for a pool of {n_layers} layers")
-    layer = jnp.asarray(layer, jnp.int32)
-    # jnp indexing semantics of the reference: negative wraps, too large clamps.
+    return jnp.asarray(layer, jnp.int32).reshape(1)
+
+
+def _load_layer(layer_ref, n_layers: int):
+    """pool[layer] as jnp indexes it: negative wraps once, out of range clamps."""
+    layer = layer_ref[0]
     layer = jnp.where(layer < 0, layer + n_layers, layer)
-    return jnp.clip(layer, 0, n_layers - 1).reshape(1)
+    return jnp.clip(layer, 0, n_layers - 1)
+
+
+def _dot(a, b, cdt, trans_b=False):
+    """float32 accumulation; float32 tiles in full precision (Triton's default would be TF32)."""
+    prec = lax.Precision.HIGHEST if cdt == jnp.float32 else None
+    return plgpu.dot(a.astype(cdt), b.astype(cdt), trans_b=trans_b, precision=prec)
 
 
 # --------------------------------------------------------------------------- work items
@@ -197,7 +228,8 @@ def _compute_dtype(*dtypes) -> jnp.dtype:
 
 # --------------------------------------------------------------------------- shrink
 def _shrink_kernel(layer_ref, starts_ref, ranks_ref, rows_ref, x_ref, pool_ref, out_ref, *,
-                   ns, nsp, t, d, w, r, nrb, ks, bt, br, bd, nj, n_chunks, per_split, cdt):
+                   n_layers, ns, nsp, t, d, w, k, kp, r, nrb, ks, bt, br, bd, nj, n_chunks,
+                   per_split, cdt):
     i = pl.program_id(0)
     j = pl.program_id(1)  # (module, rank block, split), split fastest
     m = lax.div(j, nrb * ks)
@@ -214,11 +246,19 @@ def _shrink_kernel(layer_ref, starts_ref, ranks_ref, rows_ref, x_ref, pool_ref, 
     rmask = jv < rank
     tmask = (lo + lax.broadcasted_iota(jnp.int32, (bt,), 0)) < hi
     lane = lax.broadcasted_iota(jnp.int32, (bd,), 0)
-    layer = layer_ref[0]
+    layer = _load_layer(layer_ref, n_layers)
 
     c_begin = sp * per_split
     n_iter = jnp.minimum(per_split, n_chunks - c_begin)
     n_iter = jnp.where((rank > r0) & (hi > lo), n_iter, 0)
+
+    # The pool rows of this rank block, loaded once (not inside the pipelined loop).
+    if k == 1:
+        idx_all = plgpu.load(rows_ref.at[m, segc, pl.ds(r0, br), 0], mask=rmask, other=0)
+    else:
+        kcol = lax.broadcasted_iota(jnp.int32, (br, kp), 1)
+        idx_all = plgpu.load(rows_ref.at[m, segc, pl.ds(r0, br), pl.ds(0, kp)],
+                             mask=rmask[:, None] & (kcol < k), other=0)
 
     def body(q, acc):
         ch = c_begin + q
@@ -226,18 +266,18 @@ def _shrink_kernel(layer_ref, starts_ref, ranks_ref, rows_ref, x_ref, pool_ref, 
         col0 = lax.rem(ch, nj) * bd  # column offset inside that pool row
         cols = col0 + lane
         cmask = (cols < w) & (cols < d - c * w)
+        idx = idx_all if k == 1 else jnp.sum(jnp.where(kcol == c, idx_all, 0), axis=1)
         xt = plgpu.load(
             x_ref.at[pl.ds(lo, bt), pl.ds(c * w + col0, bd)],
             mask=tmask[:, None] & cmask[None, :],
             other=0,
         )
-        idx = plgpu.load(rows_ref.at[m, segc, pl.ds(r0, br), c], mask=rmask, other=0)
         at = plgpu.load(
             pool_ref.at[layer, idx[:, None], cols[None, :]],
             mask=rmask[:, None] & cmask[None, :],
             other=0,
         )
-        return acc + plgpu.dot(xt.astype(cdt), at.astype(cdt), trans_b=True)
+        return acc + _dot(xt, at, cdt, trans_b=True)
 
     acc = lax.fori_loop(0, n_iter, body, jnp.zeros((bt, br), jnp.float32))
     acc = jnp.where(rmask[None, :], acc, 0.0)
@@ -267,8 +307,9 @@ def _shrink_pallas(x, pool, layer, seg_starts, seg_ranks, a_rows, *, block_t, bl
     nrb = _cdiv(r, br)
     nsp = _pow2_at_least(ns + 1, 2)
     kernel = functools.partial(
-        _shrink_kernel, ns=ns, nsp=nsp, t=t, d=d, w=w, r=r, nrb=nrb, ks=ks, bt=bt, br=br, bd=bd,
-        nj=nj, n_chunks=n_chunks, per_split=per_split, cdt=_compute_dtype(x.dtype, pool.dtype),
+        _shrink_kernel, n_layers=pool.shape[0], ns=ns, nsp=nsp, t=t, d=d, w=w, k=k_full,
+        kp=_pow2_at_least(k_full, 2), r=r, nrb=nrb, ks=ks, bt=bt, br=br, bd=bd, nj=nj,
+        n_chunks=n_chunks, per_split=per_split, cdt=_compute_dtype(x.dtype, pool.dtype),
     )
     out = pl.pallas_call(
         kernel,
@@ -278,7 +319,7 @@ def _shrink_pallas(x, pool, layer, seg_starts, seg_ranks, a_rows, *, block_t, bl
         interpret=interpret,
         name=f"lora_shrink_bt{bt}_br{br}_bd{bd}_ks{ks}",
     )(layer, seg_starts, seg_ranks, a_rows, x, pool)
-    return out[0] if ks == 1 else out.sum(axis=0)
+    return out.reshape(m, t, r) if ks == 1 else out.sum(axis=0)
 
 
 def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, impl: str = "pallas",
@@ -323,7 +364,7 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, impl: str = "p
     if impl != "pallas":
         raise ValueError(f"{name}: impl must be 'pallas' or 'xla', got {impl!r}")
     layer_arr = _layer_array(name, layer, n_layers)
-    cfg = _tunables(name, tunables, _SHRINK_TUNABLES, shrink_defaults(t, ns, r, w))
+    cfg = _tunables(name, tunables, _SHRINK_TUNABLES, shrink_defaults(t, ns, m, r, d, w))
     if t == 0 or r == 0 or m == 0 or ns == 0 or d == 0:
         return jnp.zeros((m, t, r), jnp.float32)
     return _shrink_pallas(
@@ -334,8 +375,8 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, impl: str = "p
 
 # --------------------------------------------------------------------------- expand
 def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, rows_ref, v_ref, pool_ref, y_ref,
-                   o_ref, *, ns, nsp, t, d, w, r, bt, br, bd, nj, cdt):
-    del y_ref  # aliased to o_ref: read and write through o_ref
+                   o_ref, *, n_layers, ns, nsp, t, d, w, r, bt, br, bd, nj, cdt):
+    del y_ref  # aliased to o_ref: read and written through o_ref
     i = pl.program_id(0)
     n = pl.program_id(1)
     seg, lo, hi = _work_item(i, starts_ref, ns=ns, nsp=nsp, t=t, bt=bt)
@@ -344,32 +385,34 @@ def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, rows_ref, v_ref
     rank = jnp.where(real, jnp.clip(ranks_ref[segc], 0, r), 0)
     scale = scales_ref[segc].astype(jnp.float32)
 
-    c = lax.div(n, nj)  # pool row of the B rows holding this column block
+    c = lax.div(n, nj)  # pool row (of each B row) holding this column block
     col0 = lax.rem(n, nj) * bd
     cols = col0 + lax.broadcasted_iota(jnp.int32, (bd,), 0)
     cmask = (cols < w) & (cols < d - c * w)
     tmask = (lo + lax.broadcasted_iota(jnp.int32, (bt,), 0)) < hi
     active = (hi > lo) & (rank > 0) & (c * w + col0 < d)
-    layer = layer_ref[0]
+    layer = _load_layer(layer_ref, n_layers)
     n_rb = jnp.where(active, lax.div(rank + (br - 1), br), 0)
 
     def body(q, acc):
         jv = q * br + lax.broadcasted_iota(jnp.int32, (br,), 0)
         rmask = jv < rank
+        # Mask v by the static R only (vector loads), then drop columns >= rank.
         vt = plgpu.load(v_ref.at[pl.ds(lo, bt), pl.ds(q * br, br)],
-                        mask=tmask[:, None] & rmask[None, :], other=0.0)
-        vt = vt.astype(jnp.float32) * scale
+                        mask=tmask[:, None] & (jv < r)[None, :], other=0.0)
+        vt = jnp.where(rmask[None, :], vt.astype(jnp.float32) * scale, 0.0)
         idx = plgpu.load(rows_ref.at[segc, pl.ds(q * br, br), c], mask=rmask, other=0)
         bt_ = plgpu.load(
             pool_ref.at[layer, idx[:, None], cols[None, :]],
             mask=rmask[:, None] & cmask[None, :],
             other=0,
-        ).astype(cdt)
+        )
         if cdt == jnp.float32:
-            return acc + plgpu.dot(vt, bt_)
+            return acc + _dot(vt, bt_, cdt)
+        # 16-bit tensor-core dots at about float32 accuracy: v = hi + lo.
         v_hi = vt.astype(cdt)
-        v_lo = (vt - v_hi.astype(jnp.float32)).astype(cdt)
-        return acc + plgpu.dot(v_hi, bt_) + plgpu.dot(v_lo, bt_)
+        v_lo = vt - v_hi.astype(jnp.float32)
+        return acc + _dot(v_hi, bt_, cdt) + _dot(v_lo, bt_, cdt)
 
     acc = lax.fori_loop(0, n_rb, body, jnp.zeros((bt, bd), jnp.float32))
     omask = (tmask & active)[:, None] & cmask[None, :]
@@ -390,7 +433,8 @@ def _expand_pallas(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales,
     nj = _cdiv(w, bd)
     nsp = _pow2_at_least(ns + 1, 2)
     kernel = functools.partial(
-        _expand_kernel, ns=ns, nsp=nsp, t=t, d=d, w=w, r=r, bt=bt, br=br, bd=bd, nj=nj,
+        _expand_kernel, n_layers=pool.shape[0], ns=ns, nsp=nsp, t=t, d=d, w=w, r=r, bt=bt, br=br,
+        bd=bd, nj=nj,
         cdt=_compute_dtype(pool.dtype),
     )
     return pl.pallas_call(

@@ -28,12 +28,16 @@ class LLM:
     unless `params` names an orbax checkpoint) or an HF Llama checkpoint dir.
     """
 
-    def __init__(self, model: str = "tiny", tp: int = 1, max_rank: int = 64, dtype: str = "bfloat16",
-                 kernels: str = "auto", seed: int = 0, params: Optional[str] = None, **engine_overrides):
+    def __init__(self, model: str = "tiny", tp: int = 1, max_rank: Optional[int] = None,
+                 dtype: Optional[str] = None, kernels: Optional[str] = None, seed: int = 0,
+                 params: Optional[str] = None, **engine_overrides):
         path = resolve_preset(model)
         self.model_cfg, preset_engine = load_model_config(path)
-        defaults = {"max_rank": max_rank, "dtype": dtype, "kernels": kernels, "seed": seed, "tp": tp}
-        self.engine_cfg = EngineConfig().replace(**{**defaults, **preset_engine, **engine_overrides})
+        # precedence: explicit arguments > the preset's "engine" section > EngineConfig defaults
+        explicit = {"max_rank": max_rank, "dtype": dtype, "kernels": kernels, "seed": seed, "tp": tp,
+                    **engine_overrides}
+        explicit = {k: v for k, v in explicit.items() if v is not None}
+        self.engine_cfg = EngineConfig().replace(**{**preset_engine, **explicit})
         if tp != 1:
             raise NotImplementedError("tensor parallelism (tp > 1) is not available yet")
         jdtype = dtype_of(self.engine_cfg.dtype)

@@ -52,6 +52,9 @@ def read_config(adapter_dir: str) -> dict:
     if cfg.get("modules_to_save"):
         raise AdapterError(f"{adapter_dir!r}: modules_to_save={cfg['modules_to_save']} is not supported "
                            "(the adapter would replace base weights)")
+    for key in ("target_parameters", "trainable_token_indices"):
+        if cfg.get(key):
+            raise AdapterError(f"{adapter_dir!r}: {key}={cfg[key]} is not supported")
     return cfg
 
 

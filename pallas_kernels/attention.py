@@ -1,0 +1,491 @@
+"""Paged attention over the unified pool: decode and (chunked) prefill.
+
+Both kernels read K and V straight from the pool (layout: see `reference.py`)
+through the block table, inside the kernel: no gathered copy of the context is
+ever made by XLA. They match `reference.paged_attention_decode` /
+`reference.paged_attention_prefill` exactly in signature and semantics.
+
+GPU path: Pallas' Triton lowering
+---------------------------------
+Token-level gather. The K row of token ``i`` of a sequence is
+``bt[i // page_rows] * page_rows + i % page_rows`` and its V row is that plus
+``S // 2``; kv-head ``h`` owns columns ``[h * hd, (h + 1) * hd)`` of the row.
+A kernel iteration covers ``block_kv`` consecutive tokens (a power of two, any
+number of pages: 64 tokens are 64 pages at ``page_rows=1``, 4 at 16, half a
+page at 128), so ``page_rows`` needs to be neither a power of two nor a
+divisor of ``block_kv``. Each iteration loads the ``block_kv`` block-table
+entries (a small gather, L1-resident), turns them into row indices and loads
+the ``[block_kv, hd]`` K and V tiles with one pointer-tensor load each.
+
+Decode: grid ``(B, Hkv, num_splits)``. A program owns one (sequence, kv-head)
+and the group's ``G = Hq / Hkv`` query heads as a ``[R, hd]`` matrix,
+``R = max(16, next_pow2(G))`` (rows past G duplicate a real head and are
+never stored), so both dots have at least 16 rows. Online softmax in float32,
+base 2. Split-K (flash-decoding): split ``s`` takes the ``s``-th of
+``num_splits`` equal shares of the sequence's *actual* length (so short
+sequences cost little whatever the table width); with ``num_splits > 1`` the
+programs write unnormalised partial outputs and (max, sum) pairs and a small
+XLA combine finishes. ``num_splits=None`` picks the smallest count that gives
+about ``8 x SMs`` programs.
+
+Prefill: a static work list. The packed query axis is cut, per sequence, into
+blocks of ``BQ = block_q // R_g`` query tokens (``R_g = next_pow2(G)``; the
+``[BQ * R_g, hd]`` tile holds every query head of the group for those tokens,
+so K/V are read once per group). A work item is (sequence, first row, row
+count, position of the first row); there are at most
+``cdiv(T, BQ) + B + 2`` of them (the two extra cover the zero rows before
+``q_starts[0]`` and at or past ``q_starts[-1]``, which the kernel writes as
+zeros), computed in XLA from ``q_starts``/``kv_lens`` on the device; unused
+items exit at once. Grid ``(items, Hkv)``. Causal: query position ``p`` sees
+keys ``0..p``, which include the pages written by earlier chunks. Key blocks
+wholly below the diagonal run without masks; the rest are masked.
+
+On the CPU (``interpret=None`` there) the same kernels run in Pallas'
+interpret mode. On TPU there is no Mosaic kernel yet: the XLA reference is
+used (with a warning).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from . import reference
+
+__all__ = ["paged_attention_decode", "paged_attention_prefill"]
+
+log = logging.getLogger(__name__)
+
+_LOG2E = math.log2(math.e)
+_MIN_DOT = 16  # Triton's tl.dot needs every dimension >= 16
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _use_interpret(interpret):
+    return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+
+
+def _num_sms() -> int:
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0)) or 132
+    except Exception:  # pragma: no cover - no device at all
+        return 132
+
+
+# --------------------------------------------------------------------------- shared kernel pieces
+def _kv_rows(bt_ref, seq, tok, *, page_rows, num_pages, max_pages):
+    """Pool K rows of the tokens `tok` ([n] int32, < max_pages * page_rows) of sequence `seq`."""
+    if page_rows == 1:
+        pidx, off = tok, None
+    else:
+        pidx, off = tok // page_rows, tok % page_rows
+    pidx = jnp.minimum(pidx, max_pages - 1)
+    page = plgpu.load(bt_ref.at[seq, pidx])
+    page = jnp.minimum(jnp.maximum(page, 0), num_pages - 1)  # never read outside the pool
+    return page if off is None else page * page_rows + off
+
+
+def _online_softmax_step(carry, q, k, v, s_mask, scale_log2):
+    """One flash step: q [R, hd], k/v [BK, hd] (compute dtype), s_mask [R, BK] bool or None."""
+    acc, m, l = carry
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    s = s * scale_log2
+    if s_mask is not None:
+        s = jnp.where(s_mask, s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with no key yet: no NaN
+    alpha = jnp.exp2(m - m_use)
+    p = jnp.exp2(s - m_use[:, None])
+    l = alpha * l + jnp.sum(p, axis=1)
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+    acc = acc * alpha[:, None] + pv
+    return acc, m_new, l
+
+
+def _attend_blocks(carry, q, bt_ref, pool_ref, layer, seq, h, lo, hi, *, masked, kv_end, q_pos,
+                   block_kv, head_dim, page_rows, num_pages, max_pages, half_rows, cdtype,
+                   scale_log2):
+    """Run the flash loop over key blocks [lo, hi) of sequence `seq`, kv-head `h`.
+
+    masked=False: every key of the blocks is valid for every query row (no masks).
+    masked=True: keys >= kv_end are masked (and not read); with q_pos ([R] positions)
+    also keys > q_pos (causal).
+    """
+    cols = h * head_dim + jnp.arange(head_dim, dtype=jnp.int32)
+
+    def body(blk, carry):
+        tok = blk * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
+        krow = _kv_rows(bt_ref, seq, tok, page_rows=page_rows, num_pages=num_pages,
+                        max_pages=max_pages)
+        if masked:
+            valid = tok < kv_end
+            lmask = valid[:, None]
+            k = plgpu.load(pool_ref.at[layer, krow[:, None], cols[None, :]], mask=lmask, other=0)
+            v = plgpu.load(pool_ref.at[layer, krow[:, None] + half_rows, cols[None, :]],
+                           mask=lmask, other=0)
+            s_mask = valid[None, :]
+            if q_pos is not None:
+                s_mask = s_mask & (tok[None, :] <= q_pos[:, None])
+        else:
+            k = plgpu.load(pool_ref.at[layer, krow[:, None], cols[None, :]])
+            v = plgpu.load(pool_ref.at[layer, krow[:, None] + half_rows, cols[None, :]])
+            s_mask = None
+        return _online_softmax_step(carry, q, k.astype(cdtype), v.astype(cdtype), s_mask,
+                                    scale_log2)
+
+    return lax.fori_loop(lo, hi, body, carry)
+
+
+def _init_carry(rows, head_dim):
+    return (jnp.zeros((rows, head_dim), jnp.float32),
+            jnp.full((rows,), -jnp.inf, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+
+
+# --------------------------------------------------------------------------- decode
+def _decode_kernel(layer_ref, lengths_ref, bt_ref, q_ref, pool_ref, *out_refs, group, rows,
+                   head_dim, block_kv, num_splits, page_rows, num_pages, max_pages, cdtype,
+                   scale_log2):
+    b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    layer = layer_ref[0]
+    length = jnp.minimum(jnp.maximum(lengths_ref[b], 0), max_pages * page_rows)
+    n_blocks = _cdiv(length, block_kv)
+    n_full = length // block_kv
+    if num_splits == 1:
+        lo, hi = 0, n_blocks
+    else:
+        per = _cdiv(n_blocks, num_splits)
+        lo = s * per
+        hi = jnp.minimum(n_blocks, lo + per)
+
+    g = jnp.arange(rows, dtype=jnp.int32)
+    dcols = jnp.arange(head_dim, dtype=jnp.int32)
+    q_heads = h * group + jnp.minimum(g, group - 1)  # padding rows repeat the last head
+    q = plgpu.load(q_ref.at[b, q_heads[:, None], dcols[None, :]]).astype(cdtype)
+
+    common = dict(kv_end=length, q_pos=None, block_kv=block_kv, head_dim=head_dim,
+                  page_rows=page_rows, num_pages=num_pages, max_pages=max_pages,
+                  half_rows=num_pages * page_rows, cdtype=cdtype, scale_log2=scale_log2)
+    carry = _init_carry(rows, head_dim)
+    carry = _attend_blocks(carry, q, bt_ref, pool_ref, layer, b, h, lo, jnp.minimum(hi, n_full),
+                           masked=False, **common)
+    carry = _attend_blocks(carry, q, bt_ref, pool_ref, layer, b, h, jnp.maximum(lo, n_full), hi,
+                           masked=True, **common)
+    acc, m, l = carry
+
+    out_heads = h * group + g  # rows >= group are masked (they may lie past Hq)
+    smask = None if rows == group else (g < group)
+    if num_splits == 1:
+        (o_ref,) = out_refs
+        out = acc / jnp.where(l > 0, l, 1.0)[:, None]
+        plgpu.store(o_ref.at[b, out_heads[:, None], dcols[None, :]], out.astype(o_ref.dtype),
+                    mask=None if smask is None else smask[:, None])
+    else:
+        o_ref, m_ref, l_ref = out_refs
+        plgpu.store(o_ref.at[b, s, out_heads[:, None], dcols[None, :]], acc,
+                    mask=None if smask is None else smask[:, None])
+        plgpu.store(m_ref.at[b, s, out_heads], m, mask=smask)
+        plgpu.store(l_ref.at[b, s, out_heads], l, mask=smask)
+
+
+def _auto_splits(batch, num_kv_heads, max_ctx, block_kv) -> int:
+    """Fewest splits giving ~8 programs per SM, with >= 4 key blocks per split."""
+    base = batch * num_kv_heads
+    want = _cdiv(8 * _num_sms(), base)
+    cap = max(1, _cdiv(max_ctx, block_kv) // 4)
+    return int(max(1, min(want, cap, 32)))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("page_rows", "scale", "interpret", "block_kv", "num_splits", "num_warps",
+                     "num_stages"))
+def _decode_pallas(q, pool, layer, block_tables, lengths, *, page_rows, scale, interpret,
+                   block_kv, num_splits, num_warps, num_stages):
+    batch, hq, hd = q.shape
+    _, s_rows, width = pool.shape
+    hkv = width // hd
+    group = hq // hkv
+    rows = max(_MIN_DOT, _next_pow2(group))
+    num_pages = s_rows // (2 * page_rows)
+    max_pages = block_tables.shape[1]
+    if num_splits is None:
+        num_splits = _auto_splits(batch, hkv, max_pages * page_rows, block_kv)
+    cdtype = jnp.promote_types(q.dtype, pool.dtype)
+    kernel = functools.partial(
+        _decode_kernel, group=group, rows=rows, head_dim=hd, block_kv=block_kv,
+        num_splits=num_splits, page_rows=page_rows, num_pages=num_pages, max_pages=max_pages,
+        cdtype=cdtype, scale_log2=float(scale) * _LOG2E)
+    if num_splits == 1:
+        out_shape = jax.ShapeDtypeStruct((batch, hq, hd), q.dtype)
+    else:
+        out_shape = (jax.ShapeDtypeStruct((batch, num_splits, hq, hd), jnp.float32),
+                     jax.ShapeDtypeStruct((batch, num_splits, hq), jnp.float32),
+                     jax.ShapeDtypeStruct((batch, num_splits, hq), jnp.float32))
+    res = pl.pallas_call(
+        kernel,
+        grid=(batch, hkv, num_splits),
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="paged_attention_decode",
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), lengths.astype(jnp.int32),
+      block_tables.astype(jnp.int32), q, pool)
+    if num_splits == 1:
+        return res
+    o, m, l = res  # [B, S, Hq, hd], [B, S, Hq] (m in log2 units)
+    m_max = jnp.max(m, axis=1, keepdims=True)
+    w = jnp.exp2(m - jnp.where(jnp.isfinite(m_max), m_max, 0.0))  # empty splits: 0
+    num = jnp.einsum("bsh,bshd->bhd", w, o)
+    den = jnp.sum(w * l, axis=1)
+    return (num / jnp.where(den > 0, den, 1.0)[..., None]).astype(q.dtype)
+
+
+# --------------------------------------------------------------------------- prefill
+def _prefill_kernel(layer_ref, work_ref, bt_ref, q_ref, pool_ref, o_ref, *, group, group_p2,
+                    block_tokens, head_dim, num_tokens, block_kv, page_rows, num_pages,
+                    max_pages, cdtype, scale_log2):
+    w, h = pl.program_id(0), pl.program_id(1)
+    layer = layer_ref[0]
+    seq, row0, nrows, pos0 = work_ref[w, 0], work_ref[w, 1], work_ref[w, 2], work_ref[w, 3]
+    rows = block_tokens * group_p2
+    r = jnp.arange(rows, dtype=jnp.int32)
+    if group_p2 == 1:
+        i, g = r, None
+    else:
+        i, g = r // group_p2, r % group_p2
+    t = row0 + i  # packed query row of each tile row
+    q_pos = pos0 + i
+    dcols = jnp.arange(head_dim, dtype=jnp.int32)
+    if g is None:
+        q_heads = out_heads = h + jnp.zeros_like(r)
+    else:
+        q_heads = h * group + jnp.minimum(g, group - 1)
+        out_heads = h * group + g
+    t_load = jnp.minimum(t, num_tokens - 1)
+    q = plgpu.load(q_ref.at[t_load[:, None], q_heads[:, None], dcols[None, :]]).astype(cdtype)
+
+    kv_end = jnp.minimum(jnp.maximum(pos0 + nrows, 0), max_pages * page_rows)
+    n_blocks = _cdiv(kv_end, block_kv)
+    n_full = jnp.maximum(jnp.minimum(pos0 + 1, kv_end), 0) // block_kv  # keys <= every row's pos
+    common = dict(block_kv=block_kv, head_dim=head_dim, page_rows=page_rows,
+                  num_pages=num_pages, max_pages=max_pages, half_rows=num_pages * page_rows,
+                  cdtype=cdtype, scale_log2=scale_log2)
+    carry = _init_carry(rows, head_dim)
+    carry = _attend_blocks(carry, q, bt_ref, pool_ref, layer, seq, h, 0, n_full, masked=False,
+                           kv_end=kv_end, q_pos=None, **common)
+    carry = _attend_blocks(carry, q, bt_ref, pool_ref, layer, seq, h, n_full, n_blocks,
+                           masked=True, kv_end=kv_end, q_pos=q_pos, **common)
+    acc, _, l = carry
+    out = acc / jnp.where(l > 0, l, 1.0)[:, None]  # rows with no key (zero items): 0
+    smask = (i < nrows) & (t < num_tokens)
+    if g is not None and group != group_p2:
+        smask = smask & (g < group)
+    plgpu.store(o_ref.at[t[:, None], out_heads[:, None], dcols[None, :]],
+                out.astype(o_ref.dtype), mask=smask[:, None])
+
+
+def _prefill_work(q_starts, kv_lens, num_tokens, block_tokens):
+    """The static work list [W, 4] int32: (seq, first row, rows, position of first row)."""
+    nseq = kv_lens.shape[0]
+    qs = jnp.clip(q_starts.astype(jnp.int32), 0, num_tokens)
+    kv = kv_lens.astype(jnp.int32)
+    n = jnp.maximum(qs[1:] - qs[:-1], 0)
+    lead, tail0 = qs[0], qs[-1]
+    zero = jnp.zeros((1,), jnp.int32)
+    # ranges: every sequence's query rows, then the zero rows [0, qs[0]) and [qs[-1], T)
+    r_seq = jnp.concatenate([jnp.arange(nseq, dtype=jnp.int32), zero, zero])
+    r_row = jnp.concatenate([qs[:-1], zero, tail0[None]])
+    r_n = jnp.concatenate([n, lead[None], (num_tokens - tail0)[None]])
+    r_pos = jnp.concatenate([kv - n, jnp.full((2,), -block_tokens, jnp.int32)])
+    r_is_seq = jnp.arange(nseq + 2) < nseq
+    nblk = _cdiv(r_n, block_tokens)
+    cum = jnp.cumsum(nblk)
+    start = cum - nblk
+    num_items = _cdiv(num_tokens, block_tokens) + nseq + 2
+    wid = jnp.arange(num_items, dtype=jnp.int32)
+    owner = jnp.searchsorted(cum, wid, side="right").astype(jnp.int32)
+    live = owner < nseq + 2
+    oc = jnp.minimum(owner, nseq + 1)
+    j = wid - start[oc]
+    row0 = r_row[oc] + j * block_tokens
+    nrows = jnp.where(live, jnp.clip(r_n[oc] - j * block_tokens, 0, block_tokens), 0)
+    pos0 = jnp.where(live & r_is_seq[oc], r_pos[oc] + j * block_tokens, -block_tokens)
+    row0 = jnp.where(live, row0, 0)
+    return jnp.stack([r_seq[oc], row0, nrows, pos0], axis=1).astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("page_rows", "scale", "interpret", "block_q", "block_kv", "num_warps",
+                     "num_stages"))
+def _prefill_pallas(q, pool, layer, block_tables, q_starts, kv_lens, *, page_rows, scale,
+                    interpret, block_q, block_kv, num_warps, num_stages):
+    num_tokens, hq, hd = q.shape
+    _, s_rows, width = pool.shape
+    hkv = width // hd
+    group = hq // hkv
+    group_p2 = _next_pow2(group)
+    block_tokens = max(1, block_q // group_p2)
+    if block_tokens * group_p2 < _MIN_DOT:
+        block_tokens = _MIN_DOT // group_p2
+    work = _prefill_work(q_starts, kv_lens, num_tokens, block_tokens)
+    kernel = functools.partial(
+        _prefill_kernel, group=group, group_p2=group_p2, block_tokens=block_tokens,
+        head_dim=hd, num_tokens=num_tokens, block_kv=block_kv, page_rows=page_rows,
+        num_pages=s_rows // (2 * page_rows), max_pages=block_tables.shape[1],
+        cdtype=jnp.promote_types(q.dtype, pool.dtype), scale_log2=float(scale) * _LOG2E)
+    return pl.pallas_call(
+        kernel,
+        grid=(work.shape[0], hkv),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="paged_attention_prefill",
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), work, block_tables.astype(jnp.int32), q, pool)
+
+
+# --------------------------------------------------------------------------- wrappers
+def _check_common(fn, q, pool, layer, block_tables, page_rows, scale):
+    if q.ndim != 3:
+        raise ValueError(f"{fn}: q must be 3-D [tokens, Hq, head_dim], got shape {q.shape}")
+    if pool.ndim != 3:
+        raise ValueError(f"{fn}: pool must be 3-D [L, S, W], got shape {pool.shape}")
+    if block_tables.ndim != 2:
+        raise ValueError(f"{fn}: block_tables must be 2-D [B, pages], got shape "
+                         f"{block_tables.shape}")
+    if not jnp.issubdtype(block_tables.dtype, jnp.integer):
+        raise ValueError(f"{fn}: block_tables must be integer, got {block_tables.dtype}")
+    if jnp.ndim(layer) != 0:
+        raise ValueError(f"{fn}: layer must be a scalar, got shape {jnp.shape(layer)}")
+    if not isinstance(page_rows, numbers.Integral) or page_rows < 1:
+        raise ValueError(f"{fn}: page_rows must be a positive int, got {page_rows!r}")
+    if not isinstance(scale, numbers.Real):
+        raise ValueError(f"{fn}: scale must be a static Python number, got "
+                         f"{type(scale).__name__}")
+    _, hq, hd = q.shape
+    _, s_rows, width = pool.shape
+    if s_rows % (2 * page_rows):
+        raise ValueError(f"{fn}: pool rows S={s_rows} must be a multiple of 2 * page_rows = "
+                         f"{2 * page_rows}")
+    if hd == 0 or width % hd:
+        raise ValueError(f"{fn}: pool width W={width} must be a multiple of head_dim={hd} "
+                         f"(W = num_kv_heads * head_dim)")
+    hkv = width // hd
+    if hq % hkv:
+        raise ValueError(f"{fn}: Hq={hq} query heads must be a multiple of the "
+                         f"{hkv} kv heads (W={width} / head_dim={hd})")
+
+
+def _check_tunables(fn, hd, block_kv, num_warps, num_stages):
+    if not _is_pow2(hd) or hd < _MIN_DOT:
+        raise ValueError(f"{fn}: the Pallas kernel needs head_dim a power of two >= {_MIN_DOT}, "
+                         f"got {hd}; use impl='xla'")
+    if not (isinstance(block_kv, int) and _is_pow2(block_kv) and block_kv >= _MIN_DOT):
+        raise ValueError(f"{fn}: block_kv must be a power of two >= {_MIN_DOT}, got {block_kv!r}")
+    if not (isinstance(num_warps, int) and _is_pow2(num_warps)):
+        raise ValueError(f"{fn}: num_warps must be a power of two, got {num_warps!r}")
+    if not (isinstance(num_stages, int) and num_stages >= 1):
+        raise ValueError(f"{fn}: num_stages must be an int >= 1, got {num_stages!r}")
+
+
+def _xla_fallback(impl, interpret):
+    """True if the XLA reference must run (impl='xla', or a backend with no kernel)."""
+    if impl not in ("pallas", "xla"):
+        raise ValueError(f"impl must be 'pallas' or 'xla', got {impl!r}")
+    if impl == "xla":
+        return True
+    if jax.default_backend() == "tpu" and not _use_interpret(interpret):
+        log.warning("paged attention: no TPU (Mosaic) kernel yet, using the XLA reference")
+        return True
+    return False
+
+
+def paged_attention_decode(q, pool, layer, block_tables, lengths, *, page_rows: int,
+                           scale: float, impl: str = "pallas", interpret: bool | None = None,
+                           block_kv: int = 64, num_splits: int | None = None,
+                           num_warps: int = 4, num_stages: int = 2):
+    """One query per sequence over its first ``lengths[b]`` tokens (GQA-aware).
+
+    q: [B, Hq, hd]; pool: [L, S, W] with W = Hkv * hd; layer: int32 scalar (may be
+    traced); block_tables: [B, M] int32 page indices; lengths: [B] int32 (0: output 0).
+    Returns [B, Hq, hd] in q's dtype. Semantics: `reference.paged_attention_decode`.
+
+    impl: "pallas" (the kernel; interpret mode when `interpret` is None and the backend
+    is CPU) or "xla" (the reference). Tunables: block_kv (tokens per kernel iteration,
+    a power of two >= 16; = pages per iteration * page_rows), num_splits (split-K
+    programs per sequence; None: automatic), num_warps, num_stages (Triton).
+    """
+    fn = "paged_attention_decode"
+    _check_common(fn, q, pool, layer, block_tables, page_rows, scale)
+    batch, hq, hd = q.shape
+    if block_tables.shape[0] != batch:
+        raise ValueError(f"{fn}: block_tables has {block_tables.shape[0]} rows but q has batch "
+                         f"{batch}")
+    if jnp.shape(lengths) != (batch,):
+        raise ValueError(f"{fn}: lengths must have shape ({batch},), got {jnp.shape(lengths)}")
+    if _xla_fallback(impl, interpret):
+        return reference.paged_attention_decode(q, pool, layer, block_tables, lengths,
+                                                page_rows=page_rows, scale=scale)
+    _check_tunables(fn, hd, block_kv, num_warps, num_stages)
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"{fn}: num_splits must be None or an int >= 1, got {num_splits!r}")
+    return _decode_pallas(q, pool, layer, block_tables, lengths, page_rows=int(page_rows),
+                          scale=float(scale), interpret=_use_interpret(interpret),
+                          block_kv=block_kv, num_splits=num_splits, num_warps=num_warps,
+                          num_stages=num_stages)
+
+
+def paged_attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, page_rows: int,
+                            scale: float, impl: str = "pallas", interpret: bool | None = None,
+                            block_q: int = 64, block_kv: int = 64, num_warps: int = 4,
+                            num_stages: int = 2):
+    """Causal attention of packed query chunks over their sequences' pages.
+
+    q: [T, Hq, hd]; sequence b's queries are rows q_starts[b]:q_starts[b+1] ([B+1]
+    int32, non-decreasing) and sit at the last positions of its kv_lens[b] ([B] int32)
+    tokens, whose K/V (the chunk's own included) are already in the pool. Rows outside
+    [q_starts[0], q_starts[-1]) are padding (output 0). Returns [T, Hq, hd] in q's
+    dtype. Semantics: `reference.paged_attention_prefill`.
+
+    Tunables: block_q (query-tile rows = query tokens * next_pow2(Hq / Hkv), a power of
+    two), block_kv (keys per iteration, a power of two >= 16), num_warps, num_stages.
+    """
+    fn = "paged_attention_prefill"
+    _check_common(fn, q, pool, layer, block_tables, page_rows, scale)
+    nseq = block_tables.shape[0]
+    if jnp.shape(q_starts) != (nseq + 1,):
+        raise ValueError(f"{fn}: q_starts must have shape ({nseq + 1},) (block_tables has "
+                         f"{nseq} rows), got {jnp.shape(q_starts)}")
+    if jnp.shape(kv_lens) != (nseq,):
+        raise ValueError(f"{fn}: kv_lens must have shape ({nseq},), got {jnp.shape(kv_lens)}")
+    if _xla_fallback(impl, interpret):
+        return reference.paged_attention_prefill(q, pool, layer, block_tables, q_starts,
+                                                 kv_lens, page_rows=page_rows, scale=scale)
+    _check_tunables(fn, q.shape[2], block_kv, num_warps, num_stages)
+    if not (isinstance(block_q, int) and _is_pow2(block_q)):
+        raise ValueError(f"{fn}: block_q must be a power of two, got {block_q!r}")
+    return _prefill_pallas(q, pool, layer, block_tables, q_starts, kv_lens,
+                           page_rows=int(page_rows),
+                           scale=float(scale), interpret=_use_interpret(interpret),
+                           block_q=block_q, block_kv=block_kv, num_warps=num_warps,
+                           num_stages=num_stages)
