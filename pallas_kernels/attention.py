@@ -192,7 +192,10 @@ def _decode_kernel(layer_ref, lengths_ref, bt_ref, q_ref, pool_ref, *out_refs, g
                            masked=True, **common)
     acc, m, l = carry
 
-    out_heads = h * group + g  # rows >= group are masked (they may lie past Hq)
+    # Rows >= group are masked: never written on the GPU. (In interpret mode a masked lane
+    # writes back what it read, i.e. a row of the next group that its own program writes,
+    # and a lane past Hq is dropped: no clamping, so no duplicate indices in one store.)
+    out_heads = h * group + g
     smask = None if rows == group else (g < group)
     if num_splits == 1:
         (o_ref,) = out_refs
@@ -297,7 +300,7 @@ def _prefill_kernel(layer_ref, work_ref, bt_ref, q_ref, pool_ref, o_ref, *, grou
                            masked=True, kv_end=kv_end, q_pos=q_pos, **common)
     acc, _, l = carry
     out = acc / jnp.where(l > 0, l, 1.0)[:, None]  # rows with no key (zero items): 0
-    smask = (i < nrows) & (t < num_tokens)
+    smask = (i < nrows) & (t < num_tokens)  # unclamped indices: see the decode store
     if g is not None and group != group_p2:
         smask = smask & (g < group)
     plgpu.store(o_ref.at[t[:, None], out_heads[:, None], dcols[None, :]],

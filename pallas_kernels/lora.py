@@ -8,7 +8,9 @@ layout and the exact semantics are those of `reference.py` (its docstring and
 its ``lora_shrink`` / ``lora_expand``), which ``impl="xla"`` runs.
 
 GPU kernels use Pallas' Triton lowering; on CPU they run in interpret mode
-(``interpret=None`` picks that from ``jax.default_backend()``).
+(``interpret=None`` picks that from ``jax.default_backend()``). There is no TPU
+(Mosaic) variant yet: on TPU both entry points log a warning and run the
+reference.
 
 Work list (static grid, any segment lengths)
 --------------------------------------------
@@ -47,9 +49,11 @@ The reduction walks ``D_in`` in ``BD``-wide chunks that never straddle a pool
 row: chunk ``(c, jb)`` is columns ``[jb*BD, jb*BD + BD)`` of the adapter's
 ``c``-th pool row, so both the ``x`` tile and the gathered ``A^T`` tile
 (``pool[layer, rows[m, s, j, c], cols]``) are contiguous loads, multiplied on
-tensor cores (``[BT, BD] x [BD, BR]``, float32 accumulation). ``k_splits > 1``
+tensor cores (``[BT, BD] x [BD, BR]``, float32 accumulation); the block's
+pool row indices are loaded once, before the pipelined loop. ``k_splits > 1``
 splits those chunks over more programs for small batches and sums the
-partial results with one small XLA reduction (deterministic, no atomics).
+partial results with one small XLA reduction (deterministic, no atomics); the
+default (`shrink_defaults`) doubles it up to 8 until there are ~256 programs.
 All ``M`` modules (q, k, v share ``x``) are one launch.
 
 Expand (``y``'s dtype; ``y`` aliased to the output)
@@ -68,7 +72,7 @@ edge (T, D_in, D_out, W, R, segment ends) is masked.
 from __future__ import annotations
 
 import functools
-import math
+import logging
 from typing import Any
 
 import jax
@@ -78,6 +82,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import reference
+
+log = logging.getLogger(__name__)
 
 __all__ = ["lora_shrink", "lora_expand", "shrink_defaults", "expand_defaults"]
 
@@ -98,6 +104,14 @@ def _resolve_interpret(interpret: bool | None) -> bool:
     if interpret is None:
         return jax.default_backend() == "cpu"
     return bool(interpret)
+
+
+def _no_kernel_here(name: str, interpret: bool) -> bool:
+    """True on TPU (no Mosaic variant yet): the caller then runs the XLA reference."""
+    if jax.default_backend() == "tpu" and not interpret:
+        log.warning("%s: no TPU (Mosaic) kernel yet, using the XLA reference", name)
+        return True
+    return False
 
 
 def _decode_like(t: int, ns: int) -> bool:
@@ -254,7 +268,7 @@ def _shrink_kernel(layer_ref, starts_ref, ranks_ref, rows_ref, x_ref, pool_ref, 
 
     # The pool rows of this rank block, loaded once (not inside the pipelined loop).
     if k == 1:
-        idx_all = plgpu.load(rows_ref.at[m, segc, pl.ds(r0, br), 0], mask=rmask, other=0)
+        idx_all = plgpu.load(rows_ref.at[m, segc, pl.ds(r0, br), jnp.int32(0)], mask=rmask, other=0)
     else:
         kcol = lax.broadcasted_iota(jnp.int32, (br, kp), 1)
         idx_all = plgpu.load(rows_ref.at[m, segc, pl.ds(r0, br), pl.ds(0, kp)],
@@ -365,11 +379,14 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, impl: str = "p
         raise ValueError(f"{name}: impl must be 'pallas' or 'xla', got {impl!r}")
     layer_arr = _layer_array(name, layer, n_layers)
     cfg = _tunables(name, tunables, _SHRINK_TUNABLES, shrink_defaults(t, ns, m, r, d, w))
+    interpret = _resolve_interpret(interpret)
+    if _no_kernel_here(name, interpret):
+        return reference.lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows)
     if t == 0 or r == 0 or m == 0 or ns == 0 or d == 0:
         return jnp.zeros((m, t, r), jnp.float32)
     return _shrink_pallas(
         x, pool, layer_arr, seg_starts.astype(jnp.int32), seg_ranks.astype(jnp.int32),
-        a_rows.astype(jnp.int32), interpret=_resolve_interpret(interpret), **cfg,
+        a_rows.astype(jnp.int32), interpret=interpret, **cfg,
     )
 
 
@@ -480,7 +497,9 @@ def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *,
             f"and K_out = ceil(D_out / W) = ceil({d} / {w}) = {k_want}, got {b_rows.shape}"
         )
     if v.shape != (t, r):
-        raise ValueError(f"{name}: v must have shape [T, R] = {(t, r)} (T from y, R from b_rows), got {v.shape}")
+        raise ValueError(
+            f"{name}: v must have shape [T, R] = {(t, r)} (T from y, R from b_rows), got {v.shape}"
+        )
     if seg_ranks.shape != (ns,):
         raise ValueError(f"{name}: seg_ranks must have shape [NS] = {(ns,)}, got {seg_ranks.shape}")
     if seg_scales.shape != (ns,):
@@ -493,10 +512,13 @@ def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *,
         raise ValueError(f"{name}: impl must be 'pallas' or 'xla', got {impl!r}")
     layer_arr = _layer_array(name, layer, n_layers)
     cfg = _tunables(name, tunables, _EXPAND_TUNABLES, expand_defaults(t, ns, r, w))
+    interpret = _resolve_interpret(interpret)
+    if _no_kernel_here(name, interpret):
+        return reference.lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales)
     if t == 0 or r == 0 or ns == 0 or d == 0:
         return y
     return _expand_pallas(
         y, v.astype(jnp.float32), pool, layer_arr, seg_starts.astype(jnp.int32),
         seg_ranks.astype(jnp.int32), b_rows.astype(jnp.int32), seg_scales.astype(jnp.float32),
-        interpret=_resolve_interpret(interpret), **cfg,
+        interpret=interpret, **cfg,
     )

@@ -147,13 +147,14 @@ def test_decode_traced_layer_under_jit():
 
 # --------------------------------------------------------------------------- prefill
 def random_chunks(rng, nseq, num_tokens, page_rows, max_pages):
-    """Per sequence: chunk size n (0, 1, or random) and total kv length (prefix + n)."""
+    """Per sequence: chunk size n (0, 1 or up to the whole budget, so several query
+    blocks) and total kv length (a random earlier prefix + n)."""
     max_kv = max_pages * page_rows
     budget = num_tokens - 2  # keep some padding rows at the end
     sizes, kvs = [], []
-    for b in range(nseq):
-        kind = rng.integers(0, 4)
-        n = [0, 1, int(rng.integers(2, max(3, budget // nseq)))][min(kind, 2)]
+    for _ in range(nseq):
+        kind = int(rng.integers(0, 4))
+        n = [0, 1, int(rng.integers(2, budget + 1)), int(rng.integers(2, budget + 1))][kind]
         n = min(n, budget - sum(sizes), max_kv)
         prefix = int(rng.integers(0, max_kv - n + 1)) if kind != 3 else 0
         sizes.append(n)

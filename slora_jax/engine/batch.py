@@ -68,7 +68,7 @@ class BatchBuilder:
             positions[s: s + n] = np.arange(lo, lo + n)
             kv_slots[s: s + n] = self.pages.kv_slots(r.id_int, lo, lo + n)
             kv_lens[i] = lo + n
-        width = pow2(max(len(self.pages.seq_pages(r.id_int)) for r in reqs), 1)
+        width = pow2(max(len(self.pages.seq_pages(r.id_int)) for r in reqs), 8)
         width = min(width, self.max_pages_per_seq)
         block_tables = np.zeros((b, width), np.int32)
         block_tables[:nb] = self.pages.block_table([r.id_int for r in reqs], width)

@@ -99,6 +99,15 @@ class Engine:
 
     # -- adapters ----------------------------------------------------------------------
     def add_adapter(self, lw: LoraWeights, replace: bool = False):
+        from ..memory import layout
+
+        need = self.pages.adapter_pages_needed(layout.num_rows(self.cfg, lw.ranks))
+        seq_pages = math.ceil(self.ecfg.max_model_len / self.ecfg.page_rows)
+        if need + seq_pages > self.pages.num_pages:
+            raise AdapterError(
+                f"adapter {lw.name!r} needs {need} pool pages but the pool has {self.pages.num_pages}, of which "
+                f"{seq_pages} must stay available for one max_model_len sequence: use a larger pool "
+                "(num_pages / mem_fraction) or a smaller rank")
         with self._lock:
             if replace and lw.name in self.store:
                 self.remove_adapter(lw.name)

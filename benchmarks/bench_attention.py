@@ -1,0 +1,392 @@
+"""Paged attention kernels on the GPU: correctness, timings, a small tunables sweep.
+
+    python benchmarks/bench_attention.py --out $OUT
+
+(a) compiles each kernel (interpret=False) and checks it against the XLA reference
+    on random inputs at awkward shapes: prints PASS/FAIL and the relative error;
+    the exit status is 1 if any check failed (the timings still run);
+(b) times decode (Llama-7B MHA: 32 heads, head_dim 128, W 4096, bf16, page_rows 16,
+    random page permutation, one layer) at context 512/2048/8192 x batch 32/128 for
+    our kernel, jax's upstream `pallas.ops.gpu.paged_attention` on its own layout
+    ([kv_heads, pages, page_size, head_dim]) and the XLA reference (skipped where its
+    gather would pass ~10 GB); the same for Llama-3-8B GQA (32 q / 8 kv heads) at
+    context 2048/8192; and prefill of 4 x 512 new tokens (and 4 x 512 tokens after a
+    1536-token prefix);
+(c) sweeps a few tunables of our kernels at two decode shapes and the prefill shape
+    (kernel names "pallas:<tunables>"; the fastest per shape is printed).
+
+Options: --no-sweep (skip (c)), --check-only (only (a)), --smoke (tiny shapes in
+interpret mode: runs the whole script on a CPU, to check the script itself).
+speedup_vs_xla / speedup_vs_upstream: that baseline's time over the row's time at the
+same shape (null where the baseline was not run).
+
+Rows {kernel, phase, batch, rank, context, time_us, gbps, roofline_fraction,
+speedup_vs_xla, speedup_vs_upstream, device, ...} go to <out>/kernels_attention.json.
+bytes = K and V read once + q read + out written; roofline_fraction = (bytes / time)
+/ common.hbm_bandwidth(). Timing: common.time_loop (a loop inside one jit).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+import traceback
+import warnings
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from pallas_kernels import attention, reference
+
+GATHER_LIMIT = 10e9  # skip the XLA reference where its gathered K/V would pass this
+LLAMA7B = dict(hq=32, hkv=32, hd=128)
+LLAMA3_8B = dict(hq=32, hkv=8, hd=128)
+
+
+class Cfg:
+    """Shapes and modes; `--smoke` shrinks them to run the script on a CPU (interpret)."""
+
+    interpret = False
+    mha, gqa = LLAMA7B, LLAMA3_8B
+    batches, contexts, gqa_contexts = (32, 128), (512, 2048, 8192), (2048, 8192)
+    prefill = ((512, 4, 0), (512, 4, 1536))  # (chunk, sequences, prefix)
+    sweep_shapes = ((128, 2048, "mha"), (32, 2048, "gqa"))
+    upstream_kw: dict = {}
+    max_len = None  # clip correctness lengths (smoke)
+    hbm_gib = 2.0
+
+    @classmethod
+    def smoke(cls):
+        cls.interpret = True
+        cls.mha, cls.gqa = dict(hq=4, hkv=4, hd=16), dict(hq=8, hkv=2, hd=16)
+        cls.batches, cls.contexts, cls.gqa_contexts = (2,), (64,), (64,)
+        cls.prefill = ((16, 2, 0), (16, 2, 32))
+        cls.sweep_shapes = ((2, 64, "mha"), (2, 64, "gqa"))
+        cls.upstream_kw = dict(interpret=True, k_splits=1)
+        cls.max_len = 40
+        cls.hbm_gib = 0.125
+
+
+def _upstream():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from jax.experimental.pallas.ops.gpu import paged_attention as up
+        return up.paged_attention
+    except Exception as e:  # removed in some jax version
+        print(f"upstream paged_attention unavailable: {e}")
+        return None
+
+
+# --------------------------------------------------------------------------- inputs
+def decode_inputs(key, batch, ctx, hq, hkv, hd, page_rows, dtype=jnp.bfloat16, lengths=None,
+                  layers=1, extra_pages=3):
+    """Pool [layers, S, W] with a random page permutation; every sequence ctx tokens."""
+    max_pages = -(-ctx // page_rows)
+    num_pages = batch * max_pages + extra_pages
+    k1, k2, k3 = jax.random.split(key, 3)
+    pool = jax.random.normal(k1, (layers, 2 * num_pages * page_rows, hkv * hd), dtype)
+    perm = jax.random.permutation(k2, num_pages)[: batch * max_pages].astype(jnp.int32)
+    bt = perm.reshape(batch, max_pages)
+    q = jax.random.normal(k3, (batch, hq, hd), dtype)
+    if lengths is None:
+        lengths = jnp.full((batch,), ctx, jnp.int32)
+    return q, pool, bt, jnp.asarray(lengths, jnp.int32)
+
+
+def prefill_inputs(key, chunks, prefixes, hq, hkv, hd, page_rows, dtype=jnp.bfloat16,
+                   lead=0, pad=0, layers=1):
+    chunks = np.asarray(chunks)
+    kv = chunks + np.asarray(prefixes)
+    max_pages = int(-(-kv.max() // page_rows))
+    nseq = len(chunks)
+    num_pages = nseq * max_pages + 2
+    k1, k2, k3 = jax.random.split(key, 3)
+    pool = jax.random.normal(k1, (layers, 2 * num_pages * page_rows, hkv * hd), dtype)
+    perm = jax.random.permutation(k2, num_pages)[: nseq * max_pages].astype(jnp.int32)
+    bt = perm.reshape(nseq, max_pages)
+    q_starts = jnp.asarray(np.concatenate([[0], np.cumsum(chunks)]) + lead, jnp.int32)
+    tokens = int(lead + chunks.sum() + pad)
+    q = jax.random.normal(k3, (tokens, hq, hd), dtype)
+    return q, pool, bt, q_starts, jnp.asarray(kv, jnp.int32)
+
+
+# --------------------------------------------------------------------------- (a) correctness
+def rel_err(out, ref):
+    out = np.asarray(out, np.float32)
+    ref = np.asarray(ref, np.float32)
+    if not np.all(np.isfinite(out)):
+        return float("inf")
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def correctness() -> list[str]:
+    failures = []
+    key = jax.random.PRNGKey(0)
+
+    def check(name, fn_ours, fn_ref, tol):
+        try:
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(fn_ours())
+            dt = time.perf_counter() - t0
+            with jax.default_matmul_precision("highest"):
+                ref = fn_ref()
+            err = rel_err(out, ref)
+            ok = err < tol
+            print(f"{'PASS' if ok else 'FAIL'} {name}: rel err {err:.2e} (tol {tol:g}; "
+                  f"compile+run {dt:.1f}s)")
+        except Exception as e:  # a lowering / compile failure is a FAIL, keep going
+            ok = False
+            print(f"FAIL {name}: {type(e).__name__}: {e}")
+            traceback.print_exc(limit=3)
+        if not ok:
+            failures.append(name)
+
+    mha, gqa = Cfg.mha, Cfg.gqa
+    clip = (lambda xs: [min(x, Cfg.max_len) for x in xs]) if Cfg.max_len else (lambda xs: xs)
+    dec_cases = [
+        ("decode mha pr16 bf16", mha, 16, [0, 1, 16, 17, 1999], jnp.bfloat16, {}),
+        ("decode mha pr16 bf16 split3 bk32", mha, 16, [0, 1, 16, 17, 1999], jnp.bfloat16,
+         dict(num_splits=3, block_kv=32)),
+        ("decode gqa pr1 bf16", gqa, 1, [4097, 0, 1, 33, 2048, 5, 700], jnp.bfloat16, {}),
+        ("decode gqa7 hd64 pr64 bf16 bk128", dict(hq=28, hkv=4, hd=64), 64, [65, 64, 1000],
+         jnp.bfloat16, dict(block_kv=128, num_warps=8, num_stages=3)),
+        ("decode mha pr8 f32", dict(hq=8, hkv=8, hd=64), 8, [1, 300, 0, 77], jnp.float32, {}),
+    ]
+    for i, (name, heads, pr, lengths, dtype, tun) in enumerate(dec_cases):
+        lengths = clip(lengths)
+        ctx = max(lengths)
+        q, pool, bt, n = decode_inputs(jax.random.fold_in(key, i), len(lengths), ctx, **heads,
+                                       page_rows=pr, dtype=dtype, lengths=lengths, layers=3)
+        kw = dict(page_rows=pr, scale=heads["hd"] ** -0.5)
+        f = jax.jit(lambda q, pool, layer, bt, n, tun=tun, kw=kw: attention.paged_attention_decode(
+            q, pool, layer, bt, n, interpret=Cfg.interpret, **kw, **tun))
+        check(name, lambda: f(q, pool, jnp.int32(2), bt, n),
+              lambda: reference.paged_attention_decode(q, pool, 2, bt, n, **kw),
+              1e-2 if dtype == jnp.bfloat16 else 1e-4)
+
+    pre_cases = [
+        ("prefill mha pr16 bf16", mha, 16, [0, 1, 100, 300], [5, 0, 50, 700], 0, 19,
+         jnp.bfloat16, {}),
+        ("prefill gqa pr8 bf16 lead", gqa, 8, [257, 3, 64], [0, 1000, 17], 2, 5,
+         jnp.bfloat16, {}),
+        ("prefill gqa pr16 bf16 bq128 w8", gqa, 16, [513, 1, 0, 90], [0, 7, 3, 2000], 0,
+         1, jnp.bfloat16, dict(block_q=128, num_warps=8, num_stages=3)),
+        ("prefill gqa hd32 pr4 f32", dict(hq=8, hkv=2, hd=32), 4, [37, 1, 12], [0, 60, 5], 0, 3,
+         jnp.float32, {}),
+    ]
+    for i, (name, heads, pr, chunks, prefixes, lead, pad, dtype, tun) in enumerate(pre_cases):
+        chunks, prefixes = clip(chunks), clip(prefixes)
+        q, pool, bt, qs, kv = prefill_inputs(jax.random.fold_in(key, 100 + i), chunks, prefixes,
+                                             **heads, page_rows=pr, dtype=dtype, lead=lead,
+                                             pad=pad, layers=2)
+        kw = dict(page_rows=pr, scale=heads["hd"] ** -0.5)
+        f = jax.jit(lambda q, pool, layer, bt, qs, kv, tun=tun, kw=kw:
+                    attention.paged_attention_prefill(q, pool, layer, bt, qs, kv,
+                                                      interpret=Cfg.interpret, **kw, **tun))
+        check(name, lambda: f(q, pool, jnp.int32(1), bt, qs, kv),
+              lambda: reference.paged_attention_prefill(q, pool, 1, bt, qs, kv, **kw),
+              1e-2 if dtype == jnp.bfloat16 else 1e-4)
+    return failures
+
+
+# --------------------------------------------------------------------------- (b) timings
+def _row(kernel, phase, batch, ctx, seconds, nbytes, bw, device, **extra):
+    gbps = nbytes / seconds / 1e9
+    row = dict(kernel=kernel, phase=phase, batch=batch, rank=0, context=ctx,
+               time_us=round(seconds * 1e6, 2), gbps=round(gbps, 1),
+               roofline_fraction=round(nbytes / seconds / bw, 4), speedup_vs_xla=None,
+               speedup_vs_upstream=None, device=device)
+    row.update(extra)
+    return row
+
+
+def _fill_speedups(rows):
+    t = {r["kernel"]: r["time_us"] for r in rows}
+    for r in rows:
+        if "xla" in t:
+            r["speedup_vs_xla"] = round(t["xla"] / r["time_us"], 3)
+        if "upstream" in t:
+            r["speedup_vs_upstream"] = round(t["upstream"] / r["time_us"], 3)
+    return rows
+
+
+def _print(r):
+    def f(x, fmt):
+        return format(x, fmt) if x is not None else "-"
+    print(f"{r['phase']:>14} {r['kernel']:<34} B={r['batch']:<4} ctx={r['context']:<5} "
+          f"{r['time_us']:>9.1f} us {r['gbps']:>7.0f} GB/s  roof {r['roofline_fraction']:.2f}  "
+          f"vs xla {f(r['speedup_vs_xla'], '.2f')}  vs upstream "
+          f"{f(r['speedup_vs_upstream'], '.2f')}", flush=True)
+
+
+def time_decode(batch, ctx, heads, bw, device, upstream, *, tunables=(), with_baselines=True,
+                phase="decode", page_rows=16):
+    """Rows for our kernel (default + each tunables dict), upstream and XLA at one shape."""
+    hq, hkv, hd = heads["hq"], heads["hkv"], heads["hd"]
+    q, pool, bt, n = decode_inputs(jax.random.PRNGKey(batch * 7 + ctx), batch, ctx, **heads,
+                                   page_rows=page_rows)
+    layer = jnp.int32(0)
+    kw = dict(page_rows=page_rows, scale=hd ** -0.5)
+    nbytes = 2 * batch * ctx * hkv * hd * 2 + 2 * q.size * 2
+    rows = []
+    configs = [("pallas", {})] if not tunables else [
+        ("pallas:" + "-".join(f"{k}{v}" for k, v in t.items()), t) for t in tunables]
+    for name, tun in configs:
+        try:
+            s = common.time_loop(
+                lambda q, pool, layer, bt, n, tun=tun: attention.paged_attention_decode(
+                    q, pool, layer, bt, n, interpret=Cfg.interpret, **kw, **tun),
+                (q, pool, layer, bt, n))
+            rows.append(_row(name, phase, batch, ctx, s, nbytes, bw, device, heads=f"{hq}/{hkv}",
+                             tunables=tun))
+        except Exception as e:
+            print(f"{phase} {name} B={batch} ctx={ctx}: {type(e).__name__}: {e}")
+    if with_baselines:
+        if batch * ctx * hkv * hd * 2 * (2 + 4) <= GATHER_LIMIT:
+            s = common.time_loop(
+                lambda q, pool, layer, bt, n: reference.paged_attention_decode(
+                    q, pool, layer, bt, n, **kw), (q, pool, layer, bt, n))
+            rows.append(_row("xla", phase, batch, ctx, s, nbytes, bw, device,
+                             heads=f"{hq}/{hkv}"))
+        del pool
+        gc.collect()
+        if upstream is not None:
+            try:
+                pages = batch * ctx // page_rows
+                k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+                kp = jax.random.normal(k1, (hkv, pages, page_rows, hd), jnp.bfloat16)
+                vp = jax.random.normal(k2, (hkv, pages, page_rows, hd), jnp.bfloat16)
+                s = common.time_loop(lambda q, kp, vp, bt, n: upstream(q, kp, vp, bt, n,
+                                                                       **Cfg.upstream_kw),
+                                     (q, kp, vp, bt, n))
+                rows.append(_row("upstream", phase, batch, ctx, s, nbytes, bw, device,
+                                 heads=f"{hq}/{hkv}"))
+                del kp, vp
+            except Exception as e:
+                print(f"upstream B={batch} ctx={ctx}: {type(e).__name__}: {e}")
+    gc.collect()
+    return _fill_speedups(rows)
+
+
+def time_prefill(chunk, nseq, prefix, heads, bw, device, *, tunables=(), phase="prefill"):
+    hq, hkv, hd = heads["hq"], heads["hkv"], heads["hd"]
+    q, pool, bt, qs, kv = prefill_inputs(jax.random.PRNGKey(3), [chunk] * nseq, [prefix] * nseq,
+                                         **heads, page_rows=16)
+    layer = jnp.int32(0)
+    kw = dict(page_rows=16, scale=hd ** -0.5)
+    ctx = chunk + prefix
+    nbytes = 2 * nseq * ctx * hkv * hd * 2 + 2 * q.size * 2
+    # causal FLOPs: 4 * hd * Hq * sum over queries of keys seen
+    keys = nseq * (chunk * prefix + chunk * (chunk + 1) / 2)
+    flops = 4 * hd * hq * keys
+    rows = []
+    configs = [("pallas", {})] if not tunables else [
+        ("pallas:" + "-".join(f"{k}{v}" for k, v in t.items()), t) for t in tunables]
+    for name, tun in configs:
+        try:
+            s = common.time_loop(
+                lambda q, pool, layer, bt, qs, kv, tun=tun: attention.paged_attention_prefill(
+                    q, pool, layer, bt, qs, kv, interpret=Cfg.interpret, **kw, **tun),
+                (q, pool, layer, bt, qs, kv), iters=10)
+            rows.append(_row(name, phase, nseq, ctx, s, nbytes, bw, device, heads=f"{hq}/{hkv}",
+                             tokens=nseq * chunk, tflops=round(flops / s / 1e12, 1),
+                             tunables=tun))
+        except Exception as e:
+            print(f"{phase} {name}: {type(e).__name__}: {e}")
+    if not tunables and nseq * chunk * ctx * hkv * hd * 2 * (2 + 4) <= GATHER_LIMIT:
+        s = common.time_loop(
+            lambda q, pool, layer, bt, qs, kv: reference.paged_attention_prefill(
+                q, pool, layer, bt, qs, kv, **kw), (q, pool, layer, bt, qs, kv), iters=10)
+        rows.append(_row("xla", phase, nseq, ctx, s, nbytes, bw, device, heads=f"{hq}/{hkv}",
+                         tokens=nseq * chunk, tflops=round(flops / s / 1e12, 1)))
+    return _fill_speedups(rows)
+
+
+DECODE_SWEEP = [  # the defaults (block_kv 64, 4 warps, 2 stages, auto splits) are in (b)
+    dict(block_kv=32, num_warps=4, num_stages=3),
+    dict(block_kv=64, num_warps=4, num_stages=3),
+    dict(block_kv=64, num_warps=8, num_stages=2),
+    dict(block_kv=128, num_warps=4, num_stages=2),
+    dict(block_kv=128, num_warps=8, num_stages=3),
+    dict(block_kv=64, num_warps=4, num_stages=2, num_splits=1),
+    dict(block_kv=64, num_warps=4, num_stages=2, num_splits=4),
+]
+PREFILL_SWEEP = [  # the defaults (block_q 64, block_kv 64, 4 warps, 2 stages) are in (b)
+    dict(block_q=64, block_kv=32, num_warps=4, num_stages=3),
+    dict(block_q=128, block_kv=64, num_warps=8, num_stages=2),
+    dict(block_q=128, block_kv=64, num_warps=8, num_stages=3),
+    dict(block_q=128, block_kv=32, num_warps=4, num_stages=2),
+]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the tunables sweep")
+    ap.add_argument("--check-only", action="store_true", help="only the correctness checks")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes in interpret mode: checks the script itself on a CPU")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        Cfg.smoke()
+    t_start = time.perf_counter()
+    device = common.device_name()
+    print(f"device {device}, jax {jax.__version__}, commit {common.git_commit()}")
+
+    print(f"== (a) correctness (interpret={Cfg.interpret}) vs the XLA reference")
+    failures = correctness()
+    rows = []
+
+    def emit(res):
+        for r in res:
+            rows.append(r)
+            _print(r)
+        return res
+
+    if not args.check_only:
+        bw = common.hbm_bandwidth(Cfg.hbm_gib)
+        print(f"== (b) timings; HBM roofline {bw / 1e12:.2f} TB/s")
+        upstream = _upstream()
+        for batch in Cfg.batches:
+            for ctx in Cfg.contexts:
+                emit(time_decode(batch, ctx, Cfg.mha, bw, device, upstream))
+        for batch in Cfg.batches:
+            for ctx in Cfg.gqa_contexts:
+                emit(time_decode(batch, ctx, Cfg.gqa, bw, device, upstream, phase="decode-gqa"))
+        for chunk, nseq, prefix in Cfg.prefill:
+            emit(time_prefill(chunk, nseq, prefix, Cfg.mha, bw, device))
+        if not args.no_sweep:
+            print("== (c) tunables sweep")
+            for batch, ctx, kind in Cfg.sweep_shapes:
+                heads = Cfg.mha if kind == "mha" else Cfg.gqa
+                sweep = DECODE_SWEEP + [dict(block_kv=64, num_warps=4, num_stages=2,
+                                             num_splits=8)] * (kind == "gqa")
+                phase = f"decode-{kind}-sweep"
+                res = emit(time_decode(batch, ctx, heads, bw, device, None, tunables=sweep,
+                                       with_baselines=False, phase=phase))
+                if res:
+                    best = min(res, key=lambda r: r["time_us"])
+                    print(f"   best {phase} B={batch} ctx={ctx}: {best['kernel']}")
+            chunk, nseq, prefix = Cfg.prefill[0]
+            res = emit(time_prefill(chunk, nseq, prefix, Cfg.mha, bw, device,
+                                    tunables=PREFILL_SWEEP, phase="prefill-sweep"))
+            if res:
+                print(f"   best prefill: {min(res, key=lambda r: r['time_us'])['kernel']}")
+        path = os.path.join(args.out, "kernels_attention.json")
+        common.write_json(path, rows)
+        print(f"wrote {len(rows)} rows to {path}")
+    print(f"total {time.perf_counter() - t_start:.0f}s; "
+          f"{'all checks PASS' if not failures else 'FAILED: ' + ', '.join(failures)}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""Segmented multi-LoRA kernels on the GPU: correctness, timings, a small tunables sweep.
+
+    python benchmarks/bench_lora.py --out $OUT
+
+(a) compiles `lora_shrink` / `lora_expand` (interpret=False) and checks them against
+    the XLA reference on random bf16 inputs at awkward shapes (odd T, 1-token and
+    empty segments, rank 0, padding tokens, ranks up to 128, D not a multiple of W,
+    M = 3 fused shrink, tunables other than the defaults) plus one float32 case:
+    prints PASS/FAIL and the relative error; padding / rank-0 rows must be exactly 0
+    (shrink) or untouched (expand); exit status 1 if any check failed;
+(b) times shrink + expand of one 4096-wide projection (Llama-7B, W = 4096, bf16
+    pool with a random row permutation) for decode batch 32/128/512 with
+    all-distinct adapters of rank 8/16/64, and prefill of 4 x 512 tokens with 4
+    adapters, for impl "pallas" (default tunables) and "xla" (the reference);
+(c) sweeps a few tunables of each kernel (shrink timed with the default expand,
+    expand timed alone), within the time budget.
+
+Rows {kernel, phase, batch, rank, context (0), time_us, gbps, roofline_fraction,
+speedup_vs_xla, device, ...} go to <out>/kernels_lora.json (the sweep's rows too,
+with phase "...-sweep-shrink" / "...-sweep-expand" and their tunables). bytes = x
+read + each distinct adapter row (A and B) read once + y read and written;
+roofline_fraction = (bytes / time) / common.hbm_bandwidth(). Timing:
+common.time_loop (a loop inside one jit); the loop carries y and feeds it back as x,
+so nothing is hoisted out of the loop.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+import traceback
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from pallas_kernels import lora, reference
+
+
+class Cfg:
+    """Shapes and modes; `--smoke` shrinks them to run the script on a CPU (interpret)."""
+
+    interpret = False
+    d = 4096  # hidden size = W (Llama-7B)
+    batches, ranks = (32, 128, 512), (8, 16, 64)
+    prefill = (4, 512)  # sequences x tokens, one adapter each
+    sweep_decode = ((32, 16), (512, 64), (128, 64), (512, 8))  # most telling first
+    sweep_prefill_rank = 16
+    budget_s = 150.0  # the sweep starts no new shape past this
+    hbm_gib = 2.0
+    big = True  # correctness shapes at Llama sizes
+
+    @classmethod
+    def smoke(cls):
+        cls.interpret = True
+        cls.d = 128
+        cls.batches, cls.ranks = (4, 9), (8, 16)
+        cls.prefill = (2, 40)
+        cls.sweep_decode = ((9, 16),)
+        cls.sweep_prefill_rank = 8
+        cls.hbm_gib = 0.125
+        cls.big = False
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+# --------------------------------------------------------------------------- inputs
+def make_case(seed, *, seg_lens, t, ranks, r, d_in, d_out, w, start0=0, dtype=jnp.bfloat16,
+              pool_rows=4096, layers=2):
+    """Random pool (rows drawn with repeats) and tables; junk rows for j >= rank."""
+    rng = np.random.default_rng(seed)
+    ranks = np.asarray(ranks, np.int32)
+    m, ns = ranks.shape
+    starts = (start0 + np.concatenate([[0], np.cumsum(seg_lens)])).astype(np.int32)
+    assert starts[-1] <= t and ranks.max() <= r
+    key = jax.random.PRNGKey(seed)
+    k1, k2, k3 = jax.random.split(key, 3)
+    pool = jax.random.normal(k1, (layers, pool_rows, w), dtype) * jnp.asarray(w ** -0.5, dtype)
+    a_rows = rng.integers(0, pool_rows, (m, ns, r, _cdiv(d_in, w))).astype(np.int32)
+    b_rows = rng.integers(0, pool_rows, (ns, r, _cdiv(d_out, w))).astype(np.int32)
+    return dict(
+        x=jax.random.normal(k2, (t, d_in), jnp.float32).astype(dtype),
+        y=jax.random.normal(k3, (t, d_out), jnp.float32).astype(dtype),
+        v=jnp.asarray(rng.standard_normal((t, r)).astype(np.float32)),
+        pool=pool, seg_starts=jnp.asarray(starts), ranks=jnp.asarray(ranks),
+        a_rows=jnp.asarray(a_rows), b_rows=jnp.asarray(b_rows),
+        scales=jnp.asarray(rng.uniform(0.5, 2.0, ns).astype(np.float32)),
+    )
+
+
+def dead_tokens(seg_starts, ranks_row, t):
+    """Tokens without a LoRA term for one module: padding, before the first segment, rank 0."""
+    starts = np.asarray(seg_starts)
+    ns = len(starts) - 1
+    seg = np.searchsorted(starts, np.arange(t), side="right") - 1
+    valid = (seg >= 0) & (seg < ns)
+    return ~valid | (np.asarray(ranks_row)[np.clip(seg, 0, ns - 1)] == 0)
+
+
+# --------------------------------------------------------------------------- (a) correctness
+def rel_err(out, ref):
+    out = np.asarray(out, np.float32)
+    ref = np.asarray(ref, np.float32)
+    if not np.all(np.isfinite(out)):
+        return float("inf")
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def correctness() -> list[str]:
+    failures = []
+    d = Cfg.d
+
+    def check(name, c, shrink_kw=None, expand_kw=None, layer=1, tol=1e-2):
+        for op, kw in (("shrink", shrink_kw), ("expand", expand_kw)):
+            if kw is None:
+                continue
+            label = f"{op} {name}" + (f" {kw}" if kw else "")
+            try:
+                t0 = time.perf_counter()
+                if op == "shrink":
+                    f = jax.jit(lambda x, pool, layer, ss, rk, rows, kw=kw: lora.lora_shrink(
+                        x, pool, layer, ss, rk, rows, interpret=Cfg.interpret, **kw))
+                    args = (c["x"], c["pool"], jnp.int32(layer), c["seg_starts"], c["ranks"],
+                            c["a_rows"])
+                    out = jax.block_until_ready(f(*args))
+                    with jax.default_matmul_precision("highest"):
+                        ref = reference.lora_shrink(*args)
+                    dead = np.stack([dead_tokens(c["seg_starts"], rk, out.shape[1])
+                                     for rk in np.asarray(c["ranks"])])
+                    extra_ok = not np.asarray(out)[dead].any()
+                    extra = "" if extra_ok else "; dead rows not 0"
+                else:
+                    f = jax.jit(lambda y, v, pool, layer, ss, rk, rows, sc, kw=kw: lora.lora_expand(
+                        y, v, pool, layer, ss, rk, rows, sc, interpret=Cfg.interpret, **kw))
+                    args = (c["y"], c["v"], c["pool"], jnp.int32(layer), c["seg_starts"],
+                            c["ranks"][0], c["b_rows"], c["scales"])
+                    out = jax.block_until_ready(f(*args))
+                    with jax.default_matmul_precision("highest"):
+                        ref = reference.lora_expand(*args)
+                    dead = dead_tokens(c["seg_starts"], c["ranks"][0], out.shape[0])
+                    extra_ok = np.array_equal(np.asarray(out, np.float32)[dead],
+                                              np.asarray(c["y"], np.float32)[dead])
+                    extra = "" if extra_ok else "; dead rows changed"
+                dt = time.perf_counter() - t0
+                err = rel_err(out, ref)
+                ok = err < tol and extra_ok
+                print(f"{'PASS' if ok else 'FAIL'} {label}: rel err {err:.2e} (tol {tol:g}{extra}; "
+                      f"compile+run {dt:.1f}s)", flush=True)
+            except Exception as e:  # a lowering / compile failure is a FAIL, keep going
+                ok = False
+                print(f"FAIL {label}: {type(e).__name__}: {e}")
+                traceback.print_exc(limit=4)
+            if not ok:
+                failures.append(label)
+
+    rng = np.random.default_rng(0)
+    # Decode: 33 one-token segments, ranks 0..16, 4 padding tokens.
+    c = make_case(1, seg_lens=[1] * 33, t=37, ranks=[rng.integers(0, 17, 33)], r=16, d_in=d,
+                  d_out=d, w=d)
+    check("decode T37 NS33 R<=16", c, {}, {})
+    check("decode T37 NS33 R<=16", c, dict(k_splits=1, block_d=256), dict(block_r=32, block_d=128))
+    # Decode, fused q/k/v shrink (M=3), GQA-like pool width (W = D/4, K_in = 4), k/v out = W.
+    ns = 300 if Cfg.big else 20
+    c = make_case(2, seg_lens=[1] * ns, t=ns + 5, ranks=rng.integers(0, 65, (3, ns)), r=64,
+                  d_in=d, d_out=d // 4, w=d // 4, start0=2)
+    check(f"decode M3 NS{ns} R<=64 K_in4", c, {}, {})
+    # Prefill: long, empty and 1-token segments; D_out = 11008 (K_out = 3, partial last row).
+    lens = [300, 0, 257, 1, 400] if Cfg.big else [30, 0, 25, 1, 40]
+    d_ff = 11008 if Cfg.big else 344
+    c = make_case(3, seg_lens=lens, t=sum(lens) + 42, ranks=[[64, 8, 0, 16, 33]], r=64, d_in=d,
+                  d_out=d_ff, w=d)
+    check("prefill NS5 R<=64 D_out11008", c, {}, {})
+    check("prefill NS5 R<=64 D_out11008", c, dict(k_splits=1, block_t=32),
+          dict(block_t=128, block_r=32, num_warps=8))
+    # Mixed lengths and ranks 1..128, seg_starts[0] > 0, D_in = 11008 (K_in = 3).
+    lens = list(rng.integers(0, 60 if Cfg.big else 12, 17))
+    lens[3] = 0
+    lens[5] = 1
+    c = make_case(4, seg_lens=lens, t=3 + sum(lens) + 7, ranks=[rng.integers(1, 129, 17)],
+                  r=128, d_in=d_ff, d_out=d, w=d, start0=3)
+    check("mixed NS17 R<=128 D_in11008", c, {}, {})
+    if Cfg.big:
+        # A pool past 4 GiB (2 x 300k rows x 4096 bf16): 64-bit offsets in the row gathers.
+        c = make_case(6, seg_lens=[1] * 16, t=16, ranks=[rng.integers(1, 17, 16)], r=16, d_in=d,
+                      d_out=d, w=d, pool_rows=300_000)
+        check("decode pool 4.9GB", c, {}, {})
+        del c
+        gc.collect()
+    # float32 pool, tiny odd widths.
+    c = make_case(5, seg_lens=[3, 0, 1, 9, 1], t=17, ranks=[[20, 3, 0, 7, 1]], r=20, d_in=50,
+                  d_out=40, w=24, dtype=jnp.float32, pool_rows=64)
+    check("f32 D_in50 D_out40 W24", c, {}, {}, tol=1e-4)
+    return failures
+
+
+# --------------------------------------------------------------------------- (b) timings
+def lora_inputs(seed, seg_lens, rank, d):
+    """One projection d -> d, W = d, every segment its own adapter (distinct pool rows)."""
+    ns = len(seg_lens)
+    t = int(sum(seg_lens))
+    n_rows = 2 * ns * rank
+    key = jax.random.PRNGKey(seed)
+    k1, k2, k3 = jax.random.split(key, 3)
+    pool = (jax.random.normal(k1, (2, n_rows + 8, d), jnp.float32) * 0.02).astype(jnp.bfloat16)
+    perm = np.random.default_rng(seed).permutation(n_rows + 8)[:n_rows].astype(np.int32)
+    a_rows = jnp.asarray(perm[: ns * rank].reshape(1, ns, rank, 1))
+    b_rows = jnp.asarray(perm[ns * rank:].reshape(ns, rank, 1))
+    y = jax.random.normal(k2, (t, d), jnp.bfloat16)
+    starts = jnp.asarray(np.concatenate([[0], np.cumsum(seg_lens)]).astype(np.int32))
+    ranks = jnp.full((1, ns), rank, jnp.int32)
+    scales = jnp.full((ns,), 0.01, jnp.float32)
+    nbytes = (t * d * 2  # x read
+              + 2 * ns * rank * d * 2  # A and B rows, each distinct row once
+              + 2 * t * d * 2)  # y read + written
+    v = jax.random.normal(k3, (t, rank), jnp.float32)
+    return (y, pool, starts, ranks, a_rows, b_rows, scales), v, nbytes
+
+
+def _both(impl, shrink_kw, expand_kw):
+    def body(y, pool, starts, ranks, a_rows, b_rows, scales):
+        kw = dict(impl=impl)
+        if impl == "pallas":
+            kw["interpret"] = Cfg.interpret
+        v = lora.lora_shrink(y, pool, 1, starts, ranks, a_rows, **kw, **shrink_kw)[0]
+        return lora.lora_expand(y, v, pool, 1, starts, ranks[0], b_rows, scales, **kw, **expand_kw)
+    return body
+
+
+def _expand_only(expand_kw):
+    def body(y, v, pool, starts, ranks, b_rows, scales):
+        return lora.lora_expand(y, v, pool, 1, starts, ranks, b_rows, scales,
+                                interpret=Cfg.interpret, **expand_kw)
+    return body
+
+
+def _row(kernel, phase, batch, rank, seconds, nbytes, bw, device, **extra):
+    gbps = nbytes / seconds / 1e9
+    row = dict(kernel=kernel, phase=phase, batch=batch, rank=rank, context=0,
+               time_us=round(seconds * 1e6, 2), gbps=round(gbps, 1),
+               roofline_fraction=round(nbytes / seconds / bw, 4), speedup_vs_xla=None,
+               device=device)
+    row.update(extra)
+    return row
+
+
+def _print(r):
+    sp = r["speedup_vs_xla"]
+    print(f"{r['phase']:>22} {r['kernel']:<40} B={r['batch']:<4} r={r['rank']:<3} "
+          f"{r['time_us']:>9.1f} us {r['gbps']:>7.0f} GB/s  roof {r['roofline_fraction']:.2f}  "
+          f"vs xla {'-' if sp is None else format(sp, '.2f')}", flush=True)
+
+
+def _name(prefix, tun):
+    return prefix + (":" + "-".join(f"{k}{v}" for k, v in tun.items()) if tun else "")
+
+
+def time_case(phase, seg_lens, rank, bw, device, *, batch, with_xla=True, shrink_sweep=(),
+              expand_sweep=()):
+    args, v, nbytes = lora_inputs(len(seg_lens) * 1000 + rank, seg_lens, rank, Cfg.d)
+    t, ns, d = int(sum(seg_lens)), len(seg_lens), Cfg.d
+    extra = dict(tokens=t, segments=ns)
+    rows = []
+    sweeping = bool(shrink_sweep or expand_sweep)
+    if not sweeping:
+        tun = dict(shrink=lora.shrink_defaults(t, ns, 1, rank, d, d),
+                   expand=lora.expand_defaults(t, ns, rank, d))
+        s = common.time_loop(_both("pallas", {}, {}), args)
+        rows.append(_row("pallas", phase, batch, rank, s, nbytes, bw, device, tunables=tun, **extra))
+        if with_xla:
+            s = common.time_loop(_both("xla", {}, {}), args)
+            rows.append(_row("xla", phase, batch, rank, s, nbytes, bw, device, **extra))
+            for r in rows:
+                r["speedup_vs_xla"] = round(rows[-1]["time_us"] / r["time_us"], 3)
+    for tun in shrink_sweep:
+        try:
+            s = common.time_loop(_both("pallas", tun, {}), args)
+            rows.append(_row(_name("shrink", tun), phase + "-sweep-shrink", batch, rank, s, nbytes,
+                             bw, device, tunables=tun, **extra))
+        except Exception as e:
+            print(f"{phase} shrink {tun}: {type(e).__name__}: {e}")
+    if expand_sweep:
+        y, pool, starts, ranks, _, b_rows, scales = args
+        eargs = (y, v, pool, starts, ranks[0], b_rows, scales)
+        e_bytes = 2 * t * d * 2 + ns * rank * d * 2 + t * rank * 4
+        for tun in expand_sweep:
+            try:
+                s = common.time_loop(_expand_only(tun), eargs)
+                rows.append(_row(_name("expand", tun), phase + "-sweep-expand", batch, rank, s,
+                                 e_bytes, bw, device, tunables=tun, **extra))
+            except Exception as e:
+                print(f"{phase} expand {tun}: {type(e).__name__}: {e}")
+    del args, v
+    gc.collect()
+    return rows
+
+
+SHRINK_SWEEP_DECODE = [
+    dict(k_splits=1), dict(k_splits=2), dict(k_splits=4), dict(k_splits=8),
+    dict(block_d=256, k_splits=4), dict(block_d=1024, k_splits=1, num_warps=8),
+    dict(block_r=32), dict(num_stages=4),
+]
+EXPAND_SWEEP_DECODE = [
+    dict(block_r=16, block_d=512, num_warps=4), dict(block_r=32, block_d=256, num_warps=4),
+    dict(block_r=64, block_d=256, num_warps=8), dict(block_r=64, block_d=128, num_warps=4),
+    dict(block_r=16, block_d=1024, num_warps=8), dict(block_r=16, block_d=256, num_warps=4),
+]
+SHRINK_SWEEP_PREFILL = [
+    dict(k_splits=1), dict(k_splits=2), dict(k_splits=4), dict(k_splits=8),
+    dict(block_t=32), dict(block_t=128, num_warps=8), dict(block_d=64), dict(block_d=256),
+]
+EXPAND_SWEEP_PREFILL = [
+    dict(block_t=64, block_d=128, num_warps=4), dict(block_t=64, block_d=128, num_warps=8),
+    dict(block_t=128, block_d=128, num_warps=8), dict(block_t=64, block_d=256, num_warps=8),
+    dict(block_t=32, block_d=128, num_warps=4),
+]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the tunables sweep")
+    ap.add_argument("--check-only", action="store_true", help="only the correctness checks")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes in interpret mode: checks the script itself on a CPU")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        Cfg.smoke()
+    t_start = time.perf_counter()
+    device = common.device_name()
+    print(f"device {device}, jax {jax.__version__}, commit {common.git_commit()}")
+
+    print(f"== (a) correctness (interpret={Cfg.interpret}) vs the XLA reference")
+    failures = correctness()
+    rows = []
+
+    def emit(res):
+        for r in res:
+            rows.append(r)
+            _print(r)
+        return res
+
+    if not args.check_only:
+        bw = common.hbm_bandwidth(Cfg.hbm_gib)
+        print(f"== (b) timings, shrink + expand of one {Cfg.d}-wide projection; "
+              f"HBM roofline {bw / 1e12:.2f} TB/s")
+        for batch in Cfg.batches:
+            for rank in Cfg.ranks:
+                emit(time_case("decode", [1] * batch, rank, bw, device, batch=batch))
+        nseq, chunk = Cfg.prefill
+        for rank in Cfg.ranks:
+            emit(time_case("prefill", [chunk] * nseq, rank, bw, device, batch=nseq))
+        if not args.no_sweep:
+            print("== (c) tunables sweep (shrink: with the default expand; expand: alone)")
+            shapes = [("decode", [1] * b, r, b, SHRINK_SWEEP_DECODE, EXPAND_SWEEP_DECODE)
+                      for b, r in Cfg.sweep_decode]
+            shapes.insert(min(2, len(shapes)), ("prefill", [chunk] * nseq, Cfg.sweep_prefill_rank,
+                                                nseq, SHRINK_SWEEP_PREFILL, EXPAND_SWEEP_PREFILL))
+            for phase, lens, rank, batch, ss, es in shapes:
+                if time.perf_counter() - t_start > Cfg.budget_s:
+                    print(f"   sweep stopped: past the {Cfg.budget_s:.0f}s budget")
+                    break
+                res = emit(time_case(phase, lens, rank, bw, device, batch=batch, with_xla=False,
+                                     shrink_sweep=ss, expand_sweep=es))
+                for kind in ("shrink", "expand"):
+                    part = [r for r in res if r["phase"].endswith(kind)]
+                    if part:
+                        best = min(part, key=lambda r: r["time_us"])
+                        print(f"   best {phase} {kind} B={batch} r={rank}: {best['kernel']} "
+                              f"{best['time_us']:.1f} us")
+        path = os.path.join(args.out, "kernels_lora.json")
+        common.write_json(path, rows)
+        print(f"wrote {len(rows)} rows to {path}")
+    print(f"total {time.perf_counter() - t_start:.0f}s; "
+          f"{'all checks PASS' if not failures else 'FAILED: ' + ', '.join(failures)}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

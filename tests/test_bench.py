@@ -1,0 +1,169 @@
+"""The benchmark harness: S-LoRA's workload statistics, the metrics, an end-to-end tiny run, the report."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from slora_jax.bench import metrics
+from slora_jax.bench.run import load_config
+from slora_jax.bench.workload import adapter_ranks, generate_trace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "bench-tiny.json")
+REQUIRED_KEYS = {
+    "setting", "model", "n_adapters", "ranks", "rate", "cv", "duration_s", "requests", "throughput_req_s",
+    "tokens_per_s", "avg_latency_s", "avg_ttft_s", "slo_attainment", "max_sustainable_rate",
+    "baseline_peft_throughput_req_s", "base_only_throughput_req_s", "device", "jax_version", "git_commit", "notes",
+}
+
+
+# -- workload -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("cv", [0.5, 1.0, 2.0])
+def test_interarrival_mean_and_cv(cv):
+    rate = 5.0
+    tr = generate_trace(10, rate, 6000, cv=cv, seed=1)
+    assert len(tr) == int(rate * 6000)
+    gaps = np.diff(np.r_[0.0, tr.arrival_s])
+    assert np.all(gaps >= 0)
+    assert gaps.mean() == pytest.approx(1 / rate, rel=0.03)
+    assert gaps.std() / gaps.mean() == pytest.approx(cv, rel=0.06)
+
+
+def test_adapters_follow_the_power_law():
+    n, alpha = 50, 0.3
+    tr = generate_trace(n, 20.0, 1000, alpha=alpha, seed=2)
+    assert tr.adapter.min() >= 0 and tr.adapter.max() < n
+    frac = np.bincount(tr.adapter, minlength=n) / len(tr)
+    assert frac[0] > frac[-1]
+    assert frac[0] == pytest.approx((1 / n) ** alpha, rel=0.05)  # P(floor(n X) = 0) = n^-alpha
+    # alpha = 1: uniform over the adapters
+    uni = np.bincount(generate_trace(n, 20.0, 1000, alpha=1.0, seed=2).adapter, minlength=n) / len(tr)
+    assert np.abs(uni - 1 / n).max() < 0.25 / n
+
+
+def test_lengths_within_their_ranges():
+    tr = generate_trace(4, 50.0, 200, input_range=(8, 512), output_range=(16, 64), seed=3)
+    assert tr.prompt_len.min() == 8 and tr.prompt_len.max() == 512
+    assert tr.output_len.min() == 16 and tr.output_len.max() == 64
+    assert abs(tr.prompt_len.mean() - 260) < 5
+
+
+def test_same_seed_same_trace_and_same_stream_for_every_n():
+    a = generate_trace(100, 10.0, 60, seed=7)
+    b = generate_trace(100, 10.0, 60, seed=7)
+    for f in ("arrival_s", "adapter", "prompt_len", "output_len"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    c = generate_trace(100, 10.0, 60, seed=8)
+    assert not np.array_equal(a.arrival_s, c.arrival_s)
+    # n only changes the adapter indices: every n (and the base-only run) replays one request stream
+    d = generate_trace(5, 10.0, 60, seed=7)
+    np.testing.assert_array_equal(a.arrival_s, d.arrival_s)
+    np.testing.assert_array_equal(a.prompt_len, d.prompt_len)
+    assert d.adapter.max() < 5
+    assert list(a)[0] == (a.arrival_s[0], a.adapter[0], a.prompt_len[0], a.output_len[0])
+    head = a.head(30.0)
+    assert 0 < len(head) < len(a) and head.arrival_s.max() <= 30.0
+
+
+def test_ranks_round_robin():
+    assert adapter_ranks(6, [64, 32, 16, 8]) == [64, 32, 16, 8, 64, 32]
+
+
+# -- metrics --------------------------------------------------------------------------------------
+def test_summarize_counts_misses_and_unfinished():
+    recs = [metrics.RequestRecord(0.0, 10, 4, 4, first_token=1.0, finish=2.0),
+            metrics.RequestRecord(1.0, 10, 4, 4, first_token=8.0, finish=9.0),  # ttft 7 s: misses a 6 s SLO
+            metrics.RequestRecord(2.0, 10, 4, 1, first_token=3.0, finish=None),  # cut off
+            metrics.RequestRecord(3.0, 10, 4, 0)]  # never served
+    s = metrics.summarize(recs, 10.0, 6.0)
+    assert s["requests"] == 4 and s["finished"] == 2
+    assert s["throughput_req_s"] == pytest.approx(0.2)
+    assert s["tokens_per_s"] == pytest.approx(0.9)
+    assert s["avg_latency_s"] == pytest.approx(5.0)
+    assert s["avg_ttft_s"] == pytest.approx(4.0)
+    assert s["slo_attainment"] == pytest.approx(0.5)
+
+
+def test_rate_search_bisects_and_uses_known_points():
+    calls = []
+
+    def probe(rate):
+        calls.append(rate)
+        return 1.0 if rate <= 9 else 0.5
+
+    points = metrics.search_rates([2, 4, 6, 8, 10, 12, 16], probe, 0.9, known={10.0: 0.4})
+    assert metrics.max_sustainable_rate(points, 0.9) == 8
+    assert 10 not in calls and 16 not in calls and len(calls) <= 3
+    # out of time: the search stops and keeps what it measured
+    points = metrics.search_rates([2, 4, 8], lambda r: None, 0.9)
+    assert metrics.max_sustainable_rate(points, 0.9) is None
+
+
+def test_config_overrides():
+    cfg = load_config(TINY, {"n_adapters": "5,100", "rate": "2.5", "peft.enabled": "false", "engine.max_running": "8"})
+    assert cfg["n_adapters"] == [5, 100] and cfg["rate"] == 2.5
+    assert cfg["peft"]["enabled"] is False and cfg["peft"]["n_cap"] == 100
+    assert cfg["engine"]["max_running"] == 8 and cfg["engine"]["max_model_len"] == 16
+    for name in ("bench-S1.json", "bench-S2.json", "bench-S4.json"):
+        c = load_config(os.path.join(ROOT, "configs", name))
+        assert c["slo_ttft_s"] == 6 and c["input_range"] == [8, 512] and c["output_range"] == [8, 512]
+        assert c["modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+        assert c["engine"]["max_model_len"] >= 1024
+
+
+# -- end to end on the tiny model ---------------------------------------------------------------
+HAVE_PEFT = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    from slora_jax.bench.run import run_from_config
+
+    out = tmp_path_factory.mktemp("bench")
+    over = {"kernels": "xla", "peft.enabled": "true" if HAVE_PEFT else "false"}
+    return out, run_from_config(TINY, str(out), over)
+
+
+def test_tiny_run_writes_the_result_json(tiny_results):
+    out, results = tiny_results
+    assert len(results) == 1
+    path = out / "tiny-3.json"
+    d = json.loads(path.read_text())
+    assert REQUIRED_KEYS <= set(d)
+    assert d["setting"] == "tiny" and d["n_adapters"] == 3 and d["ranks"] == [8, 4]
+    assert d["requests"] > 0
+    assert 0 < d["throughput_req_s"] <= d["requests"] / 0.1
+    assert d["tokens_per_s"] > 0
+    assert d["avg_latency_s"] >= d["avg_ttft_s"] >= 0
+    assert 0 <= d["slo_attainment"] <= 1
+    assert d["run"]["finished"] == d["requests"]  # the tiny trace drains completely
+    assert d["base_only_throughput_req_s"] > 0
+    assert d["max_sustainable_rate"] is None or d["max_sustainable_rate"] > 0
+    assert d["device"].startswith("cpu") and d["jax_version"]
+    if HAVE_PEFT:
+        assert d["baseline_peft_throughput_req_s"] is not None and d["baseline_peft_throughput_req_s"] >= 0
+        assert d["peft"]["n_adapters"] == 3
+    assert isinstance(d["notes"], list) and d["notes"]
+
+
+def test_report_writes_table_and_plots(tiny_results, tmp_path):
+    from slora_jax.bench.report import END, START, write_report
+
+    out, _ = tiny_results
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\nkept text\n")
+    plots = tmp_path / "plots"
+    res = write_report(str(out), str(md), str(plots))
+    text = md.read_text()
+    assert "kept text" in text and text.count(START) == 1 and text.count(END) == 1
+    assert "| n adapters |" in text and "| 3 |" in text
+    assert "slo_vs_rate.png" in text and "throughput_vs_adapters.png" in text
+    for p in res["plots"]:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    write_report(str(out), str(md), str(plots))  # a second run replaces the section
+    assert md.read_text().count(START) == 1

@@ -1,0 +1,168 @@
+"""The paged continuous-batching engine against the dense reference, under pressure, and its contracts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slora_jax import LLM, AdapterError, RequestError, SamplingParams
+from slora_jax.adapters.lora import from_pytree
+from slora_jax.config import LORA_MODULES
+from tests import dense_reference as ref
+
+TARGET_SETS = [("q_proj", "v_proj"), LORA_MODULES, ("o_proj", "down_proj"), ("k_proj", "gate_proj", "up_proj")]
+
+
+def make_llm(num_pages=256, **kw):
+    opts = dict(dtype="float32", kernels="xla", max_rank=16, page_rows=4, max_model_len=96, max_running=16,
+                max_batch_tokens=64)
+    opts.update(kw)
+    return LLM("tiny", num_pages=num_pages, **opts)
+
+
+def add_adapters(llm, n=20, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(n):
+        rank = [1, 2, 4, 8, 16, 3, 5][i % 7]
+        params = ref.random_lora(llm.model_cfg, rng, rank, TARGET_SETS[i % len(TARGET_SETS)], std=0.08)
+        name = f"ad{i}"
+        llm.add_adapter(name, params, alpha=2.0 * rank)
+        out[name] = from_pytree(name, params, llm.model_cfg, 2.0 * rank).modules
+    return out
+
+
+def workload(n, n_adapters, seed=1, max_prompt=40):
+    rng = np.random.default_rng(seed)
+    prompts = [[256] + rng.integers(0, 256, rng.integers(1, max_prompt)).tolist() for _ in range(n)]
+    adapters = [None if i % 5 == 0 else f"ad{rng.integers(0, n_adapters)}" for i in range(n)]
+    return prompts, adapters
+
+
+@pytest.fixture(scope="module")
+def reference_tokens():
+    """Greedy tokens of the 50-request workload from the dense reference (computed once)."""
+    llm = make_llm()
+    weights = add_adapters(llm)
+    params = ref.params_of(llm)
+    prompts, adapters = workload(50, 20)
+    toks = [ref.greedy(llm.model_cfg, params, p, 8, weights[a] if a else None) for p, a in zip(prompts, adapters)]
+    return prompts, adapters, toks
+
+
+def test_mixed_batch_equals_reference(reference_tokens):
+    prompts, adapters, expected = reference_tokens
+    llm = make_llm()
+    add_adapters(llm)
+    outs = llm.generate(prompts, adapter=adapters, sampling=SamplingParams(max_tokens=8, ignore_eos=True))
+    assert [o.token_ids for o in outs] == expected
+    assert all(o.finish_reason == "length" for o in outs)
+    st = llm.stats()
+    assert st["pages_kv"] == 0 and st["requests_finished"] == 50 and st["tokens_generated"] == 400
+    llm.engine.pages.check_invariants()
+
+
+def test_tiny_pool_swaps_and_preempts_but_equals_reference(reference_tokens):
+    prompts, adapters, expected = reference_tokens
+    # 110 pages of 4 tokens: a rank-16 adapter on all modules alone takes 76; adapters must swap and requests wait
+    llm = make_llm(num_pages=110, max_batch_tokens=32)
+    add_adapters(llm)
+    outs = llm.generate(prompts, adapter=adapters, sampling=SamplingParams(max_tokens=8, ignore_eos=True))
+    assert [o.token_ids for o in outs] == expected
+    st = llm.stats()
+    assert st["pages_kv"] == 0
+    assert st["swaps_out"] > 0 and st["swaps_in"] > 20, st
+    assert st["preemptions"] > 0, st
+    llm.engine.pages.check_invariants()
+
+
+def test_seeded_sampling_reproducible_across_batches():
+    llm = make_llm()
+    add_adapters(llm, 3)
+    sp = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    alone = llm.generate([[256, 10, 20, 30]], adapter="ad1", sampling=sp)[0].token_ids
+    prompts, adapters = workload(6, 3, seed=5)
+    batch = llm.generate([[256, 10, 20, 30]] + prompts, adapter=["ad1"] + adapters, sampling=sp)
+    assert batch[0].token_ids == alone
+    other = llm.generate([[256, 10, 20, 30]], adapter="ad1",
+                         sampling=SamplingParams(max_tokens=10, temperature=0.9, seed=99, ignore_eos=True))
+    greedy = llm.generate([[256, 10, 20, 30]], adapter="ad1", sampling=SamplingParams(max_tokens=10, ignore_eos=True))
+    assert other[0].token_ids != alone or greedy[0].token_ids != alone
+
+
+def test_stop_conditions():
+    llm = make_llm()
+    base = llm.generate([[256, 1, 2, 3]], sampling=SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert len(base.token_ids) == 12 and base.finish_reason == "length"
+    stop_tok = base.token_ids[4]
+    first = base.token_ids.index(stop_tok)
+    out = llm.generate([[256, 1, 2, 3]], sampling=SamplingParams(max_tokens=12, stop_token_ids=(stop_tok,)))[0]
+    assert out.finish_reason == "stop" and out.token_ids == base.token_ids[: first + 1]
+    # eos: make the model's own next token the eos id and check generation stops there
+    llm.tokenizer.eos_ids = (stop_tok,)
+    llm.engine.tokenizer.eos_ids = (stop_tok,)
+    out = llm.generate([[256, 1, 2, 3]], sampling=SamplingParams(max_tokens=12))[0]
+    assert out.finish_reason == "stop" and out.token_ids == base.token_ids[: first + 1]
+    out = llm.generate([[256, 1, 2, 3]], sampling=SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert out.token_ids == base.token_ids
+    # a stop string: cut the text before it
+    text_ids = [t for t in base.token_ids if t < 256]
+    if len(text_ids) >= 3:
+        s = bytes(text_ids[1:3]).decode("utf-8", errors="ignore")
+        if s:
+            out = llm.generate([[256, 1, 2, 3]], sampling=SamplingParams(max_tokens=12, stop=[s], ignore_eos=True))[0]
+            assert out.finish_reason == "stop" and s not in out.text
+    assert llm.stats()["pages_kv"] == 0
+
+
+def test_unknown_adapter_fails_alone():
+    llm = make_llm()
+    add_adapters(llm, 2)
+    outs = llm.generate([[256, 1], [256, 2], [256, 3]], adapter=["ad0", "nope", None],
+                        sampling=SamplingParams(max_tokens=3, ignore_eos=True))
+    assert outs[1].finish_reason == "error" and "adapter 'nope' is not registered" in outs[1].error
+    assert len(outs[0].token_ids) == 3 and len(outs[2].token_ids) == 3
+    too_long = llm.generate([[256] + [1] * 200], sampling=SamplingParams(max_tokens=3))[0]
+    assert too_long.finish_reason == "error" and "max_model_len is 96" in too_long.error
+    with pytest.raises(RequestError, match="top_p"):
+        SamplingParams(top_p=0)
+    assert llm.stats()["pages_kv"] == 0
+
+
+def test_remove_adapter_in_use_refused_then_allowed():
+    llm = make_llm()
+    add_adapters(llm, 2)
+    req = llm.engine.add_request([256, 1, 2], "ad0", SamplingParams(max_tokens=4, ignore_eos=True))
+    with pytest.raises(AdapterError, match="in use by 1 request"):
+        llm.remove_adapter("ad0")
+    llm.engine.run_until_done([req])
+    llm.remove_adapter("ad0")
+    assert [a["name"] for a in llm.adapters()] == ["ad1"]
+    assert llm.stats()["pages_adapter"] == 0 or not any(a["name"] == "ad0" for a in llm.adapters())
+
+
+def test_stream_yields_the_generated_text():
+    llm = make_llm()
+    add_adapters(llm, 1)
+    sp = SamplingParams(max_tokens=10, ignore_eos=True)
+    full = llm.generate(["hi there"], adapter="ad0", sampling=sp)[0].text
+    assert "".join(llm.stream("hi there", adapter="ad0", sampling=sp)) == full
+
+
+def test_no_recompilation_after_warmup():
+    llm = make_llm(num_pages=200)
+    add_adapters(llm, 20)
+    rng = np.random.default_rng(7)
+
+    def run(n, seed):
+        prompts, adapters = workload(n, 20, seed=seed, max_prompt=60)
+        sps = rng.integers(1, 6)
+        llm.generate(prompts, adapter=adapters, sampling=SamplingParams(max_tokens=int(sps), ignore_eos=True))
+
+    # warm-up over every bucket: single requests of every size class, then full batches
+    for n in (1, 2, 3, 5, 9, 17):
+        run(n, seed=n)
+    run(150, seed=100)
+    warm = llm.engine.runner.cache_size()
+    run(500, seed=200)
+    assert llm.engine.runner.cache_size() == warm
+    assert llm.stats()["pages_kv"] == 0

@@ -1,0 +1,491 @@
+"""The HTTP server end to end: a real uvicorn on loopback, driven by the official `openai` client and raw httpx.
+
+One tiny float32 model (XLA kernels, CPU) with the CLI's demo adapters serves
+the whole module; tests run in file order and leave the engine idle.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+import types
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+from safetensors.numpy import save_file
+from starlette.testclient import TestClient
+
+from server.app import create_app, render_chat, serve
+from slora_jax import LLM
+from slora_jax.cli import DEMO_ADAPTERS, add_demo_adapters
+from slora_jax.tokenizer import ByteTokenizer
+
+API_KEY = "test-key"
+MAX_MODEL_LEN = 128
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    adapter_dir = tmp_path_factory.mktemp("adapters")
+    outside = tmp_path_factory.mktemp("outside")
+    # Few, large pages and small batches: every distinct step shape costs a compile of seconds on CPU.
+    llm = LLM("tiny", dtype="float32", kernels="xla", num_pages=96, page_rows=32, max_model_len=MAX_MODEL_LEN,
+              max_batch_tokens=128, max_running=8)
+    add_demo_adapters(llm)
+    app = create_app(llm, api_key=API_KEY, adapter_dir=str(adapter_dir))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    base = f"http://127.0.0.1:{port}"
+    yield types.SimpleNamespace(llm=llm, base=base, url=base + "/v1", adapter_dir=adapter_dir, outside=outside)
+    server.should_exit = True
+    thread.join(30)
+    assert llm.engine._thread is None, "shutdown did not stop the engine thread"
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served.url, api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(served):
+    with httpx.Client(base_url=served.base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c:
+        yield c
+
+
+def wait_idle(llm, timeout: float = 30.0) -> dict:
+    """Poll until no request holds KV pages (aborted or finished), or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = llm.stats()
+        if s["pages_kv"] == 0 and s["requests_running"] == 0 and s["requests_waiting"] == 0:
+            return s
+        if time.monotonic() > deadline:
+            pytest.fail(f"the engine did not go idle within {timeout}s: {s}")
+        time.sleep(0.05)
+
+
+def assert_error(resp: httpx.Response, status: int, code=None) -> dict:
+    assert resp.status_code == status, (resp.status_code, resp.text)
+    err = resp.json()["error"]
+    assert set(err) == ERROR_KEYS and isinstance(err["message"], str) and err["message"], err
+    assert isinstance(err["type"], str) and err["type"]
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+def write_peft(path, cfg, r: int = 4, modules=("q_proj", "v_proj"), seed: int = 0, bad_shape: bool = False) -> str:
+    """A PEFT LoRA dir: adapter_config.json + adapter_model.safetensors (A [r, in], B [out, r])."""
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(cfg.num_layers):
+        for m in modules:
+            d_in, d_out = cfg.module_shape(m)
+            key = f"base_model.model.model.layers.{layer}.self_attn.{m}"
+            tensors[f"{key}.lora_A.weight"] = rng.normal(0, 0.1, (r, d_in + int(bad_shape))).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = rng.normal(0, 0.1, (d_out, r)).astype(np.float32)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(modules)}, f)
+    return str(path)
+
+
+def stream_text(stream) -> tuple[str, list, object]:
+    """(concatenated text, finish reasons seen, usage) of a completions stream."""
+    text, reasons, usage = "", [], None
+    for ch in stream:
+        if ch.usage is not None:
+            usage = ch.usage
+        for c in ch.choices:
+            text += c.text
+            if c.finish_reason is not None:
+                reasons.append(c.finish_reason)
+    return text, reasons, usage
+
+
+# -- health, auth, models --------------------------------------------------------------------------
+def test_health_is_open_and_everything_else_needs_the_key(served, client):
+    r = httpx.get(served.base + "/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    for path in ("/v1/models", "/metrics", "/openapi.json"):
+        assert_error(httpx.get(served.base + path), 401, "invalid_api_key")
+    assert_error(httpx.get(served.base + "/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+    bad = openai.OpenAI(base_url=served.url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.completions.create(model="base", prompt="hi", max_tokens=2)
+    assert e.value.status_code == 401 and set(e.value.body) >= {"message", "type", "code"}
+
+
+def test_models_lists_base_and_adapters_with_rank_and_residency(served, client):
+    models = {m.id: m for m in client.models.list().data}
+    base = served.llm.model_cfg.name
+    assert base == "tiny-llama" and base in models and set(DEMO_ADAPTERS) <= set(models)
+    assert models[base].parent is None and models[base].max_model_len == MAX_MODEL_LEN
+    for name, rank in DEMO_ADAPTERS.items():
+        extra = models[name].model_dump()
+        assert extra["rank"] == rank and extra["parent"] == base and isinstance(extra["resident"], bool)
+    assert client.models.retrieve("demo-coder").id == "demo-coder"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+# -- generation -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", ["base", "demo-pirate"])
+def test_completion_stream_equals_non_stream_with_usage(served, client, model):
+    prompt = "The quick brown fox"
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
+    choice = r.choices[0]
+    assert r.object == "text_completion" and r.model == model and choice.finish_reason in ("stop", "length")
+    n_prompt = len(served.llm.tokenizer.encode(prompt))
+    assert r.usage.prompt_tokens == n_prompt
+    assert r.usage.total_tokens == n_prompt + r.usage.completion_tokens
+    assert 1 <= r.usage.completion_tokens <= 12
+    if choice.finish_reason == "length":
+        assert r.usage.completion_tokens == 12
+
+    stream = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    text, reasons, usage = stream_text(stream)
+    assert text == choice.text and reasons == [choice.finish_reason]
+    assert usage is not None and usage.model_dump() == r.usage.model_dump()
+
+
+def test_chat_stream_equals_non_stream_with_plain_template(served, client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    r = client.chat.completions.create(model="demo-poet", messages=messages, max_tokens=10, temperature=0)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and choice.message.role == "assistant"
+    expected = "<|system|>\nBe brief.\n<|user|>\nHello there\n<|assistant|>\n"
+    assert r.usage.prompt_tokens == len(served.llm.tokenizer.encode(expected))
+    assert choice.finish_reason in ("stop", "length") and 1 <= r.usage.completion_tokens <= 10
+
+    stream = client.chat.completions.create(model="demo-poet", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == choice.message.content and reasons == [choice.finish_reason]
+    assert chunks[-1].usage.model_dump() == r.usage.model_dump() and chunks[-1].choices == []
+
+
+def test_n_seed_stop_and_prompt_lists(served, client):
+    kw = dict(model="demo-coder", prompt="Once upon a time", max_tokens=8, temperature=1.0, top_p=0.9, seed=7, n=3)
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    assert sorted(c.index for c in a.choices) == [0, 1, 2]
+    assert [c.text for c in sorted(a.choices, key=lambda c: c.index)] == \
+           [c.text for c in sorted(b.choices, key=lambda c: c.index)]
+
+    batch = client.completions.create(model="base", prompt=["one", "two"], n=2, max_tokens=4, temperature=0)
+    assert sorted(c.index for c in batch.choices) == [0, 1, 2, 3]
+    by_index = {c.index: c.text for c in batch.choices}
+    assert by_index[0] == by_index[1] and by_index[2] == by_index[3]  # greedy: equal per prompt
+    assert batch.usage.prompt_tokens == sum(len(served.llm.tokenizer.encode(p)) for p in ("one", "two"))
+
+    ids = served.llm.tokenizer.encode("one")
+    tok = client.completions.create(model="base", prompt=ids, max_tokens=4, temperature=0)
+    assert tok.choices[0].text == by_index[0]
+
+    full = client.completions.create(model="base", prompt="Stop here:", max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    firsts = [(k, ch) for k, ch in enumerate(full) if k > 0 and ch.isascii() and ch.isprintable() and full.index(ch) == k]
+    if firsts:  # stop on a character's first occurrence: the text ends right before it
+        k, ch = firsts[-1]
+        r = client.completions.create(model="base", prompt="Stop here:", max_tokens=16, temperature=0, stop=[ch],
+                                      extra_body={"ignore_eos": True})
+        assert r.choices[0].text == full[:k] and r.choices[0].finish_reason == "stop"
+
+
+def test_unknown_model_is_404_in_openai_shape(client):
+    calls = [
+        lambda s: client.completions.create(model="nope", prompt="hi", max_tokens=2, stream=s),
+        lambda s: client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}], stream=s),
+    ]
+    for call in calls:
+        for stream in (False, True):
+            with pytest.raises(openai.NotFoundError) as e:
+                call(stream)
+            assert e.value.status_code == 404 and e.value.code == "model_not_found"
+
+
+def test_malformed_requests_get_4xx_in_openai_shape(served, http):
+    cases = [
+        ("/v1/completions", b"{", 400), ("/v1/completions", b"[]", 400), ("/v1/completions", b"", 400),
+        ("/v1/completions", {"prompt": 5}, 400), ("/v1/completions", {"model": "base"}, 400),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400),
+        ("/v1/completions", {"prompt": "x", "temperature": -1}, 400),
+        ("/v1/completions", {"prompt": "x", "top_p": 0}, 400), ("/v1/completions", {"prompt": "x", "n": 0}, 400),
+        ("/v1/completions", {"prompt": []}, 400), ("/v1/completions", {"prompt": [[]]}, 400),
+        ("/v1/completions", {"prompt": [1, 99999]}, 400), ("/v1/completions", {"prompt": [-1]}, 400),
+        ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400),
+        ("/v1/completions", {"prompt": "x", "presence_penalty": 1.0}, 400),
+        ("/v1/completions", {"prompt": "x" * MAX_MODEL_LEN}, 400),
+        ("/v1/chat/completions", {"messages": []}, 400),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "y" * MAX_MODEL_LEN}]}, 400),
+        ("/v1/adapters", {"name": "../x", "path": "x"}, 400), ("/v1/adapters", {"name": "x"}, 400),
+    ]
+    for path, body, status in cases:
+        resp = http.post(path, content=body) if isinstance(body, bytes) else http.post(path, json=body)
+        assert_error(resp, status)
+    err = assert_error(http.post("/v1/completions", json={"prompt": "x" * MAX_MODEL_LEN}), 400)
+    assert err["code"] == "context_length_exceeded" and str(MAX_MODEL_LEN) in err["message"]
+    assert assert_error(http.post("/v1/completions", json={"prompt": "x", "n": 0}), 400)["param"] == "n"
+    assert_error(http.post("/v1/completions", content="prompt=x", headers={"Content-Type": "text/plain"}), 400)
+    assert_error(http.get("/v1/no-such-route"), 404)
+    assert_error(http.delete("/v1/completions"), 405)
+
+    big = {"model": "base", "prompt": "a" * ((1 << 20) + 16)}
+    assert_error(http.post("/v1/completions", json=big), 413, "request_too_large")
+
+    def chunked():  # no Content-Length: the limit applies while reading
+        for _ in range(20):
+            yield b" " * 65536
+        yield b"{}"
+
+    assert_error(http.post("/v1/completions", content=chunked(), headers={"Content-Type": "application/json"}), 413)
+    assert http.get("/health").status_code == 200
+    wait_idle(served.llm)
+
+
+# -- adapters at runtime --------------------------------------------------------------------------------
+def test_runtime_adapter_load_use_unload(served, client, http):
+    cfg = served.llm.model_cfg
+    write_peft(served.adapter_dir / "peft-a", cfg, r=4)
+    r = http.post("/v1/adapters", json={"name": "peft-a", "path": "peft-a"})
+    assert r.status_code == 200, r.text
+    card = r.json()
+    assert card["id"] == "peft-a" and card["rank"] == 4 and card["ranks"] == {"q_proj": 4, "v_proj": 4}
+    assert "peft-a" in {m.id for m in client.models.list().data}
+
+    out = client.completions.create(model="peft-a", prompt="Hello", max_tokens=6, temperature=0)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert any(a["name"] == "peft-a" and a["resident"] for a in served.llm.adapters())
+
+    assert_error(http.post("/v1/adapters", json={"name": "peft-a", "path": "peft-a"}), 409)
+    assert http.post("/v1/adapters", json={"name": "peft-a", "path": "peft-a", "replace": True}).status_code == 200
+    absolute = str(served.adapter_dir / "peft-a")
+    assert http.post("/v1/adapters", json={"name": "peft-b", "path": absolute}).status_code == 200
+    assert_error(http.post("/v1/adapters", json={"name": "base", "path": "peft-a"}), 409)
+
+    write_peft(served.adapter_dir / "bad-shape", cfg, bad_shape=True)
+    err = assert_error(http.post("/v1/adapters", json={"name": "bad", "path": "bad-shape"}), 400)
+    assert "lora_A" in err["message"] and str(served.adapter_dir) not in err["message"]
+    assert_error(http.post("/v1/adapters", json={"name": "missing", "path": "no-such-dir"}), 404)
+
+    for name in ("peft-a", "peft-b"):
+        r = http.delete(f"/v1/adapters/{name}")
+        assert r.status_code == 200 and r.json() == {"id": name, "object": "model", "deleted": True}
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="peft-a", prompt="Hello", max_tokens=2)
+    assert_error(http.delete("/v1/adapters/peft-a"), 404, "model_not_found")
+    assert_error(http.delete("/v1/adapters/tiny-llama"), 400)
+    assert "peft-a" not in {a["name"] for a in served.llm.adapters()}
+
+
+def test_adapter_paths_outside_the_adapter_dir_get_403(served, http):
+    cfg = served.llm.model_cfg
+    target = write_peft(served.outside / "evil", cfg)
+    root = served.adapter_dir
+    os.symlink(target, root / "link-out")
+    os.makedirs(root / "half-link")
+    with open(os.path.join(target, "adapter_config.json")) as f:
+        (root / "half-link" / "adapter_config.json").write_text(f.read())
+    os.symlink(os.path.join(target, "adapter_model.safetensors"), root / "half-link" / "adapter_model.safetensors")
+    rel = os.path.relpath(target, root)
+    assert rel.startswith("..")
+    for path in (rel, target, "link-out", "half-link", "../" + os.path.basename(root) + "/../" + rel, "/etc",
+                 "peft-x/../../" + os.path.basename(served.outside) + "/evil"):
+        err = assert_error(http.post("/v1/adapters", json={"name": "evil", "path": path}), 403)
+        assert os.path.realpath(target) not in err["message"].replace(path, "")  # where a link points stays hidden
+    assert "evil" not in {a["name"] for a in served.llm.adapters()}
+
+    no_dir = TestClient(create_app(served.llm, adapter_dir=None))  # no lifespan: the live engine is untouched
+    assert_error(no_dir.post("/v1/adapters", json={"name": "x", "path": "x"}), 403)
+
+
+# -- load, disconnects, failures -----------------------------------------------------------------------------
+def test_64_concurrent_streaming_clients_all_complete(served):
+    models = ["base", *DEMO_ADAPTERS]
+
+    async def one(aclient, i):
+        stream = await aclient.completions.create(
+            model=models[i % len(models)], prompt=f"client {i} says", max_tokens=16, temperature=0 if i % 2 else 0.8,
+            seed=i, stream=True, stream_options={"include_usage": True})
+        text, reasons, usage = "", [], None
+        async for ch in stream:
+            usage = ch.usage or usage
+            for c in ch.choices:
+                text += c.text
+                reasons += [c.finish_reason] if c.finish_reason else []
+        return text, reasons, usage
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=served.url, api_key=API_KEY, max_retries=0, timeout=120,
+                                     http_client=openai.DefaultAsyncHttpxClient(
+                                         limits=httpx.Limits(max_connections=128)))
+        try:
+            return await asyncio.gather(*(one(aclient, i) for i in range(64)))
+        finally:
+            await aclient.close()
+
+    results = asyncio.run(main())
+    assert len(results) == 64
+    for text, reasons, usage in results:
+        assert len(reasons) == 1 and reasons[0] in ("stop", "length")
+        assert usage is not None and 1 <= usage.completion_tokens <= 16
+    wait_idle(served.llm)
+
+
+def test_disconnecting_clients_abort_and_free_pages(served):
+    llm = served.llm
+    before = llm.stats()["requests_aborted"]
+    body = {"model": "demo-pirate", "prompt": "tell me a long story", "max_tokens": 100, "temperature": 0,
+            "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    def streaming_quitter():
+        with httpx.Client(base_url=served.base, headers=headers, timeout=60) as c:
+            with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                assert r.status_code == 200
+                seen = 0
+                for line in r.iter_lines():
+                    seen += line.startswith("data: ")
+                    if seen >= 2:
+                        break  # leaving the block closes the connection mid-stream
+
+    def impatient():
+        with httpx.Client(base_url=served.base, headers=headers, timeout=0.5) as c:
+            with pytest.raises(httpx.ReadTimeout):
+                c.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "go"}]})
+
+    threads = [threading.Thread(target=f) for f in [streaming_quitter] * 4 + [impatient] * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    s = wait_idle(llm, timeout=20)
+    assert s["pages_kv"] == 0
+    assert s["requests_aborted"] - before == 8, "every disconnected client's request is aborted, not run to the end"
+
+
+def test_an_engine_step_failure_fails_its_requests_but_not_the_server(served, client, monkeypatch):
+    runner = served.llm.engine.runner
+    real_step = runner.step
+    armed = {"on": True}
+
+    def flaky(*args, **kw):
+        if armed["on"]:
+            armed["on"] = False
+            raise RuntimeError("injected failure")
+        return real_step(*args, **kw)
+
+    monkeypatch.setattr(runner, "step", flaky)
+    with pytest.raises(openai.InternalServerError) as e:
+        client.completions.create(model="base", prompt="boom", max_tokens=4)
+    assert e.value.status_code == 500 and "engine" in e.value.message
+    armed["on"] = True
+    with pytest.raises(openai.APIError):
+        for _ in client.completions.create(model="demo-poet", prompt="boom", max_tokens=4, stream=True):
+            pass
+    ok = client.completions.create(model="demo-poet", prompt="fine", max_tokens=4, temperature=0)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+    assert httpx.get(served.base + "/health").status_code == 200
+    wait_idle(served.llm)
+
+
+# -- metrics, templates, serve ---------------------------------------------------------------------------------
+def test_metrics_in_prometheus_format(served, http):
+    r = http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    for name in ("slora_requests", "slora_prompt_tokens", "slora_generation_tokens", "slora_http_errors",
+                 "slora_time_to_first_token_seconds", "slora_inter_token_latency_seconds",
+                 "slora_e2e_request_latency_seconds", "slora_pool_pages", "slora_pool_pages_capacity",
+                 "slora_adapters_resident", "slora_adapter_swaps", "slora_requests_running", "slora_engine_up"):
+        assert name in families, name
+    assert families["slora_time_to_first_token_seconds"].type == "histogram"
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("slora_time_to_first_token_seconds_count", ())] > 0
+    assert samples[("slora_inter_token_latency_seconds_count", ())] > 0
+    pages = {s.labels["kind"]: s.value for s in families["slora_pool_pages"].samples}
+    assert set(pages) == {"kv", "adapter", "free"}
+    assert sum(pages.values()) == samples[("slora_pool_pages_capacity", ())] == served.llm.stats()["pages_total"]
+    assert samples[("slora_adapters_resident", ())] >= 1
+    assert samples[("slora_adapter_swaps_total", (("direction", "in"),))] >= 1
+    assert samples[("slora_requests_total", (("endpoint", "completions"), ("finish_reason", "length")))] > 0
+    assert samples[("slora_requests_total", (("endpoint", "chat"), ("finish_reason", "abort")))] >= 4
+
+
+def test_chat_template_from_the_tokenizer_is_used():
+    tok = ByteTokenizer(bos_id=256, eos_ids=(257,))
+    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant]{% endif %}")
+    msgs = [{"role": "user", "content": "hi"}]
+    assert render_chat(tok, msgs) == tok.encode("[user]hi[assistant]")
+    tok.chat_template = None
+    assert render_chat(tok, msgs) == tok.encode("<|user|>\nhi\n<|assistant|>\n")
+
+
+def test_serve_prints_where_it_listens(served, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    serve(served.llm, host="127.0.0.1", port=8123, api_key="k", adapter_dir=None, warmup=False)
+    assert calls and calls[0]["port"] == 8123
+    assert "http://127.0.0.1:8123/v1" in capsys.readouterr().out
+
+
+# -- schema fuzzing ---------------------------------------------------------------------------------------------------
+def test_schemathesis_finds_no_server_errors(served):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    schema = schemathesis.openapi.from_url(served.base + "/openapi.json", headers=auth)
+
+    def cap(case):  # keep generation short on CPU: the schema allows up to max_model_len tokens x 128 choices
+        body = case.body
+        if isinstance(body, dict):
+            for key, most in (("max_tokens", 4), ("max_completion_tokens", 4), ("n", 2)):
+                if isinstance(body.get(key), int) and not isinstance(body.get(key), bool) and body[key] > most:
+                    body[key] = most
+            if isinstance(body.get("prompt"), list) and len(body["prompt"]) > 4:
+                body["prompt"] = body["prompt"][:4]
+        return case
+
+    failures = []
+
+    for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+        @settings(max_examples=80, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(case=schema.as_strategy(generation_mode=mode).map(cap))
+        def fuzz(case):
+            resp = case.call(base_url=served.base, headers=auth, timeout=60)
+            if resp.status_code >= 500:
+                failures.append((case.method, case.path, case.body, resp.status_code, resp.text[:300]))
+
+        fuzz()
+    assert not failures, failures[:5]
+    assert httpx.get(served.base + "/health").status_code == 200
+    wait_idle(served.llm)
