@@ -2,10 +2,10 @@
 
 The engine runs in its own thread (`Engine.start()`); each HTTP request turns
 into one engine request per choice, whose listener (called on the engine
-thread after every token) hands text deltas to the event loop with
-`call_soon_threadsafe`. Everything that takes the engine lock (adding and
-aborting requests, stats, adapter changes) runs in the thread pool, so a long
-engine step (or a first-time compile) never blocks the event loop.
+thread after every token) hands text deltas to the event loop, one wake-up
+per burst of tokens (`_Dispatcher`). Everything that takes the engine lock
+(adding and aborting requests, stats, adapter changes) runs in the thread
+pool, so a long engine step (or a first-time compile) never blocks the loop.
 
 A client that goes away is noticed by a per-request task that waits for the
 ASGI `http.disconnect` message; it aborts the request's unfinished engine
@@ -21,12 +21,14 @@ plain template below, encoded with BOS:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import hmac
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from typing import Any, Callable, Optional
@@ -54,7 +56,9 @@ _DISCONNECT = object()
 
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 500: "server_error", 503: "service_unavailable"}
 _ERROR_DOCS: dict = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 409, 413, 500, 503)}
-_SSE_DOC = {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "JSON, or SSE if stream"}
+_SSE_EVENT = {"type": "object", "required": ["data"], "description": "One server-sent event",
+              "properties": {"data": {"type": "string", "description": "A JSON chunk, or [DONE] at the end."}}}
+_SSE_DOC = {"content": {"text/event-stream": {"schema": _SSE_EVENT}}, "description": "JSON, or SSE when stream"}
 
 
 # -- errors --------------------------------------------------------------------------------
@@ -188,6 +192,37 @@ def _message_text(content) -> str:
 
 
 # -- one HTTP request's engine requests ---------------------------------------------------------
+class _Dispatcher:
+    """Hands events from the engine thread to asyncio queues with one loop wake-up per burst.
+
+    Listeners run inside the engine step, under its lock; a `call_soon_threadsafe`
+    per token would cost a syscall per token per request there. Instead events
+    go into a deque, and only the first event after a flush schedules the next flush.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def push(self, queue: asyncio.Queue, event) -> None:  # any thread
+        self._items.append((queue, event))
+        with self._lock:
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:  # event loop
+        with self._lock:
+            self._scheduled = False
+        items = self._items
+        while items:
+            queue, event = items.popleft()
+            queue.put_nowait(event)
+
+
 class _Generation:
     """The engine requests behind one HTTP request (one per choice), delivered as one asyncio event queue.
 
@@ -199,6 +234,7 @@ class _Generation:
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.loop = asyncio.get_running_loop()
+        self.dispatcher = srv.dispatcher(self.loop)
         self.events: asyncio.Queue = asyncio.Queue()
         self.reqs: list = []
         self._progress: dict = {}  # choice -> (tokens seen, time of the last); engine thread only
@@ -215,7 +251,7 @@ class _Generation:
                 self._progress[idx] = (len(req.output_ids), now)
                 if req.finished:
                     metrics.on_finish(req, self.endpoint)
-                self.loop.call_soon_threadsafe(self.events.put_nowait, (idx, delta, req.finished))
+                self.dispatcher.push(self.events, (idx, delta, req.finished))
             except RuntimeError:  # the event loop is closed: the server is shutting down
                 pass
             except Exception:
@@ -248,10 +284,11 @@ class _Generation:
         self._watcher = asyncio.ensure_future(self._watch(request))
 
     async def _watch(self, request: Request) -> None:
-        while True:
-            msg = await request.receive()
-            if msg["type"] == "http.disconnect":
-                break
+        try:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # a server without disconnect messages: nothing to watch
+            return
         self.abort_soon()
         self.events.put_nowait(_DISCONNECT)
 
@@ -306,6 +343,12 @@ class _Server:
         self.vocab_size = llm.model_cfg.vocab_size
         self.metrics = Metrics()
         self.created = int(time.time())
+        self._dispatcher: Optional[_Dispatcher] = None
+
+    def dispatcher(self, loop: asyncio.AbstractEventLoop) -> _Dispatcher:
+        if self._dispatcher is None or self._dispatcher.loop is not loop:
+            self._dispatcher = _Dispatcher(loop)
+        return self._dispatcher
 
     # -- request pieces ------------------------------------------------------------------------
     def is_base(self, name: Optional[str]) -> bool:
@@ -424,9 +467,8 @@ class _Server:
                     if ev is _DISCONNECT:
                         return
                     idx, delta, finished = ev
-                    if not finished:
-                        if delta:
-                            yield _sse(chunk(idx, delta, None))
+                    if not finished:  # one chunk per token, even one whose text is held back (partial UTF-8)
+                        yield _sse(chunk(idx, delta, None))
                         continue
                     pending -= 1
                     req = gen.reqs[idx]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts per completions request
@@ -32,7 +32,12 @@ class ErrorResponse(BaseModel):
 
 
 # -- requests ----------------------------------------------------------------------------
-TokenIds = Annotated[list[int], Field(min_length=1)]
+def _integral(v):
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Int = Annotated[int, BeforeValidator(_integral)]  # strict, but 4.0 is the integer 4 (as in JSON Schema)
+TokenIds = Annotated[list[Annotated[Int, Field(ge=0)]], Field(min_length=1)]
 
 
 class StreamOptions(BaseModel):
@@ -48,16 +53,16 @@ class _GenerationRequest(BaseModel):
     model: Optional[str] = Field(
         None, description="An adapter name, or the base model's name (also 'base'); omitted: the base model.",
         examples=["base"])
-    max_tokens: Optional[int] = Field(None, ge=1, description="Tokens to generate at most (capped by max_model_len).")
+    max_tokens: Optional[Int] = Field(None, ge=1, description="Tokens to generate at most (capped by max_model_len).")
     temperature: Optional[float] = Field(None, ge=0, le=2, description="0 is greedy; default 1.")
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0, description="Extension: keep the k most likely tokens (0: off).")
-    n: int = Field(1, ge=1, le=MAX_N)
+    top_k: Optional[Int] = Field(None, ge=0, description="Extension: keep the k most likely tokens (0: off).")
+    n: Int = Field(1, ge=1, le=MAX_N)
     stop: Union[str, Annotated[list[str], Field(max_length=MAX_STOP)], None] = Field(
         None, description="Up to 16 strings; the text ends before the first.")
-    stop_token_ids: Optional[list[int]] = Field(None, max_length=64, description="Extension: token ids that end.")
+    stop_token_ids: Optional[list[Int]] = Field(None, max_length=64, description="Extension: token ids that end.")
     ignore_eos: bool = Field(False, description="Extension: keep generating past the end-of-sequence token.")
-    seed: Optional[int] = Field(None, description="Choice i samples with seed + i.")
+    seed: Optional[Int] = Field(None, description="Choice i samples with seed + i.")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: Optional[float] = Field(None, ge=0, le=0, description="Not supported: only 0.")
@@ -72,8 +77,8 @@ class CompletionRequest(_GenerationRequest):
         ..., description="A string, a list of strings, a list of token ids, or a list of token-id lists.",
         examples=["Hello"])
     echo: bool = False
-    logprobs: Optional[int] = Field(None, ge=0, le=0, description="Not supported: only 0 or null.")
-    best_of: Optional[int] = Field(None, ge=1, le=1, description="Not supported: only 1 or null.")
+    logprobs: Optional[Int] = Field(None, ge=0, le=0, description="Not supported: only 0 or null.")
+    best_of: Optional[Int] = Field(None, ge=1, le=1, description="Not supported: only 1 or null.")
     suffix: Optional[str] = Field(None, max_length=0, description="Not supported: only empty or null.")
 
 
@@ -97,9 +102,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(..., min_length=1, examples=[[{"role": "user", "content": "Hi"}]])
-    max_completion_tokens: Optional[int] = Field(None, ge=1, description="Preferred over max_tokens when both are set.")
+    max_completion_tokens: Optional[Int] = Field(None, ge=1, description="Preferred over max_tokens when both are set.")
     logprobs: Optional[Literal[False]] = Field(None, description="Not supported: only false or null.")
-    top_logprobs: Optional[int] = Field(None, ge=0, le=0, description="Not supported: only 0 or null.")
+    top_logprobs: Optional[Int] = Field(None, ge=0, le=0, description="Not supported: only 0 or null.")
     tools: Optional[list[Any]] = Field(None, max_length=0, description="Not supported: only empty.")
     tool_choice: Optional[Literal["none"]] = Field(None, description="Only 'none' is supported.")
     response_format: Optional[ResponseFormat] = None

@@ -158,10 +158,8 @@ def test_no_recompilation_after_warmup():
         sps = rng.integers(1, 6)
         llm.generate(prompts, adapter=adapters, sampling=SamplingParams(max_tokens=int(sps), ignore_eos=True))
 
-    # warm-up over every bucket: single requests of every size class, then full batches
-    for n in (1, 2, 3, 5, 9, 17):
-        run(n, seed=n)
-    run(150, seed=100)
+    compiled = llm.engine.warmup()
+    assert compiled == 2 * (len(llm.engine.builder.decode_sizes()) + len(llm.engine.builder.prefill_sizes()))
     warm = llm.engine.runner.cache_size()
     run(500, seed=200)
     assert llm.engine.runner.cache_size() == warm

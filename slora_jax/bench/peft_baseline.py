@@ -140,18 +140,6 @@ class PeftServer:
         return _serve(self, trace, prompts, slo_ttft_s, max_batch, time_limit_s, progress)
 
 
-def run_peft_baseline(cfg: ModelConfig, trace: Trace, prompts: Sequence[Sequence[int]], ranks: Sequence[int],
-                      modules: Sequence[str], slo_ttft_s: float, max_batch: int = 32, time_limit_s: float = 60.0,
-                      device: Optional[str] = None, dtype: str = "bfloat16", seed: int = 0,
-                      progress: bool = True) -> dict:
-    """One-shot: build a server with `ranks` (one per adapter), serve `trace`, free the device."""
-    server = PeftServer(cfg, ranks, modules, device, dtype, seed)
-    try:
-        return server.serve(trace, prompts, slo_ttft_s, max_batch, time_limit_s, progress)
-    finally:
-        server.close()
-
-
 def _serve(server: PeftServer, trace: Trace, prompts, slo_ttft_s: float, max_batch: int, time_limit_s: float,
            progress: bool) -> dict:
     import torch
@@ -258,6 +246,8 @@ def _serve(server: PeftServer, trace: Trace, prompts, slo_ttft_s: float, max_bat
         "n_adapters": trace.n_adapters, "trace_requests": n, "trace_duration_s": trace.duration_s,
         "time_limit_s": time_limit_s, "hit_time_limit": not complete, "batches": batches, "max_batch": max_batch,
         "setup_s": server.setup_s, "device": device, "dropped_finished_rows": drop_rows,
+        # generated tokens/s over the trace's mean output length: a req/s figure that a cut-off run does not bias
+        "token_equivalent_req_s": summary["tokens_per_s"] / float(np.mean(trace.output_len)) if n else None,
     })
     return summary
 

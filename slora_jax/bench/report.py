@@ -84,7 +84,7 @@ def render(results: list[dict], plots_rel: Optional[dict] = None) -> str:
         "S-LoRA's synthetic workload: adapter of each request floor(n X), X ~ power(alpha); gamma arrivals at "
         "the offered rate with coefficient of variation cv; input and output lengths uniform; greedy, EOS "
         "ignored; random weights and synthetic adapters on q,k,v,o. Throughput = finished requests / wall time "
-        "of the run (drain included), so it cannot exceed the offered rate. SLO: first token within the stated "
+        "of the run (drain included), so it is bounded by the offered rate. SLO: first token within the stated "
         "time. The paper's figures are S-LoRA's Table 3 on one A100-80GB (120 s traces at 10 req/s); ours run "
         "on the device named below. HF PEFT runs PEFT's mixed-adapter batches (`adapter_names`), static "
         "batching, on a scaled-down trace (see the notes); the paper's PEFT column is in brackets.",

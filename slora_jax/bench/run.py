@@ -348,7 +348,8 @@ def _peft_phase(cfg: dict, model_path: str, model_cfg, ns: list, traces: dict, p
                 f"requests) with all {n} adapters")
         if s["hit_time_limit"]:
             note += (f"; it was stopped at its {s['time_limit_s']:.0f} s limit with {s['finished']} of the "
-                     f"{s['requests']} requests that had arrived finished (throughput = finished / limit)")
+                     f"{s['requests']} requests that had arrived finished (throughput = finished / limit; "
+                     f"generated tokens / mean output length give {s['token_equivalent_req_s']:.3f} req/s)")
         out[n] = (s, note)
         log.info("PEFT n=%d: %.3f req/s, %.1f tok/s, SLO %.2f%s", n, s["throughput_req_s"], s["tokens_per_s"],
                  s["slo_attainment"] or 0.0, " (time limit)" if s["hit_time_limit"] else "")
@@ -477,7 +478,7 @@ def run_from_config(config_path: str, out_dir: str, overrides: Optional[dict] = 
                          "copies the same bytes as with distinct buffers")
         if float(cfg["duration_s"]) < 120:
             notes.append(f"a {cfg['duration_s']:g} s trace ({s['requests']} requests) where S-LoRA's Table 3 ran "
-                         "120 s; throughput cannot exceed the offered rate")
+                         "120 s; throughput is bounded by the offered rate (up to the trace's sampling noise)")
         return {
             "setting": cfg["setting"], "model": model_cfg.name, "model_config": cfg["model"], "n_adapters": n,
             "ranks": ranks, "modules": list(cfg["modules"]), "rate": float(cfg["rate"]), "cv": float(cfg["cv"]),
@@ -543,7 +544,7 @@ def run_from_config(config_path: str, out_dir: str, overrides: Optional[dict] = 
             tr = trace_for(n, rate, float(rs["probe_s"]), seed + 2)
             rep = replay(engine, tr, lambda i: adapter_name(int(tr.adapter[i])),
                          make_prompts(tr, model_cfg.vocab_size, seed + 2), slo, max_drain_s=slo + 1.0,
-                         stop_when_slo_known=True, deadline=time.monotonic() + 2 * probe_cost,
+                         stop_when_slo_known=True, deadline=min(time.monotonic() + 2 * probe_cost, hard_deadline),
                          desc=f"rate {rate:g} n={n}", progress=progress)
             a = metrics.slo_attainment(rep.records, slo)
             probed.append(rate)

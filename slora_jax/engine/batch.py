@@ -1,9 +1,14 @@
 """Ragged batch -> StepInput in a small fixed set of bucket shapes.
 
-Shapes are padded to powers of two (tokens T, sequences B, page-table width M;
-segments NS = B; rank R = max_rank) so jit compiles a bounded number of
-programs: about log2(max_batch_tokens) x log2(max_running) x log2(max pages)
-per step kind, all hit during warm-up. Requests are ordered by adapter slot so
+Shapes are padded so that jit compiles a bounded number of programs: a decode
+step has B sequences (one token each) with B a power of two up to
+max_running; a prefill (mixed) step has T tokens, a power of two up to
+max_batch_tokens, and min(T, B_max) sequence slots. Segments NS = B, rank
+R = max_rank and the page-table width M = pages of one max_model_len sequence
+are fixed (the kernels loop only over a sequence's real length, so a wide
+table costs nothing but its few bytes). So there are log2(max_running) decode
+and log2(max_batch_tokens) prefill shapes, each with and without LoRA, all
+compiled by `Engine.warmup()`. Requests are ordered by adapter slot so
 tokens of one adapter form one contiguous segment. The host work is numpy
 over the batch; Python loops only over requests, never over tokens or pages.
 """
@@ -39,9 +44,26 @@ def pow2(n: int, lo: int) -> int:
 
 
 class BatchBuilder:
-    def __init__(self, pages: PageTable, residency: AdapterResidency, max_rank: int, max_pages_per_seq: int):
+    def __init__(self, pages: PageTable, residency: AdapterResidency, max_rank: int, max_pages_per_seq: int,
+                 max_running: int, max_batch_tokens: int):
         self.pages, self.residency, self.max_rank = pages, residency, max_rank
-        self.max_pages_per_seq = max_pages_per_seq
+        self.width = max_pages_per_seq
+        self.max_b = pow2(max_running, 4)
+        self.max_t = pow2(max_batch_tokens, 16)
+
+    def decode_sizes(self) -> list:
+        return [1 << i for i in range(2, self.max_b.bit_length())]
+
+    def prefill_sizes(self) -> list:
+        return [1 << i for i in range(4, self.max_t.bit_length())]
+
+    def _seq_slots(self, decode: bool, n_seqs: int, n_tokens: int) -> tuple[int, int]:
+        """(B, T) bucket of a step."""
+        if decode:
+            b = pow2(n_seqs, 4)
+            return b, b
+        t = pow2(n_tokens, 16)
+        return min(t, self.max_b), t
 
     def build(self, step: ScheduledStep) -> tuple[StepInput, SamplingArrays, list]:
         slots = [self.residency.slot_of[r.adapter] if r.adapter else -1 for r in step.requests]
@@ -51,8 +73,9 @@ class BatchBuilder:
         slot_arr = np.array([slots[i] for i in order], np.int32)
         decode = step.is_decode
         nb = len(reqs)
-        b = pow2(nb, 4)
-        t = b if decode else pow2(int(ntok.sum()), 16)
+        b, t = self._seq_slots(decode, nb, int(ntok.sum()))
+        if nb > b:  # more sequences than slots for this token count: use the next token bucket
+            b, t = self.max_b, pow2(max(int(ntok.sum()), self.max_b), 16)
 
         tokens = np.zeros(t, np.int32)
         positions = np.zeros(t, np.int32)
@@ -68,15 +91,27 @@ class BatchBuilder:
             positions[s: s + n] = np.arange(lo, lo + n)
             kv_slots[s: s + n] = self.pages.kv_slots(r.id_int, lo, lo + n)
             kv_lens[i] = lo + n
-        width = pow2(max(len(self.pages.seq_pages(r.id_int)) for r in reqs), 8)
-        width = min(width, self.max_pages_per_seq)
-        block_tables = np.zeros((b, width), np.int32)
-        block_tables[:nb] = self.pages.block_table([r.id_int for r in reqs], width)
+        block_tables = np.zeros((b, self.width), np.int32)
+        block_tables[:nb] = self.pages.block_table([r.id_int for r in reqs], self.width)
         logit_rows = np.arange(b, dtype=np.int32) if decode else np.maximum(q_starts[1:] - 1, 0)
 
         inp = StepInput(tokens, positions, kv_slots, block_tables, kv_lens, q_starts, logit_rows,
                         self._lora(slot_arr, q_starts, b), decode, self.pages.page_rows)
         return inp, self._sampling(reqs, b), reqs
+
+    def dummy(self, decode: bool, size: int, lora: bool) -> tuple[StepInput, SamplingArrays]:
+        """An all-padding step of one bucket (writes nothing to the pool): for warm-up compiles."""
+        b, t = (size, size) if decode else (min(size, self.max_b), size)
+        q_starts = np.zeros(b + 1, np.int32)
+        lo = None
+        if lora:
+            lo = self._lora(np.zeros(1, np.int32), q_starts, b)
+            lo.ranks[:] = 0
+        inp = StepInput(np.zeros(t, np.int32), np.zeros(t, np.int32), np.full(t, -1, np.int32),
+                        np.zeros((b, self.width), np.int32), np.zeros(b, np.int32), q_starts,
+                        np.arange(b, dtype=np.int32) if decode else np.zeros(b, np.int32), lo, decode,
+                        self.pages.page_rows)
+        return inp, self._sampling([], b)
 
     def _lora(self, slot_arr: np.ndarray, q_starts: np.ndarray, b: int):
         if not (slot_arr >= 0).any():

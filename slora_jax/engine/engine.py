@@ -51,7 +51,8 @@ class Engine:
         self.residency = AdapterResidency(cfg, self.store, self.pages, self.pool, ecfg.max_rank)
         self.scheduler = Scheduler(self.pages, self.residency, ecfg.max_running, ecfg.max_batch_tokens,
                                    ecfg.early_abort_s)
-        self.builder = BatchBuilder(self.pages, self.residency, ecfg.max_rank, pow2(pages_per_seq, 1))
+        self.builder = BatchBuilder(self.pages, self.residency, ecfg.max_rank, pages_per_seq, ecfg.max_running,
+                                    ecfg.max_batch_tokens)
         self.requests: dict = {}
         self._ids = itertools.count()
         self._lock = threading.RLock()
@@ -189,6 +190,23 @@ class Engine:
         for cb in r.listeners:
             cb(r, delta)
         return r
+
+    def warmup(self, lora: bool = True) -> int:
+        """Compile every bucket shape now (all-padding steps), so serving never stops to compile.
+
+        Returns the number of programs compiled."""
+        before = self.runner.cache_size()
+        with self._lock:
+            shapes = [(True, b) for b in self.builder.decode_sizes()] + \
+                     [(False, t) for t in self.builder.prefill_sizes()]
+            for decode, size in shapes:
+                for with_lora in ((False, True) if lora else (False,)):
+                    if with_lora:
+                        self.residency.reserve_slots(1)  # the LoRA program's tables need one slot
+                    inp, samp = self.builder.dummy(decode, size, with_lora)
+                    toks, self.pool.array = self.runner.step(self.pool.array, inp, samp)
+            np.asarray(toks)
+        return self.runner.cache_size() - before
 
     # -- loops ---------------------------------------------------------------------------
     def run_until_done(self, reqs: list) -> None:

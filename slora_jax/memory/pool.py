@@ -62,8 +62,10 @@ class DevicePool:
     def __init__(self, cfg: ModelConfig, num_pages: int, page_rows: int, dtype, sharding=None):
         self.num_pages, self.page_rows, self.dtype = num_pages, page_rows, dtype
         self.shape = (cfg.num_layers, 2 * num_pages * page_rows, row_width(cfg))
-        make = functools.partial(jnp.zeros, self.shape, dtype)
-        self.array = jax.jit(make, out_shardings=sharding)() if sharding is not None else make()
+        # committed to its device(s) from the start, as every later (donated) update returns it: an
+        # uncommitted first pool would give each step program a second cache entry
+        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        self.array = jax.jit(functools.partial(jnp.zeros, self.shape, dtype), out_shardings=sharding)()
 
     @property
     def nbytes(self) -> int:

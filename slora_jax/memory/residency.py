@@ -106,6 +106,10 @@ class AdapterResidency:
             self._free_slots.append(slot)
             self.swaps_out += 1
 
+    def reserve_slots(self, n: int) -> None:
+        while len(self.rank_tab) < n:
+            self._grow()
+
     def _grow(self) -> None:
         n = len(self.rank_tab)
         new = max(16, 2 * n)

@@ -1,0 +1,159 @@
+"""Adapter swap-in on the GPU: host store (pinned_host) -> device pool pages.
+
+1. Pinned host->device bandwidth (the denominator), measured in the same run.
+2. Swap-in time and GB/s per Llama-7B q,k,v,o adapter at ranks 8/16/64, singly and 256 at once.
+3. Overlap: a decode-sized step (reading ~13 GB, like a 7B decode step) alone and with swaps in flight.
+4. Host memory for N Llama-7B rank-8 adapters registered in the store (default 5,000; time-capped).
+
+    python benchmarks/bench_swap.py --out $OUT [--quick] [--n-host 5000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from slora_jax.adapters.store import AdapterStore, pinned_sharding  # noqa: E402
+from slora_jax.config import load_model_config  # noqa: E402
+from slora_jax.memory.pages import PageTable  # noqa: E402
+from slora_jax.memory.pool import DevicePool  # noqa: E402
+from slora_jax.memory.residency import AdapterResidency  # noqa: E402
+
+
+def pinned_bandwidth(nbytes: int) -> float:
+    sh = pinned_sharding()
+    host = np.random.default_rng(0).standard_normal(nbytes // 4, np.float32)
+    src = jax.device_put(host, sh) if sh is not None else host
+    dev = jax.devices()[0]
+    jax.block_until_ready(jax.device_put(src, dev))
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(jax.device_put(src, dev))
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times)
+
+
+def rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1e6
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--model", default="llama-7b")
+    ap.add_argument("--n-host", type=int, default=5000)
+    ap.add_argument("--host-seconds", type=float, default=150.0)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.model, args.n_host = "tiny", 50
+    cfg, _ = load_model_config(args.model)
+    dtype = jnp.bfloat16
+    dev = common.device_name()
+    bw = pinned_bandwidth(256 << 20 if not args.quick else 8 << 20)
+    print(f"pinned host->device: {bw / 1e9:.1f} GB/s (pinned={pinned_sharding() is not None})", flush=True)
+
+    page_rows = 16
+    ranks = (8, 16, 64)
+    store = AdapterStore(cfg, max_rank=64, dtype=dtype)
+    count_many = 256 if not args.quick else 8
+    for r in ranks:
+        store.add_synthetic([f"r{r}-{i}" for i in range(count_many)], r, seed=r)
+    rows_per_rank = {r: store.get(f"r{r}-0").n_rows for r in ranks}
+    need_pages = sum(-(-rows_per_rank[r] // (2 * page_rows)) * count_many for r in ranks) + 64
+    pool = DevicePool(cfg, need_pages, page_rows, dtype)
+    pages = PageTable(need_pages, page_rows)
+    res = AdapterResidency(cfg, store, pages, pool, 64)
+    print(f"pool {pool.nbytes / 2**30:.1f} GiB for {need_pages} pages", flush=True)
+
+    def swap(names):
+        t0 = time.perf_counter()
+        for n in names:
+            res.make_resident(n)
+        jax.block_until_ready(pool.array)
+        return time.perf_counter() - t0
+
+    out = []
+    for r in ranks:
+        nbytes = store.get(f"r{r}-0").nbytes
+        swap([f"r{r}-0"])  # compile the scatter for this size
+        res.evict(f"r{r}-0")
+        single = []
+        for i in range(1, 11):
+            single.append(swap([f"r{r}-{i}"]))
+        for i in range(1, 11):
+            res.evict(f"r{r}-{i}")
+        t = statistics.median(single)
+        out.append({"device": dev, "rank": r, "count": 1, "seconds": t, "gbps": nbytes / t / 1e9,
+                    "bandwidth_fraction": nbytes / t / bw, "bytes": nbytes})
+        names = [f"r{r}-{i}" for i in range(count_many)]
+        t = swap(names)
+        out.append({"device": dev, "rank": r, "count": count_many, "seconds": t,
+                    "gbps": nbytes * count_many / t / 1e9, "bandwidth_fraction": nbytes * count_many / t / bw,
+                    "bytes": nbytes * count_many})
+        for n in names:
+            res.evict(n)
+        print(json.dumps(out[-2]), "\n", json.dumps(out[-1]), flush=True)
+
+    # overlap: a decode-sized step (reads ~13 GB) alone, then with 32 rank-16 swap-ins dispatched first
+    n_w = (13 << 30) // 2 if not args.quick else (64 << 20) // 2
+    w = jax.random.normal(jax.random.PRNGKey(0), (n_w // 4096, 4096), jnp.bfloat16)
+    x = jnp.ones((8, w.shape[0]), jnp.bfloat16)
+    step = jax.jit(lambda x, w: x @ w)
+    jax.block_until_ready(step(x, w))
+    alone = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(x, w))
+        alone.append(time.perf_counter() - t0)
+    names = [f"r16-{i}" for i in range(32)]
+    t0 = time.perf_counter()
+    y = step(x, w)
+    res.prefetch(names)
+    for n in names:
+        res.make_resident(n)
+    jax.block_until_ready((y, pool.array))
+    both = time.perf_counter() - t0
+    swap_only = swap([f"r16-{i}" for i in range(32, 64)])
+    overlap = {"device": dev, "step_alone_s": statistics.median(alone), "step_with_32_swaps_s": both,
+               "swaps_alone_s": swap_only, "hidden_fraction": max(0.0, min(1.0, (statistics.median(alone)
+                                                                                   + swap_only - both) / swap_only))}
+    print(json.dumps(overlap), flush=True)
+    del w, x
+
+    # host memory for many adapters
+    before = rss_gb()
+    host = AdapterStore(cfg, max_rank=64, dtype=dtype)
+    t0 = time.time()
+    n_done = 0
+    chunk = 100
+    while n_done < args.n_host and time.time() - t0 < args.host_seconds:
+        k = min(chunk, args.n_host - n_done)
+        host.add_synthetic([f"h{n_done + i}" for i in range(k)], 8, seed=n_done)
+        n_done += k
+    hostmem = {"device": dev, "adapters": n_done, "target": args.n_host, "seconds": time.time() - t0,
+               "store_bytes": host.host_bytes(), "rss_growth_gb": rss_gb() - before,
+               "bytes_per_adapter": host.host_bytes() / max(n_done, 1), "pinned": pinned_sharding() is not None}
+    print(json.dumps(hostmem), flush=True)
+    common.write_json(os.path.join(args.out, "swap.json"),
+                      {"pinned_h2d_gbps": bw / 1e9, "swaps": out, "overlap": overlap, "host_memory": hostmem})
+
+
+if __name__ == "__main__":
+    main()
