@@ -184,7 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha", type=float, default=1.0, help="power-law alpha of adapter popularity (1: uniform)")
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of measured load")
-    ap.add_argument("--warmup", type=float, default=20.0, help="seconds of load first, to compile (not measured)")
+    ap.add_argument("--warmup", type=float, default=10.0,
+                    help="seconds of load first (not measured): adapters resident, connections open")
     ap.add_argument("--input-len", default="64,512", help="prompt tokens: LO,HI (uniform)")
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
@@ -217,6 +218,8 @@ def main(argv=None) -> int:
     trace_kw = {"seed": args.seed, "vocab": llm.model_cfg.vocab_size, "special": special, "input_len": (lo, hi),
                 "n_adapters": args.adapters, "alpha": args.alpha}
 
+    t0 = time.perf_counter()
+    print(f"compiled {llm.engine.warmup()} step programs in {time.perf_counter() - t0:.1f}s", flush=True)
     server, thread, base = start_server(llm)
     print(f"serving at {base}", flush=True)
     try:

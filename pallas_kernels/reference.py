@@ -36,6 +36,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# References are exact: float32 products in full precision (XLA's GPU default for a float32 GEMM is TF32).
+_EXACT = jax.lax.Precision.HIGHEST
+
 
 def _segment_ids(seg_starts: jax.Array, num_tokens: int) -> jax.Array:
     """Segment index of every token; tokens past the last segment get S (out of range)."""
@@ -67,7 +70,7 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows):
     outs = []
     for i in range(m):
         a_t = _gather_rows(pool, layer, a_rows[i], d_in)  # [NS, R, D_in]
-        v = jnp.einsum("td,trd->tr", x.astype(jnp.float32), a_t[seg_c].astype(jnp.float32))
+        v = jnp.einsum("td,trd->tr", x.astype(jnp.float32), a_t[seg_c].astype(jnp.float32), precision=_EXACT)
         keep = valid[:, None] & (jnp.arange(r)[None, :] < seg_ranks[i][seg_c][:, None])
         outs.append(jnp.where(keep, v, 0.0))
     return jnp.stack(outs)
@@ -87,7 +90,7 @@ def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales):
     b = _gather_rows(pool, layer, b_rows, d_out)  # [NS, R, D_out]
     keep = valid[:, None] & (jnp.arange(r)[None, :] < seg_ranks[seg_c][:, None])
     vv = jnp.where(keep, v, 0.0) * seg_scales[seg_c][:, None]
-    delta = jnp.einsum("tr,trd->td", vv, b[seg_c].astype(jnp.float32))
+    delta = jnp.einsum("tr,trd->td", vv, b[seg_c].astype(jnp.float32), precision=_EXACT)
     return (y.astype(jnp.float32) + delta).astype(y.dtype)
 
 
@@ -120,13 +123,14 @@ def _attend(q, k, v, mask, scale):
     hkv = k.shape[2]
     g = hq // hkv
     qg = q.reshape(b, nq, hkv, g, hd).astype(jnp.float32)
-    s = jnp.einsum("bqhgd,bchd->bhgqc", qg, k.astype(jnp.float32)) * scale
+    s = jnp.einsum("bqhgd,bchd->bhgqc", qg, k.astype(jnp.float32), precision=_EXACT) * scale
     s = jnp.where(mask[:, None, None], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
     p = jnp.where(mask[:, None, None], p, 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("bhgqc,bchd->bqhgd", p / jnp.where(denom > 0, denom, 1.0), v.astype(jnp.float32))
+    o = jnp.einsum("bhgqc,bchd->bqhgd", p / jnp.where(denom > 0, denom, 1.0), v.astype(jnp.float32),
+                   precision=_EXACT)
     return o.reshape(b, nq, hq, hd).astype(q.dtype)
 
 

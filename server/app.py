@@ -140,13 +140,16 @@ def _special_token(tokenizer, token_id: Optional[int]) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _compile_template(source: str):
+    """The template in a sandbox with transformers' globals (raise_exception, strftime_now, loop controls)."""
+    from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise ApiError(400, f"chat template: {message}", param="messages")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
     env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
     return env.from_string(source)
 
@@ -162,27 +165,28 @@ def _template_source(tokenizer) -> Optional[str]:
 def render_chat(tokenizer, messages: list) -> list:
     """Chat messages (dicts with role and content) -> prompt token ids, ending where the assistant speaks."""
     source = _template_source(tokenizer)
-    if source is not None:
-        try:
-            template = _compile_template(source)
-        except ImportError:
-            template = None
-        if template is not None:
-            from jinja2 import TemplateError
-
-            eos = getattr(tokenizer, "eos_ids", ()) or ()
-            try:
-                text = template.render(messages=messages, add_generation_prompt=True,
-                                       bos_token=_special_token(tokenizer, tokenizer.bos_id),
-                                       eos_token=_special_token(tokenizer, eos[0] if eos else None))
-            except TemplateError as e:
-                raise ApiError(400, f"the chat template failed on these messages: {e}", param="messages") from None
-            ids = tokenizer.encode(text, add_bos=False)
-            if tokenizer.bos_id is not None and (not ids or ids[0] != tokenizer.bos_id):
-                ids = [tokenizer.bos_id] + ids  # Llama expects BOS even if a template leaves it out
-            return ids
-    text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
-    return tokenizer.encode(text)
+    try:
+        import jinja2
+    except ImportError:  # documented: without jinja2 every model gets the plain template
+        jinja2 = None
+    if source is None or jinja2 is None:
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+        return tokenizer.encode(text)
+    try:
+        template = _compile_template(source)
+    except jinja2.TemplateError as e:
+        raise ApiError(500, f"the model's chat template is invalid: {e}") from None
+    eos = getattr(tokenizer, "eos_ids", ()) or ()
+    try:
+        text = template.render(messages=messages, add_generation_prompt=True,
+                               bos_token=_special_token(tokenizer, tokenizer.bos_id),
+                               eos_token=_special_token(tokenizer, eos[0] if eos else None))
+    except jinja2.TemplateError as e:
+        raise ApiError(400, f"the chat template failed on these messages: {e}", param="messages") from None
+    ids = tokenizer.encode(text, add_bos=False)
+    if tokenizer.bos_id is not None and (not ids or ids[0] != tokenizer.bos_id):
+        ids = [tokenizer.bos_id] + ids  # Llama expects BOS even where a template leaves it out
+    return ids
 
 
 def _message_text(content) -> str:
@@ -710,9 +714,10 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str]
     import uvicorn
 
     app = create_app(llm, api_key=api_key, adapter_dir=adapter_dir)
-    if warmup:  # compile the first step shapes before the first client waits for them
-        log.info("warming up (compiling the first steps)...")
-        llm.generate([[llm.tokenizer.bos_id or 0, 1]], sampling=SamplingParams(max_tokens=2))
+    if warmup:  # compile every step shape now, so that no client waits for a compile
+        t0 = time.perf_counter()
+        n = llm.engine.warmup()
+        log.info("warm-up: compiled %d step programs in %.1fs", n, time.perf_counter() - t0)
     shown = f"[{host}]" if ":" in host else host
     names = [a["name"] for a in llm.adapters()]
     print(f"slora-jax: serving {llm.model_cfg.name!r} with {len(names)} adapter(s) "

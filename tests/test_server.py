@@ -41,6 +41,7 @@ def served(tmp_path_factory):
     llm = LLM("tiny", dtype="float32", kernels="xla", num_pages=96, page_rows=32, max_model_len=MAX_MODEL_LEN,
               max_batch_tokens=128, max_running=8)
     add_demo_adapters(llm)
+    llm.engine.warmup()  # what `serve` does: every step shape compiled before the first request
     app = create_app(llm, api_key=API_KEY, adapter_dir=str(adapter_dir))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -445,14 +446,33 @@ def test_metrics_in_prometheus_format(served, http):
     assert samples[("slora_requests_total", (("endpoint", "chat"), ("finish_reason", "abort")))] >= 4
 
 
-def test_chat_template_from_the_tokenizer_is_used():
-    tok = ByteTokenizer(bos_id=256, eos_ids=(257,))
-    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
-                         "{% if add_generation_prompt %}[assistant]{% endif %}")
-    msgs = [{"role": "user", "content": "hi"}]
-    assert render_chat(tok, msgs) == tok.encode("[user]hi[assistant]")
-    tok.chat_template = None
-    assert render_chat(tok, msgs) == tok.encode("<|user|>\nhi\n<|assistant|>\n")
+def test_chat_template_from_the_tokenizer_is_used(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from server.app import ApiError
+    from slora_jax.tokenizer import HFTokenizer
+
+    vocab = {"<s>": 0, "</s>": 1, "[INST]": 2, "[/INST]": 3, "hi": 4, "there": 5, "[UNK]": 6}
+    hf = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.add_special_tokens(["<s>", "</s>", "[INST]", "[/INST]"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    tok = HFTokenizer(str(tmp_path), bos_id=0, eos_ids=(1,))
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "there"},
+            {"role": "user", "content": "hi there"}]
+    assert render_chat(tok, msgs) == [0, 2, 4, 3, 5, 1, 2, 4, 5, 3]  # special tokens as tokens, one BOS
+
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(ApiError) as e:
+        render_chat(tok, msgs)
+    assert e.value.status == 400 and "roles must alternate" in e.value.message
+
+    byte = ByteTokenizer(bos_id=256, eos_ids=(257,))
+    assert byte.chat_template is None  # the tiny model: the plain, documented template
+    assert render_chat(byte, msgs[:1]) == byte.encode("<|user|>\nhi\n<|assistant|>\n")
 
 
 def test_serve_prints_where_it_listens(served, monkeypatch, capsys):
@@ -488,7 +508,7 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(served):
 
     failures, statuses = [], []
     for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
-        @settings(max_examples=80, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+        @settings(max_examples=150, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
                   suppress_health_check=list(HealthCheck))
         @given(case=schema.as_strategy(generation_mode=mode).map(cap))
         def fuzz(case):

@@ -40,17 +40,24 @@ class ModelRunner:
     def __init__(self, model, kernels: KernelSet):
         self.graphdef, self.state = nnx.split(model)
         self.kernels = kernels
-        self._step = jax.jit(functools.partial(self._step_fn, self.graphdef, kernels), donate_argnums=(1,))
-        self._logits = jax.jit(functools.partial(self._logits_fn, self.graphdef, kernels), donate_argnums=(1,))
+        self._step = jax.jit(functools.partial(ModelRunner._step_fn, self.graphdef, kernels), donate_argnums=(1,))
+        self._logits = jax.jit(functools.partial(ModelRunner._logits_fn, self.graphdef, kernels), donate_argnums=(1,))
 
     @staticmethod
-    def _step_fn(graphdef, kernels, state, pool, inp: StepInput, samp: SamplingArrays):
-        logits, pool = nnx.merge(graphdef, state)(inp, pool, kernels)
+    def _forward(graphdef, kernels, state, pool, inp: StepInput):
+        # a float32 model means "exact": keep XLA from using TF32 for its float32 GEMMs on GPU
+        exact = jax.tree.leaves(state)[0].dtype == jnp.float32
+        with jax.default_matmul_precision("highest" if exact else "default"):
+            return nnx.merge(graphdef, state)(inp, pool, kernels)
+
+    @classmethod
+    def _step_fn(cls, graphdef, kernels, state, pool, inp: StepInput, samp: SamplingArrays):
+        logits, pool = cls._forward(graphdef, kernels, state, pool, inp)
         return sample(logits, samp), pool
 
-    @staticmethod
-    def _logits_fn(graphdef, kernels, state, pool, inp: StepInput):
-        return nnx.merge(graphdef, state)(inp, pool, kernels)
+    @classmethod
+    def _logits_fn(cls, graphdef, kernels, state, pool, inp: StepInput):
+        return cls._forward(graphdef, kernels, state, pool, inp)
 
     def step(self, pool, inp: StepInput, samp: SamplingArrays):
         """-> (sampled tokens [B] on device, new pool). Asynchronous."""
