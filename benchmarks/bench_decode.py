@@ -134,7 +134,7 @@ def main():
     fill_pool_random(llm.engine.pool)
     rows = []
     for batch, ctx in rows_spec:
-        specs = [("none", 0)] + [(m, r) for r in ranks for m in ("one", "distinct")]
+        specs = [("none", 0), ("one", ranks[0])] + [("distinct", r) for r in ranks]
         for mode, rank in specs:
             row = decode_row(llm, batch, ctx, mode, rank, args.steps, hbm)
             rows.append(row)

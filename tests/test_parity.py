@@ -38,7 +38,7 @@ def adapters(hf_models, tmp_path_factory):
 def llms(hf_models, adapters):
     out = {}
     for m, d in hf_models.items():
-        llm = LLM(d, dtype="float32", kernels="xla", max_rank=16, num_pages=64, page_rows=4, max_model_len=128,
+        llm = LLM(d, dtype="float32", kernels="xla", max_rank=16, num_pages=160, page_rows=4, max_model_len=128,
                   max_running=8, max_batch_tokens=64)
         for a in ADAPTERS:
             llm.load_adapter(a, adapters[(m, a)])
