@@ -78,8 +78,10 @@ def decode_row(llm, batch, context, mode, rank, steps, hbm):
             toks, eng.pool.array = eng.runner.step(eng.pool.array, inp, samp)
             return np.asarray(toks)
 
+        tc = time.perf_counter()
         one()  # compile
         one()
+        print(f"  batch {batch} {mode}: first steps (compile) {time.perf_counter() - tc:.1f}s", flush=True)
         t0 = time.perf_counter()
         for _ in range(steps):
             one()
@@ -132,6 +134,7 @@ def main():
     print(f"model + pool ready in {time.time() - t0:.1f}s: {llm.stats()['pages_total']} pages, "
           f"pool {llm.stats()['pool_bytes'] / 2**30:.1f} GiB, kernels={llm.stats()['kernels']}", flush=True)
     fill_pool_random(llm.engine.pool)
+    print(f"pool filled at {time.time() - t0:.1f}s", flush=True)
     rows = []
     for batch, ctx in rows_spec:
         specs = [("none", 0), ("one", ranks[0])] + [("distinct", r) for r in ranks]
@@ -139,6 +142,7 @@ def main():
             row = decode_row(llm, batch, ctx, mode, rank, args.steps, hbm)
             rows.append(row)
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+            common.write_json(os.path.join(args.out, "decode.json"), rows)  # partial results survive a timeout
     common.write_json(os.path.join(args.out, "decode.json"), rows)
     del llm
     if not args.skip_peft and not args.quick:

@@ -6,6 +6,7 @@ the device in seconds, without passing through host memory.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -31,11 +32,25 @@ def dtype_of(name: str):
         raise ConfigError(f"dtype must be bfloat16, float16 or float32, got {name!r}") from None
 
 
+@functools.lru_cache(maxsize=None)
+def _normal_fn(shape: tuple, dtype):
+    """One small jitted generator per distinct shape: XLA compiles a whole-model init program
+    (hundreds of large RNG ops) very slowly, while a 7B model has fewer than ten distinct shapes."""
+    return jax.jit(lambda key: (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype))
+
+
 def random_model(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0) -> Llama:
-    """A Llama of cfg's real shapes with N(0, 0.02) weights, initialised on the default device."""
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(cfg, dtype, rngs=nnx.Rngs(seed))))
-    state = jax.jit(lambda: nnx.split(Llama(cfg, dtype, rngs=nnx.Rngs(seed)))[1])()
-    return nnx.merge(graphdef, state)
+    """A Llama of cfg's real shapes, N(0, 0.02) matrices and unit norms, generated on the default device."""
+    graphdef, state = nnx.split(abstract_model(cfg, dtype))
+    base = jax.random.PRNGKey(seed)
+    leaves = []
+    for i, (path, var) in enumerate(nnx.to_flat_state(state)):
+        if "norm" in str(path[-1]):
+            value = jnp.ones(var.shape, dtype)
+        else:
+            value = _normal_fn(tuple(var.shape), jnp.dtype(dtype))(jax.random.fold_in(base, i))
+        leaves.append((path, var.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
 def abstract_model(cfg: ModelConfig, dtype=jnp.bfloat16) -> Llama:
