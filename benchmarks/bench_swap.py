@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from slora_jax.adapters.store import AdapterStore, pinned_sharding  # noqa: E402
+from slora_jax.adapters.store import AdapterStore, pinned_sharding, to_device  # noqa: E402
 from slora_jax.config import load_model_config  # noqa: E402
 from slora_jax.memory.pages import PageTable  # noqa: E402
 from slora_jax.memory.pool import DevicePool  # noqa: E402
@@ -35,12 +35,12 @@ def pinned_bandwidth(nbytes: int) -> float:
     sh = pinned_sharding()
     host = np.random.default_rng(0).standard_normal(nbytes // 4, np.float32)
     src = jax.device_put(host, sh) if sh is not None else host
-    dev = jax.devices()[0]
-    jax.block_until_ready(jax.device_put(src, dev))
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    jax.block_until_ready(to_device(src, dev))
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
-        jax.block_until_ready(jax.device_put(src, dev))
+        jax.block_until_ready(to_device(src, dev))
         times.append(time.perf_counter() - t0)
     return nbytes / statistics.median(times)
 

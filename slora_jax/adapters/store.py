@@ -10,6 +10,7 @@ pool only caches resident adapters.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from typing import Iterable, Optional
 
@@ -49,6 +50,21 @@ def pinned_sharding(device=None):
     if "pinned_host" not in kinds or device.platform == "cpu":
         return None
     return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+
+
+@functools.lru_cache(maxsize=None)
+def _mover(sharding):
+    return jax.jit(lambda x: x, out_shardings=sharding)
+
+
+def to_device(buffer, sharding):
+    """Host buffer (numpy or pinned_host array) -> device memory under `sharding`, asynchronously.
+
+    A pinned_host array is moved by an identity jit whose output lives in device memory: jax 0.11's
+    device_put refuses a pinned_host buffer bound for the same device ("Memory kind mismatch")."""
+    if isinstance(buffer, np.ndarray):
+        return jax.device_put(buffer, sharding)
+    return _mover(sharding)(buffer)
 
 
 class AdapterStore:

@@ -17,7 +17,7 @@ import logging
 import jax
 import numpy as np
 
-from ..adapters.store import AdapterStore
+from ..adapters.store import AdapterStore, to_device
 from ..config import LORA_MODULES, ModelConfig
 from . import layout
 from .pages import OutOfPages, PageTable
@@ -57,7 +57,7 @@ class AdapterResidency:
         rows = self.pages.adapter_rows(name)
         data = self._inflight.pop(name, None)
         if data is None:
-            data = jax.device_put(entry.buffer, self.pool.array.sharding)
+            data = to_device(entry.buffer, self.pool.array.sharding)
         self.pool.write_rows(rows, data)
         self._assign_slot(name, entry.ranks, rows)
         self.swaps_in += 1
@@ -74,7 +74,7 @@ class AdapterResidency:
                 continue
             if len(self._inflight) >= 8:  # bound the device memory held by prefetches
                 break
-            self._inflight[name] = jax.device_put(self.store.get(name).buffer, self.pool.array.sharding)
+            self._inflight[name] = to_device(self.store.get(name).buffer, self.pool.array.sharding)
 
     def forget(self, name: str) -> None:
         """Adapter removed from the store: drop any device copy."""
