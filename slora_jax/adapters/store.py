@@ -121,8 +121,10 @@ class AdapterStore:
                       seed: int = 0, std: float = 0.01) -> list[AdapterEntry]:
         """Random adapters for benchmarks, generated fast without disk.
 
-        One random template per call; each adapter gets its own buffer, the
-        template times a per-adapter factor (distinct values, one vector op).
+        One random template per call; each adapter gets its own buffer: a copy
+        of the template with its first row scaled by a per-adapter factor
+        (distinct weights; a copy runs at memory speed, bf16 arithmetic in numpy
+        does not).
         """
         if rank > self.max_rank:
             raise AdapterError(f"rank {rank} is above max_rank={self.max_rank}")
@@ -133,7 +135,8 @@ class AdapterStore:
                     * std).astype(self.dtype)
         out = []
         for i, name in enumerate(names):
-            packed = template * self.dtype.type(1.0 + 0.001 * (i % 997))
+            packed = template.copy()
+            packed[:, 0] = template[:, 0] * self.dtype.type(1.0 + 0.001 * (i % 997))
             out.append(self._insert(AdapterEntry(name, dict(ranks), n_rows, self._host_buffer(packed),
                                                  "synthetic"), replace=False))
         return out
