@@ -41,8 +41,17 @@ keys ``0..p``, which include the pages written by earlier chunks. Key blocks
 wholly below the diagonal run without masks; the rest are masked.
 
 On the CPU (``interpret=None`` there) the same kernels run in Pallas'
-interpret mode. On TPU there is no Mosaic kernel yet: the XLA reference is
-used (with a warning).
+interpret mode.
+
+TPU path
+--------
+Decode runs the Mosaic kernel of `attention_tpu` (on a TPU backend with
+``impl="pallas"``, and on any backend with ``impl="pallas_tpu"``, in TPU
+interpret mode on the CPU). Shapes it cannot take (head_dim not a multiple of
+128, page_rows not a multiple of the pool dtype's sublane tile) fall back to
+the XLA reference with a warning under ``impl="pallas"`` and raise under
+``impl="pallas_tpu"``. Prefill has no Mosaic kernel yet: on TPU (and with
+``impl="pallas_tpu"``) it runs the XLA reference (with a warning).
 """
 from __future__ import annotations
 
@@ -411,16 +420,39 @@ def _check_tunables(fn, hd, block_kv, num_warps, num_stages):
         raise ValueError(f"{fn}: num_stages must be an int >= 1, got {num_stages!r}")
 
 
-def _xla_fallback(impl, interpret):
-    """True if the XLA reference must run (impl='xla', or a backend with no kernel)."""
-    if impl not in ("pallas", "xla"):
-        raise ValueError(f"impl must be 'pallas' or 'xla', got {impl!r}")
+def _tpu_path(impl, interpret):
+    """True for the TPU (Mosaic) path: impl='pallas_tpu', or impl='pallas' on a TPU backend
+    (unless the Triton kernel is explicitly interpreted there)."""
+    return impl == "pallas_tpu" or (jax.default_backend() == "tpu" and not _use_interpret(interpret))
+
+
+def _xla_fallback(impl, interpret, *, tpu_kernel=False):
+    """True if the XLA reference must run (impl='xla', or the TPU path of an op with no
+    Mosaic kernel: tpu_kernel=False)."""
+    if impl not in ("pallas", "pallas_tpu", "xla"):
+        raise ValueError(f"impl must be 'pallas', 'pallas_tpu' or 'xla', got {impl!r}")
     if impl == "xla":
         return True
-    if jax.default_backend() == "tpu" and not _use_interpret(interpret):
-        log.warning("paged attention: no TPU (Mosaic) kernel yet, using the XLA reference")
+    if not tpu_kernel and _tpu_path(impl, interpret):
+        log.warning("paged attention prefill: no TPU (Mosaic) kernel yet, using the XLA "
+                    "reference")
         return True
     return False
+
+
+def _decode_tpu(q, pool, layer, block_tables, lengths, *, page_rows, scale, impl, interpret):
+    """The Mosaic decode kernel, or (impl='pallas' and shapes it cannot take) the reference."""
+    from . import attention_tpu  # imports this module: keep it lazy
+
+    reason = attention_tpu.unsupported_reason(q, pool, page_rows)
+    if reason is not None and impl == "pallas":
+        log.warning("paged attention decode: the TPU kernel does not support these shapes "
+                    "(%s), using the XLA reference", reason)
+        return reference.paged_attention_decode(q, pool, layer, block_tables, lengths,
+                                                page_rows=page_rows, scale=scale)
+    return attention_tpu.paged_attention_decode(
+        q, pool, layer, block_tables, lengths, page_rows=page_rows, scale=scale,
+        interpret=interpret if impl == "pallas_tpu" else False)
 
 
 def paged_attention_decode(q, pool, layer, block_tables, lengths, *, page_rows: int,
@@ -434,9 +466,14 @@ def paged_attention_decode(q, pool, layer, block_tables, lengths, *, page_rows: 
     Returns [B, Hq, hd] in q's dtype. Semantics: `reference.paged_attention_decode`.
 
     impl: "pallas" (the kernel; interpret mode when `interpret` is None and the backend
-    is CPU) or "xla" (the reference). Tunables: block_kv (tokens per kernel iteration,
-    a power of two >= 16; = pages per iteration * page_rows), num_splits (split-K
-    programs per sequence; None: automatic), num_warps, num_stages (Triton).
+    is CPU; on a TPU backend the Mosaic kernel of `attention_tpu`, or the reference
+    with a warning for shapes it cannot take), "pallas_tpu" (the Mosaic kernel on any
+    backend, TPU interpret mode when `interpret` is None on the CPU; unsupported shapes
+    raise) or "xla" (the reference). Tunables (Triton only; the TPU path ignores them,
+    call `attention_tpu.paged_attention_decode` to set its pages_per_block): block_kv
+    (tokens per kernel iteration, a power of two >= 16; = pages per iteration *
+    page_rows), num_splits (split-K programs per sequence; None: automatic), num_warps,
+    num_stages.
     """
     fn = "paged_attention_decode"
     _check_common(fn, q, pool, layer, block_tables, page_rows, scale)
@@ -446,9 +483,12 @@ def paged_attention_decode(q, pool, layer, block_tables, lengths, *, page_rows: 
                          f"{batch}")
     if jnp.shape(lengths) != (batch,):
         raise ValueError(f"{fn}: lengths must have shape ({batch},), got {jnp.shape(lengths)}")
-    if _xla_fallback(impl, interpret):
+    if _xla_fallback(impl, interpret, tpu_kernel=True):
         return reference.paged_attention_decode(q, pool, layer, block_tables, lengths,
                                                 page_rows=page_rows, scale=scale)
+    if _tpu_path(impl, interpret):
+        return _decode_tpu(q, pool, layer, block_tables, lengths, page_rows=page_rows,
+                           scale=scale, impl=impl, interpret=interpret)
     _check_tunables(fn, hd, block_kv, num_warps, num_stages)
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"{fn}: num_splits must be None or an int >= 1, got {num_splits!r}")
@@ -469,6 +509,10 @@ def paged_attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, 
     tokens, whose K/V (the chunk's own included) are already in the pool. Rows outside
     [q_starts[0], q_starts[-1]) are padding (output 0). Returns [T, Hq, hd] in q's
     dtype. Semantics: `reference.paged_attention_prefill`.
+
+    impl: "pallas" (the Triton kernel; interpret mode on the CPU) or "xla" (the
+    reference). There is no TPU (Mosaic) prefill kernel: on a TPU backend, and with
+    impl="pallas_tpu" on any backend, this runs the XLA reference (with a warning).
 
     Tunables: block_q (query-tile rows = query tokens * next_pow2(Hq / Hkv), a power of
     two), block_kv (keys per iteration, a power of two >= 16), num_warps, num_stages.

@@ -8,9 +8,11 @@ layout and the exact semantics are those of `reference.py` (its docstring and
 its ``lora_shrink`` / ``lora_expand``), which ``impl="xla"`` runs.
 
 GPU kernels use Pallas' Triton lowering; on CPU they run in interpret mode
-(``interpret=None`` picks that from ``jax.default_backend()``). There is no TPU
-(Mosaic) variant yet: on TPU both entry points log a warning and run the
-reference.
+(``interpret=None`` picks that from ``jax.default_backend()``). On a TPU
+backend, and on any backend with ``impl="pallas_tpu"``, both entry points run
+the Pallas TPU (Mosaic) kernels of `lora_tpu` instead (TPU interpret mode off
+TPU); on TPU with a pool width they do not support (``W % 128 != 0``) they
+log a warning and run the reference.
 
 Work list (static grid, any segment lengths)
 --------------------------------------------
@@ -106,12 +108,24 @@ def _resolve_interpret(interpret: bool | None) -> bool:
     return bool(interpret)
 
 
-def _no_kernel_here(name: str, interpret: bool) -> bool:
-    """True on TPU (no Mosaic variant yet): the caller then runs the XLA reference."""
-    if jax.default_backend() == "tpu" and not interpret:
-        log.warning("%s: no TPU (Mosaic) kernel yet, using the XLA reference", name)
-        return True
-    return False
+def _tpu_route(name: str, impl: str, w: int) -> str | None:
+    """Where a call goes instead of the Triton kernels: "tpu" (`lora_tpu`), "xla" (the reference), None.
+
+    impl="pallas_tpu": the TPU kernels on any backend (TPU interpret mode off TPU).
+    impl="pallas" on a TPU backend: the TPU kernels, or the reference with a
+    warning for a pool width they do not support.
+    """
+    if impl == "pallas_tpu":
+        return "tpu"
+    if jax.default_backend() != "tpu":
+        return None
+    from . import lora_tpu
+
+    reason = lora_tpu.unsupported_reason(w)
+    if reason:
+        log.warning("%s: %s; using the XLA reference", name, reason)
+        return "xla"
+    return "tpu"
 
 
 def _decode_like(t: int, ns: int) -> bool:
@@ -345,10 +359,12 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, impl: str = "p
     a_rows: [M, NS, R, K_in] int32 pool rows of A^T, K_in = ceil(D_in / W).
     Returns float32 [M, T, R].
 
-    impl: "pallas" (this module's kernel) or "xla" (the reference).
+    impl: "pallas" (this module's kernel; on a TPU backend `lora_tpu`'s),
+    "pallas_tpu" (`lora_tpu`'s kernel on any backend) or "xla" (the reference).
     interpret: None = interpret mode on CPU, compiled elsewhere.
     tunables: block_t, block_r, block_d (powers of two >= 16), k_splits,
-    num_warps, num_stages; defaults from `shrink_defaults`.
+    num_warps, num_stages; defaults from `shrink_defaults`. The TPU kernels
+    take block_t only (a multiple of 16; see `lora_tpu`).
     """
     name = "lora_shrink"
     if x.ndim != 2:
@@ -375,13 +391,20 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, impl: str = "p
         _check_int(name, arg, a)
     if impl == "xla":
         return reference.lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows)
-    if impl != "pallas":
-        raise ValueError(f"{name}: impl must be 'pallas' or 'xla', got {impl!r}")
+    if impl not in ("pallas", "pallas_tpu"):
+        raise ValueError(f"{name}: impl must be 'pallas' or 'xla', got {impl!r} "
+                         "(or 'pallas_tpu': the TPU kernels on any backend)")
     layer_arr = _layer_array(name, layer, n_layers)
+    route = _tpu_route(name, impl, w)
+    if route == "xla":
+        return reference.lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows)
+    if route == "tpu":
+        from . import lora_tpu
+
+        return lora_tpu.lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, interpret=interpret,
+                                    **tunables)
     cfg = _tunables(name, tunables, _SHRINK_TUNABLES, shrink_defaults(t, ns, m, r, d, w))
     interpret = _resolve_interpret(interpret)
-    if _no_kernel_here(name, interpret):
-        return reference.lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows)
     if t == 0 or r == 0 or m == 0 or ns == 0 or d == 0:
         return jnp.zeros((m, t, r), jnp.float32)
     return _shrink_pallas(
@@ -508,13 +531,20 @@ def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *,
         _check_int(name, arg, a)
     if impl == "xla":
         return reference.lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales)
-    if impl != "pallas":
-        raise ValueError(f"{name}: impl must be 'pallas' or 'xla', got {impl!r}")
+    if impl not in ("pallas", "pallas_tpu"):
+        raise ValueError(f"{name}: impl must be 'pallas' or 'xla', got {impl!r} "
+                         "(or 'pallas_tpu': the TPU kernels on any backend)")
     layer_arr = _layer_array(name, layer, n_layers)
+    route = _tpu_route(name, impl, w)
+    if route == "xla":
+        return reference.lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales)
+    if route == "tpu":
+        from . import lora_tpu
+
+        return lora_tpu.lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales,
+                                    interpret=interpret, **tunables)
     cfg = _tunables(name, tunables, _EXPAND_TUNABLES, expand_defaults(t, ns, r, w))
     interpret = _resolve_interpret(interpret)
-    if _no_kernel_here(name, interpret):
-        return reference.lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales)
     if t == 0 or r == 0 or ns == 0 or d == 0:
         return y
     return _expand_pallas(

@@ -63,17 +63,15 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows):
     Returns float32 [M, T, R].
     """
     t, d_in = x.shape
-    m, ns, r, _ = a_rows.shape
+    m, ns, r, k = a_rows.shape
     seg = _segment_ids(seg_starts, t)
     valid = (seg >= 0) & (seg < ns)
     seg_c = jnp.clip(seg, 0, ns - 1)
-    outs = []
-    for i in range(m):
-        a_t = _gather_rows(pool, layer, a_rows[i], d_in)  # [NS, R, D_in]
-        v = jnp.einsum("td,trd->tr", x.astype(jnp.float32), a_t[seg_c].astype(jnp.float32), precision=_EXACT)
-        keep = valid[:, None] & (jnp.arange(r)[None, :] < seg_ranks[i][seg_c][:, None])
-        outs.append(jnp.where(keep, v, 0.0))
-    return jnp.stack(outs)
+    # one gather and one contraction for all M modules: a single op reads every module's rows
+    a_t = _gather_rows(pool, layer, a_rows.reshape(m * ns, r, k), d_in).reshape(m, ns, r, d_in)
+    v = jnp.einsum("td,mtrd->mtr", x.astype(jnp.float32), a_t[:, seg_c].astype(jnp.float32), precision=_EXACT)
+    keep = valid[None, :, None] & (jnp.arange(r)[None, None, :] < seg_ranks[:, seg_c][:, :, None])
+    return jnp.where(keep, v, 0.0)
 
 
 def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales):
@@ -103,8 +101,10 @@ def write_kv(pool, layer, k, v, slots):
     s = pool.shape[1]
     k_rows = jnp.where(slots < 0, s, slots)  # out of range -> dropped
     v_rows = jnp.where(slots < 0, s, slots + s // 2)
-    pool = pool.at[layer, k_rows].set(k.astype(pool.dtype), mode="drop")
-    return pool.at[layer, v_rows].set(v.astype(pool.dtype), mode="drop")
+    # One scatter for K and V: it depends on both, so every read of the pool that produced k or v is
+    # ordered before it and XLA updates the pool in place (two scatters made XLA copy the whole pool).
+    rows = jnp.concatenate([k_rows, v_rows])
+    return pool.at[layer, rows].set(jnp.concatenate([k, v]).astype(pool.dtype), mode="drop")
 
 
 def _gather_kv(pool, layer, block_tables, page_rows):

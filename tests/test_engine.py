@@ -90,7 +90,7 @@ def test_seeded_sampling_reproducible_across_batches():
 
 
 def test_stop_conditions():
-    llm = make_llm()
+    llm = make_llm(seed=0)
     base = llm.generate([[256, 1, 2, 3]], sampling=SamplingParams(max_tokens=12, ignore_eos=True))[0]
     assert len(base.token_ids) == 12 and base.finish_reason == "length"
     stop_tok = base.token_ids[4]
@@ -104,13 +104,13 @@ def test_stop_conditions():
     assert out.finish_reason == "stop" and out.token_ids == base.token_ids[: first + 1]
     out = llm.generate([[256, 1, 2, 3]], sampling=SamplingParams(max_tokens=12, ignore_eos=True))[0]
     assert out.token_ids == base.token_ids
-    # a stop string: cut the text before it
-    text_ids = [t for t in base.token_ids if t < 256]
-    if len(text_ids) >= 3:
-        s = bytes(text_ids[1:3]).decode("utf-8", errors="ignore")
-        if s:
-            out = llm.generate([[256, 1, 2, 3]], sampling=SamplingParams(max_tokens=12, stop=[s], ignore_eos=True))[0]
-            assert out.finish_reason == "stop" and s not in out.text
+    # a stop string spanning two tokens: the text ends right before it, streamed or not
+    text = base.text
+    stop = next(text[i: i + 2] for i in range(1, len(text) - 1) if text[i: i + 2].isalnum())
+    sp = SamplingParams(max_tokens=12, stop=[stop, "never-seen"], ignore_eos=True)
+    out = llm.generate([[256, 1, 2, 3]], sampling=sp)[0]
+    assert out.finish_reason == "stop" and out.text == text[: text.index(stop)]
+    assert "".join(llm.stream([256, 1, 2, 3], sampling=sp)) == out.text
     assert llm.stats()["pages_kv"] == 0
 
 
@@ -164,3 +164,14 @@ def test_no_recompilation_after_warmup():
     run(500, seed=200)
     assert llm.engine.runner.cache_size() == warm
     assert llm.stats()["pages_kv"] == 0
+
+
+def test_stop_string_helpers():
+    from slora_jax.engine.engine import _split_at_stop, _stop_prefix_len
+
+    assert _split_at_stop("abcSTOPdef", ["STOP"]) == ("abc", True)
+    assert _split_at_stop("abcdef", ["STOP", "x"]) == ("abcdef", False)
+    assert _split_at_stop("aXbY", ["Y", "X"]) == ("a", True)
+    assert _stop_prefix_len("abcST", ["STOP"]) == 2
+    assert _stop_prefix_len("abcS", ["xx", "STOP", "cS!"]) == 2
+    assert _stop_prefix_len("abc", ["STOP"]) == 0

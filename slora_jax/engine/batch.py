@@ -105,6 +105,7 @@ class BatchBuilder:
         q_starts = np.zeros(b + 1, np.int32)
         lo = None
         if lora:
+            self.residency.reserve_slots(1)  # the tables need one slot to take shapes from
             lo = self._lora(np.zeros(1, np.int32), q_starts, b)
             lo.ranks[:] = 0
         inp = StepInput(np.zeros(t, np.int32), np.zeros(t, np.int32), np.full(t, -1, np.int32),

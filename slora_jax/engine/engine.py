@@ -35,6 +35,23 @@ from .scheduler import LOOKAHEAD, ScheduledStep, Scheduler
 log = logging.getLogger(__name__)
 
 
+def _split_at_stop(text: str, stops) -> tuple[str, bool]:
+    """(text before the first stop string, whether one occurred)."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def _stop_prefix_len(text: str, stops) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of some stop string (held back)."""
+    best = 0
+    for s in stops:
+        for j in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:j]):
+                best = j
+                break
+    return best
+
+
 class Engine:
     def __init__(self, cfg: ModelConfig, ecfg: EngineConfig, model, tokenizer, pool_sharding=None):
         self.cfg, self.ecfg, self.tokenizer = cfg, ecfg, tokenizer
@@ -167,12 +184,11 @@ class Engine:
             reason = "stop"
         elif len(r.output_ids) >= sp.max_tokens or r.num_tokens >= self.ecfg.max_model_len:
             reason = "length"
-        if sp.stop and delta:
-            text = r.text + delta
-            hits = [text.find(s, max(0, len(r.text) - len(s))) for s in sp.stop]
-            hits = [h for h in hits if h >= 0]
-            if hits:
-                delta, reason = text[: min(hits)][len(r.text):], "stop"
+        if sp.stop:
+            delta, hit = _split_at_stop(r.held + delta, sp.stop)
+            r.held = "" if hit or reason else delta[len(delta) - _stop_prefix_len(delta, sp.stop):]
+            delta = delta[: len(delta) - len(r.held)]
+            reason = "stop" if hit else reason
         r.text += delta
         if reason:
             self._finish(r, reason, delta)
@@ -201,8 +217,6 @@ class Engine:
                      [(False, t) for t in self.builder.prefill_sizes()]
             for decode, size in shapes:
                 for with_lora in ((False, True) if lora else (False,)):
-                    if with_lora:
-                        self.residency.reserve_slots(1)  # the LoRA program's tables need one slot
                     inp, samp = self.builder.dummy(decode, size, with_lora)
                     toks, self.pool.array = self.runner.step(self.pool.array, inp, samp)
             np.asarray(toks)

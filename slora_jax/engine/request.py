@@ -73,7 +73,8 @@ class Request:
         self.finish_time: Optional[float] = None
         self.finish_reason: Optional[str] = None
         self.error: Optional[str] = None
-        self.text = ""
+        self.text = ""  # text emitted so far
+        self.held = ""  # decoded text held back: it may be the start of a stop string
         self.preemptions = 0
         self.listeners: list = []  # callables(RequestOutput, delta_text) for streaming
 

@@ -50,19 +50,28 @@ class LoraContext:
     def __init__(self, lora: LoraInput | None, pool, kernels: KernelSet):
         self.lora, self.pool, self.k = lora, pool, kernels
 
-    def __call__(self, x, base_outs: list, modules: tuple, layer):
-        """base_outs[i] = x @ W_modules[i]; returns them with LoRA added (shrink fused over modules)."""
+    def shrink(self, x, modules: tuple, layer):
+        """x @ A for the modules sharing input x, in one launch: [len(modules), T, R] (None without LoRA)."""
         if self.lora is None:
-            return base_outs
+            return None
         lo = self.lora
         idx = [_MOD[m] for m in modules]
-        a_rows = jnp.stack([lo.a_rows[i] for i in idx])
-        ranks = jnp.stack([lo.ranks[i] for i in idx])
-        v = self.k.lora_shrink(x, self.pool, layer, lo.seg_starts, ranks, a_rows)
-        return [
-            self.k.lora_expand(y, v[j], self.pool, layer, lo.seg_starts, lo.ranks[i], lo.b_rows[i], lo.scales[i])
-            for j, (y, i) in enumerate(zip(base_outs, idx))
-        ]
+        return self.k.lora_shrink(x, self.pool, layer, lo.seg_starts, jnp.stack([lo.ranks[i] for i in idx]),
+                                  jnp.stack([lo.a_rows[i] for i in idx]))
+
+    def expand(self, y, v, module: str, layer):
+        """y + scale * v @ B of one module."""
+        if self.lora is None:
+            return y
+        lo, i = self.lora, _MOD[module]
+        return self.k.lora_expand(y, v, self.pool, layer, lo.seg_starts, lo.ranks[i], lo.b_rows[i], lo.scales[i])
+
+    def __call__(self, x, base_outs: list, modules: tuple, layer):
+        """base_outs[i] = x @ W_modules[i]; returns them with LoRA added (shrink fused over modules)."""
+        v = self.shrink(x, modules, layer)
+        if v is None:
+            return base_outs
+        return [self.expand(y, v[j], m, layer) for j, (y, m) in enumerate(zip(base_outs, modules))]
 
 
 class DecoderLayer(nnx.Module):
@@ -78,12 +87,21 @@ class DecoderLayer(nnx.Module):
         cfg = self.cfg
         t = x.shape[0]
         h = rms_norm(x, self.input_norm[...], cfg.rms_norm_eps)
-        q, k, v = lora(h, [h @ self.q_proj[...], h @ self.k_proj[...], h @ self.v_proj[...]],
-                       ("q_proj", "k_proj", "v_proj"), layer)
-        q = apply_rope(q.reshape(t, cfg.num_heads, cfg.head_dim), inp.positions, inv_freq)
+        v_qkv = lora.shrink(h, ("q_proj", "k_proj", "v_proj"), layer)
+        k = h @ self.k_proj[...]
+        v = h @ self.v_proj[...]
+        if v_qkv is not None:
+            k, v = lora.expand(k, v_qkv[1], "k_proj", layer), lora.expand(v, v_qkv[2], "v_proj", layer)
         k = apply_rope(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), inp.positions, inv_freq)
         pool = kernels.write_kv(pool, layer, k.reshape(t, -1), v, inp.kv_slots)
         lora.pool = pool
+        # q's LoRA expand reads the pool after the K/V write (its adapter rows are untouched by it): a
+        # read of the pre-write pool that nothing orders before the in-place write would make XLA copy
+        # the whole pool, twice per step.
+        q = h @ self.q_proj[...]
+        if v_qkv is not None:
+            q = lora.expand(q, v_qkv[0], "q_proj", layer)
+        q = apply_rope(q.reshape(t, cfg.num_heads, cfg.head_dim), inp.positions, inv_freq)
         page_rows = inp.page_rows
         scale = cfg.head_dim ** -0.5
         if inp.decode:

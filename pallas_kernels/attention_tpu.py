@@ -1,0 +1,280 @@
+"""Paged decode attention for TPU: Pallas' Mosaic lowering.
+
+Same signature and semantics as `reference.paged_attention_decode` (pool layout:
+see `reference.py`); `attention.paged_attention_decode` routes here on a TPU
+backend, and with ``impl="pallas_tpu"`` on any backend (TPU interpret mode on
+the CPU). Prefill has no Mosaic kernel: on TPU it runs the XLA reference.
+
+Design
+------
+Grid ``(B, Hkv)``, both axes "parallel" (programs are independent, so a
+megacore chip may split either axis). Program ``(b, h)`` owns sequence ``b``
+and kv-head ``h``, with the ``G = Hq / Hkv`` query heads of its group as one
+``[G, hd]`` matrix (q is viewed as ``[B, Hkv, G, hd]``, so the block's last two
+dims are full dims for every G, no sublane padding rule applies to it).
+
+Scalar prefetch (SMEM): the layer index, ``lengths`` and the flattened block
+table (``B * M`` int32). The pool stays in HBM (``memory_space=pl.ANY``); the
+kernel copies pages itself. A kernel iteration covers ``pages_per_block``
+pages, ``C = pages_per_block * page_rows`` tokens: for each page ``j`` it
+starts two async copies, the K slab
+``pool[layer, page * page_rows : +page_rows, h * hd : +hd]`` and the V slab at
+row ``(page + N) * page_rows``, into VMEM buffers ``[2, pages_per_block,
+page_rows, hd]`` (double buffered: block ``i + 1`` is in flight while block
+``i`` is computed). Pages at or past ``cdiv(length, page_rows)`` are not
+copied at all (their buffer rows hold stale data, which is masked: scores of
+keys ``>= length`` are ``-inf`` and their V rows are zeroed before ``p @ v``,
+so stale NaN/Inf never reaches the output). Table entries are clamped to
+``[0, N)`` and table positions to ``[0, M)``: no copy ever leaves the pool.
+
+Online softmax in float32 (natural base, running max ``m`` and sum ``l`` as
+``[G, 1]``, accumulator ``[G, hd]``). Both dots run in the compute dtype
+``promote(q.dtype, pool.dtype)`` with float32 accumulation; float32 dots use
+``Precision.HIGHEST`` (the reference is exact), bfloat16 dots are single-pass
+(probabilities are rounded to the V dtype, as in the GPU kernel).
+``lengths[b] <= 0`` writes zeros; lengths past ``M * page_rows`` are clamped
+(the reference masks the same keys).
+
+Shape rules (TPU tiling; checked, with a precise ``ValueError``)
+----------------------------------------------------------------
+* ``head_dim % 128 == 0``: a head's columns ``[h * hd, (h + 1) * hd)`` must be
+  a whole number of 128-lane tiles for the copy out of the pool. Padding is not
+  an option: it would mean copying the whole pool on every call. Models with
+  ``head_dim`` 64 (or other) use the XLA reference on TPU
+  (`attention.paged_attention_decode` falls back with a warning; only an
+  explicit ``impl="pallas_tpu"`` raises).
+* ``page_rows % (8 * packing) == 0`` where ``packing = 4 // itemsize`` of the
+  pool dtype: 8 for float32, 16 for bfloat16/float16, 32 for 8-bit types. A
+  page's first row must start a native ``(8 * packing, 128)`` tile of the pool
+  in HBM (Mosaic rejects copies at unaligned offsets in tiled dimensions).
+* pool/q dtypes of at most 32 bits.
+* The flattened block table sits in SMEM: ``B * M * 4`` bytes must fit (it is
+  small for serving shapes; very wide tables would need a chunked variant).
+
+Interpret mode: ``interpret=None`` picks TPU interpret mode
+(``pltpu.InterpretParams()``: simulated HBM/VMEM, DMAs and semaphores, with
+out-of-bounds reads raising and uninitialised VMEM filled with NaN) on the CPU
+backend and the compiled kernel elsewhere; ``True`` forces interpret mode, and
+an ``InterpretParams`` instance is passed through.
+"""
+from __future__ import annotations
+
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from . import attention as _attention
+
+__all__ = ["paged_attention_decode", "unsupported_reason", "LANES"]
+
+LANES = 128  # TPU vreg lanes: the minor tile of every array
+_TARGET_BLOCK_TOKENS = 256  # default tokens per kernel iteration
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def sublane_tile(dtype) -> int:
+    """Rows of one native TPU tile of `dtype` in memory: 8 * (32 bits / bits per element)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    return 8 * max(1, 4 // itemsize)
+
+
+def unsupported_reason(q, pool, page_rows) -> str | None:
+    """Why the Mosaic kernel cannot take these shapes/dtypes (None: it can).
+
+    Only the TPU-specific rules; the generic layout checks are
+    `attention._check_common`'s.
+    """
+    hd = q.shape[-1]
+    for name, dt in (("q", q.dtype), ("pool", pool.dtype)):
+        if jnp.dtype(dt).itemsize > 4:
+            return f"{name} dtype {jnp.dtype(dt).name} is wider than 32 bits (unsupported on TPU)"
+    if hd % LANES:
+        return (f"head_dim={hd} is not a multiple of {LANES}: a kv-head's columns of the pool "
+                f"must be whole {LANES}-lane tiles (padding would copy the whole pool)")
+    tile = sublane_tile(pool.dtype)
+    if not isinstance(page_rows, numbers.Integral) or page_rows % tile:
+        return (f"page_rows={page_rows} is not a multiple of {tile}: a page must start a "
+                f"native ({tile}, {LANES}) tile of the {jnp.dtype(pool.dtype).name} pool")
+    return None
+
+
+def _resolve_interpret(interpret):
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    if isinstance(interpret, bool):
+        return pltpu.InterpretParams() if interpret else False
+    return interpret  # an InterpretParams instance
+
+
+# --------------------------------------------------------------------------- kernel
+def _decode_kernel(layer_ref, lengths_ref, bt_ref, q_ref, pool_hbm, o_ref, k_buf, v_buf,
+                   k_sem, v_sem, *, page_rows, pages_per_block, max_pages, num_pages,
+                   head_dim, scale, cdtype, precision):
+    b, h = pl.program_id(0), pl.program_id(1)
+    layer = layer_ref[0]
+    block_tokens = pages_per_block * page_rows
+    length = jnp.minimum(jnp.maximum(lengths_ref[b], 0), max_pages * page_rows)
+    n_pages = _cdiv(length, page_rows)
+    n_blocks = _cdiv(length, block_tokens)
+    col = pl.multiple_of(h * head_dim, LANES)
+
+    def page_copies(blk, slot):
+        """[(live, k copy, v copy)] for the pages of key block `blk` into buffer `slot`."""
+        out = []
+        for j in range(pages_per_block):
+            pidx = blk * pages_per_block + j
+            page = bt_ref[b * max_pages + jnp.minimum(pidx, max_pages - 1)]
+            page = jnp.minimum(jnp.maximum(page, 0), num_pages - 1)  # never leave the pool
+            k_row = pl.multiple_of(page * page_rows, page_rows)
+            v_row = pl.multiple_of((page + num_pages) * page_rows, page_rows)
+            k_src = pool_hbm.at[layer, pl.ds(k_row, page_rows), pl.ds(col, head_dim)]
+            v_src = pool_hbm.at[layer, pl.ds(v_row, page_rows), pl.ds(col, head_dim)]
+            out.append((pidx < n_pages,
+                        pltpu.make_async_copy(k_src, k_buf.at[slot, j], k_sem.at[slot]),
+                        pltpu.make_async_copy(v_src, v_buf.at[slot, j], v_sem.at[slot])))
+        return out
+
+    def start(blk, slot):
+        for live, kc, vc in page_copies(blk, slot):
+            @pl.when(live)
+            def _():
+                kc.start()
+                vc.start()
+
+    def wait(blk, slot):
+        for live, kc, vc in page_copies(blk, slot):
+            @pl.when(live)
+            def _():
+                kc.wait()
+                vc.wait()
+
+    @pl.when(n_blocks == 0)
+    def _():
+        o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+
+    @pl.when(n_blocks > 0)
+    def _():
+        start(0, 0)
+        q = q_ref[...].astype(cdtype)  # [G, hd]
+        group = q.shape[0]
+
+        def body(i, carry):
+            acc, m, l = carry
+            slot = i % 2
+
+            @pl.when(i + 1 < n_blocks)
+            def _():
+                start(i + 1, slot)
+
+            wait(i, slot)
+            k = k_buf[slot].reshape(block_tokens, head_dim).astype(cdtype)
+            v = v_buf[slot].reshape(block_tokens, head_dim).astype(cdtype)
+            first = i * block_tokens
+            key_ok = first + lax.broadcasted_iota(jnp.int32, (1, block_tokens), 1) < length
+            row_ok = first + lax.broadcasted_iota(jnp.int32, (block_tokens, 1), 0) < length
+            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                                preferred_element_type=jnp.float32) * scale  # [G, C]
+            s = jnp.where(key_ok, s, -jnp.inf)
+            # every block < n_blocks has a valid key, so m_new is finite
+            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+            alpha = jnp.exp(m - m_new)
+            p = jnp.exp(s - m_new)
+            l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+            v = jnp.where(row_ok, v, jnp.zeros_like(v))  # stale rows may hold NaN/Inf
+            pv = lax.dot_general(p.astype(cdtype), v, (((1,), (0,)), ((), ())),
+                                 precision=precision, preferred_element_type=jnp.float32)
+            return alpha * acc + pv, m_new, l
+
+        init = (jnp.zeros((group, head_dim), jnp.float32),
+                jnp.full((group, 1), -jnp.inf, jnp.float32),
+                jnp.zeros((group, 1), jnp.float32))
+        acc, _, l = lax.fori_loop(0, n_blocks, body, init)
+        o_ref[...] = (acc / l).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("page_rows", "scale", "pages_per_block", "interpret"))
+def _decode_mosaic(q, pool, layer, block_tables, lengths, *, page_rows, scale, pages_per_block,
+                   interpret):
+    batch, hq, hd = q.shape
+    _, s_rows, width = pool.shape
+    hkv = width // hd
+    group = hq // hkv
+    max_pages = block_tables.shape[1]
+    num_pages = s_rows // (2 * page_rows)
+    cdtype = jnp.promote_types(q.dtype, pool.dtype)
+    precision = lax.Precision.HIGHEST if cdtype == jnp.float32 else None
+    kernel = functools.partial(
+        _decode_kernel, page_rows=page_rows, pages_per_block=pages_per_block,
+        max_pages=max_pages, num_pages=num_pages, head_dim=hd, scale=scale, cdtype=cdtype,
+        precision=precision)
+    qg = q.reshape(batch, hkv, group, hd)
+    head_block = pl.BlockSpec((None, None, group, hd), lambda b, h, *_: (b, h, 0, 0))
+    buf = pltpu.VMEM((2, pages_per_block, page_rows, hd), pool.dtype)
+    out = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(batch, hkv),
+            in_specs=[head_block, pl.BlockSpec(memory_space=pl.ANY)],
+            out_specs=head_block,
+            scratch_shapes=[buf, buf, pltpu.SemaphoreType.DMA((2,)),
+                            pltpu.SemaphoreType.DMA((2,))],
+        ),
+        out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        interpret=interpret,
+        name="paged_attention_decode_tpu",
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), lengths.astype(jnp.int32),
+      block_tables.astype(jnp.int32).reshape(-1), qg, pool)
+    return out.reshape(batch, hq, hd)
+
+
+# --------------------------------------------------------------------------- wrapper
+def paged_attention_decode(q, pool, layer, block_tables, lengths, *, page_rows: int,
+                           scale: float, interpret=None, pages_per_block: int | None = None):
+    """One query per sequence over its first ``lengths[b]`` tokens (GQA-aware), on TPU.
+
+    q: [B, Hq, hd]; pool: [L, S, W] with W = Hkv * hd; layer: int32 scalar (may be
+    traced); block_tables: [B, M] int32 page indices; lengths: [B] int32 (<= 0:
+    output 0). Returns [B, Hq, hd] in q's dtype. Semantics:
+    `reference.paged_attention_decode`. Needs head_dim % 128 == 0 and page_rows a
+    multiple of the pool dtype's sublane tile (8 for float32, 16 for bfloat16);
+    see the module docstring.
+
+    interpret: None (TPU interpret mode on the CPU backend, compiled elsewhere),
+    True/False, or a `pltpu.InterpretParams`. pages_per_block: pages copied and
+    attended per kernel iteration (None: about 256 tokens, at most M).
+    """
+    fn = "paged_attention_decode(impl='pallas_tpu')"
+    _attention._check_common(fn, q, pool, layer, block_tables, page_rows, scale)
+    batch = q.shape[0]
+    if block_tables.shape[0] != batch:
+        raise ValueError(f"{fn}: block_tables has {block_tables.shape[0]} rows but q has batch "
+                         f"{batch}")
+    if jnp.shape(lengths) != (batch,):
+        raise ValueError(f"{fn}: lengths must have shape ({batch},), got {jnp.shape(lengths)}")
+    reason = unsupported_reason(q, pool, page_rows)
+    if reason is not None:
+        raise ValueError(f"{fn}: the TPU kernel does not support these shapes: {reason}; "
+                         f"use impl='xla'")
+    max_pages = block_tables.shape[1]
+    if pages_per_block is None:
+        pages_per_block = max(1, _TARGET_BLOCK_TOKENS // int(page_rows))
+    elif not (isinstance(pages_per_block, numbers.Integral) and pages_per_block >= 1):
+        raise ValueError(f"{fn}: pages_per_block must be None or an int >= 1, got "
+                         f"{pages_per_block!r}")
+    pages_per_block = int(min(pages_per_block, max(1, max_pages)))
+    if batch == 0 or max_pages == 0:  # nothing to read: every output row is 0
+        return jnp.zeros(q.shape, q.dtype)
+    return _decode_mosaic(q, pool, layer, block_tables, lengths, page_rows=int(page_rows),
+                          scale=float(scale), pages_per_block=pages_per_block,
+                          interpret=_resolve_interpret(interpret))
