@@ -175,3 +175,26 @@ def test_stop_string_helpers():
     assert _stop_prefix_len("abcST", ["STOP"]) == 2
     assert _stop_prefix_len("abcS", ["xx", "STOP", "cS!"]) == 2
     assert _stop_prefix_len("abc", ["STOP"]) == 0
+
+
+def test_early_abort_drops_requests_past_their_slo():
+    llm = make_llm(early_abort_s=5.0, max_running=1)
+    eng = llm.engine
+    sp = SamplingParams(max_tokens=3, ignore_eos=True)
+    reqs = [eng.add_request([256, i + 1, 2], None, sp) for i in range(3)]
+    reqs[2].arrival -= 10.0  # waited 10 s already: its first token can no longer come within 5 s
+    eng.run_until_done(reqs)
+    assert [r.finish_reason for r in reqs] == ["length", "length", "abort"]
+    assert len(reqs[2].output_ids) == 0
+    assert llm.stats()["pages_kv"] == 0 and llm.stats()["requests_aborted"] == 1
+
+
+def test_cli_generate_runs_the_tiny_default(capsys):
+    import json
+
+    from slora_jax.cli import main
+
+    assert main(["generate", "--prompt", "Hi", "--use", "demo-coder", "--max-tokens", "4", "--dtype", "float32",
+                 "--kernels", "xla"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(out["token_ids"]) == 4 and out["finish_reason"] == "length" and out["error"] is None

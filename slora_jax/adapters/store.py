@@ -60,11 +60,15 @@ def _mover(sharding):
 def to_device(buffer, sharding):
     """Host buffer (numpy or pinned_host array) -> device memory under `sharding`, asynchronously.
 
-    A pinned_host array is moved by an identity jit whose output lives in device memory: jax 0.11's
-    device_put refuses a pinned_host buffer bound for the same device ("Memory kind mismatch")."""
+    jax 0.11's device_put can refuse a pinned_host buffer bound for its own device ("Memory kind
+    mismatch"); an identity jit whose output lives in device memory then does the move."""
     if isinstance(buffer, np.ndarray):
         return jax.device_put(buffer, sharding)
-    return _mover(sharding)(buffer)
+    target = sharding.with_memory_kind("device")
+    try:
+        return jax.device_put(buffer, target)
+    except ValueError:
+        return _mover(target)(buffer)
 
 
 class AdapterStore:
