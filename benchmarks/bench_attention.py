@@ -27,7 +27,6 @@ bytes = K and V read once + q read + out written; roofline_fraction = (bytes / t
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -119,14 +118,6 @@ def prefill_inputs(key, chunks, prefixes, hq, hkv, hd, page_rows, dtype=jnp.bflo
 
 
 # --------------------------------------------------------------------------- (a) correctness
-def rel_err(out, ref):
-    out = np.asarray(out, np.float32)
-    ref = np.asarray(ref, np.float32)
-    if not np.all(np.isfinite(out)):
-        return float("inf")
-    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
-
-
 def correctness() -> list[str]:
     failures = []
     key = jax.random.PRNGKey(0)
@@ -138,7 +129,7 @@ def correctness() -> list[str]:
             dt = time.perf_counter() - t0
             with jax.default_matmul_precision("highest"):
                 ref = fn_ref()
-            err = rel_err(out, ref)
+            err = common.rel_err(out, ref)
             ok = err < tol
             print(f"{'PASS' if ok else 'FAIL'} {name}: rel err {err:.2e} (tol {tol:g}; "
                   f"compile+run {dt:.1f}s)")
@@ -237,9 +228,8 @@ def time_decode(batch, ctx, heads, bw, device, upstream, *, tunables=(), with_ba
     kw = dict(page_rows=page_rows, scale=hd ** -0.5)
     nbytes = 2 * batch * ctx * hkv * hd * 2 + 2 * q.size * 2
     rows = []
-    configs = [("pallas", {})] if not tunables else [
-        ("pallas:" + "-".join(f"{k}{v}" for k, v in t.items()), t) for t in tunables]
-    for name, tun in configs:
+    for tun in tunables or ({},):  # the default tunables unless sweeping
+        name = common.tunables_name("pallas", tun)
         try:
             s = common.time_loop(
                 lambda q, pool, layer, bt, n, tun=tun: attention.paged_attention_decode(
@@ -288,9 +278,8 @@ def time_prefill(chunk, nseq, prefix, heads, bw, device, *, tunables=(), phase="
     keys = nseq * (chunk * prefix + chunk * (chunk + 1) / 2)
     flops = 4 * hd * hq * keys
     rows = []
-    configs = [("pallas", {})] if not tunables else [
-        ("pallas:" + "-".join(f"{k}{v}" for k, v in t.items()), t) for t in tunables]
-    for name, tun in configs:
+    for tun in tunables or ({},):  # the default tunables unless sweeping
+        name = common.tunables_name("pallas", tun)
         try:
             s = common.time_loop(
                 lambda q, pool, layer, bt, qs, kv, tun=tun: attention.paged_attention_prefill(
@@ -327,65 +316,43 @@ PREFILL_SWEEP = [  # the defaults (block_q 64, block_kv 64, 4 warps, 2 stages) a
 ]
 
 
+def timings(run: common.KernelBenchRun) -> None:
+    """(b): decode MHA, decode GQA and prefill, each against upstream and XLA where they run."""
+    print(f"== (b) timings; HBM roofline {run.bw / 1e12:.2f} TB/s")
+    upstream = _upstream()
+    for batch in Cfg.batches:
+        for ctx in Cfg.contexts:
+            run.emit(time_decode(batch, ctx, Cfg.mha, run.bw, run.device, upstream))
+    for batch in Cfg.batches:
+        for ctx in Cfg.gqa_contexts:
+            run.emit(time_decode(batch, ctx, Cfg.gqa, run.bw, run.device, upstream, phase="decode-gqa"))
+    for chunk, nseq, prefix in Cfg.prefill:
+        run.emit(time_prefill(chunk, nseq, prefix, Cfg.mha, run.bw, run.device))
+
+
+def sweep(run: common.KernelBenchRun) -> None:
+    """(c): our kernels' tunables at the sweep shapes; prints the fastest per shape."""
+    print("== (c) tunables sweep")
+    for batch, ctx, kind in Cfg.sweep_shapes:
+        heads = Cfg.mha if kind == "mha" else Cfg.gqa
+        tunables = DECODE_SWEEP + [dict(block_kv=64, num_warps=4, num_stages=2,
+                                        num_splits=8)] * (kind == "gqa")
+        phase = f"decode-{kind}-sweep"
+        res = run.emit(time_decode(batch, ctx, heads, run.bw, run.device, None, tunables=tunables,
+                                   with_baselines=False, phase=phase))
+        if res:
+            best = min(res, key=lambda r: r["time_us"])
+            print(f"   best {phase} B={batch} ctx={ctx}: {best['kernel']}")
+    chunk, nseq, prefix = Cfg.prefill[0]
+    res = run.emit(time_prefill(chunk, nseq, prefix, Cfg.mha, run.bw, run.device,
+                                tunables=PREFILL_SWEEP, phase="prefill-sweep"))
+    if res:
+        print(f"   best prefill: {min(res, key=lambda r: r['time_us'])['kernel']}")
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--no-sweep", action="store_true", help="skip the tunables sweep")
-    ap.add_argument("--check-only", action="store_true", help="only the correctness checks")
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny shapes in interpret mode: checks the script itself on a CPU")
-    args = ap.parse_args(argv)
-    if args.smoke:
-        Cfg.smoke()
-    t_start = time.perf_counter()
-    device = common.device_name()
-    print(f"device {device}, jax {jax.__version__}, commit {common.git_commit()}")
-
-    print(f"== (a) correctness (interpret={Cfg.interpret}) vs the XLA reference")
-    failures = correctness()
-    rows = []
-
-    def emit(res):
-        for r in res:
-            rows.append(r)
-            _print(r)
-        return res
-
-    if not args.check_only:
-        bw = common.hbm_bandwidth(Cfg.hbm_gib)
-        print(f"== (b) timings; HBM roofline {bw / 1e12:.2f} TB/s")
-        upstream = _upstream()
-        for batch in Cfg.batches:
-            for ctx in Cfg.contexts:
-                emit(time_decode(batch, ctx, Cfg.mha, bw, device, upstream))
-        for batch in Cfg.batches:
-            for ctx in Cfg.gqa_contexts:
-                emit(time_decode(batch, ctx, Cfg.gqa, bw, device, upstream, phase="decode-gqa"))
-        for chunk, nseq, prefix in Cfg.prefill:
-            emit(time_prefill(chunk, nseq, prefix, Cfg.mha, bw, device))
-        if not args.no_sweep:
-            print("== (c) tunables sweep")
-            for batch, ctx, kind in Cfg.sweep_shapes:
-                heads = Cfg.mha if kind == "mha" else Cfg.gqa
-                sweep = DECODE_SWEEP + [dict(block_kv=64, num_warps=4, num_stages=2,
-                                             num_splits=8)] * (kind == "gqa")
-                phase = f"decode-{kind}-sweep"
-                res = emit(time_decode(batch, ctx, heads, bw, device, None, tunables=sweep,
-                                       with_baselines=False, phase=phase))
-                if res:
-                    best = min(res, key=lambda r: r["time_us"])
-                    print(f"   best {phase} B={batch} ctx={ctx}: {best['kernel']}")
-            chunk, nseq, prefix = Cfg.prefill[0]
-            res = emit(time_prefill(chunk, nseq, prefix, Cfg.mha, bw, device,
-                                    tunables=PREFILL_SWEEP, phase="prefill-sweep"))
-            if res:
-                print(f"   best prefill: {min(res, key=lambda r: r['time_us'])['kernel']}")
-        path = os.path.join(args.out, "kernels_attention.json")
-        common.write_json(path, rows)
-        print(f"wrote {len(rows)} rows to {path}")
-    print(f"total {time.perf_counter() - t_start:.0f}s; "
-          f"{'all checks PASS' if not failures else 'FAILED: ' + ', '.join(failures)}")
-    return 1 if failures else 0
+    return common.kernel_bench_main(argv, doc=__doc__, cfg=Cfg, correctness=correctness, timings=timings,
+                                    sweep=sweep, print_row=_print, out_file="kernels_attention.json")
 
 
 if __name__ == "__main__":

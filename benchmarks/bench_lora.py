@@ -25,7 +25,6 @@ so nothing is hoisted out of the loop.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -106,14 +105,6 @@ def dead_tokens(seg_starts, ranks_row, t):
 
 
 # --------------------------------------------------------------------------- (a) correctness
-def rel_err(out, ref):
-    out = np.asarray(out, np.float32)
-    ref = np.asarray(ref, np.float32)
-    if not np.all(np.isfinite(out)):
-        return float("inf")
-    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
-
-
 def correctness() -> list[str]:
     failures = []
     d = Cfg.d
@@ -150,7 +141,7 @@ def correctness() -> list[str]:
                                               np.asarray(c["y"], np.float32)[dead])
                     extra = "" if extra_ok else "; dead rows changed"
                 dt = time.perf_counter() - t0
-                err = rel_err(out, ref)
+                err = common.rel_err(out, ref)
                 ok = err < tol and extra_ok
                 print(f"{'PASS' if ok else 'FAIL'} {label}: rel err {err:.2e} (tol {tol:g}{extra}; "
                       f"compile+run {dt:.1f}s)", flush=True)
@@ -258,10 +249,6 @@ def _print(r):
           f"vs xla {'-' if sp is None else format(sp, '.2f')}", flush=True)
 
 
-def _name(prefix, tun):
-    return prefix + (":" + "-".join(f"{k}{v}" for k, v in tun.items()) if tun else "")
-
-
 def time_case(phase, seg_lens, rank, bw, device, *, batch, with_xla=True, shrink_sweep=(),
               expand_sweep=()):
     args, v, nbytes = lora_inputs(len(seg_lens) * 1000 + rank, seg_lens, rank, Cfg.d)
@@ -282,7 +269,7 @@ def time_case(phase, seg_lens, rank, bw, device, *, batch, with_xla=True, shrink
     for tun in shrink_sweep:
         try:
             s = common.time_loop(_both("pallas", tun, {}), args)
-            rows.append(_row(_name("shrink", tun), phase + "-sweep-shrink", batch, rank, s, nbytes,
+            rows.append(_row(common.tunables_name("shrink", tun), phase + "-sweep-shrink", batch, rank, s, nbytes,
                              bw, device, tunables=tun, **extra))
         except Exception as e:
             print(f"{phase} shrink {tun}: {type(e).__name__}: {e}")
@@ -293,7 +280,7 @@ def time_case(phase, seg_lens, rank, bw, device, *, batch, with_xla=True, shrink
         for tun in expand_sweep:
             try:
                 s = common.time_loop(_expand_only(tun), eargs)
-                rows.append(_row(_name("expand", tun), phase + "-sweep-expand", batch, rank, s,
+                rows.append(_row(common.tunables_name("expand", tun), phase + "-sweep-expand", batch, rank, s,
                                  e_bytes, bw, device, tunables=tun, **extra))
             except Exception as e:
                 print(f"{phase} expand {tun}: {type(e).__name__}: {e}")
@@ -323,64 +310,43 @@ EXPAND_SWEEP_PREFILL = [
 ]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--no-sweep", action="store_true", help="skip the tunables sweep")
-    ap.add_argument("--check-only", action="store_true", help="only the correctness checks")
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny shapes in interpret mode: checks the script itself on a CPU")
-    args = ap.parse_args(argv)
-    if args.smoke:
-        Cfg.smoke()
-    t_start = time.perf_counter()
-    device = common.device_name()
-    print(f"device {device}, jax {jax.__version__}, commit {common.git_commit()}")
-
-    print(f"== (a) correctness (interpret={Cfg.interpret}) vs the XLA reference")
-    failures = correctness()
-    rows = []
-
-    def emit(res):
-        for r in res:
-            rows.append(r)
-            _print(r)
-        return res
-
-    if not args.check_only:
-        bw = common.hbm_bandwidth(Cfg.hbm_gib)
-        print(f"== (b) timings, shrink + expand of one {Cfg.d}-wide projection; "
-              f"HBM roofline {bw / 1e12:.2f} TB/s")
-        for batch in Cfg.batches:
-            for rank in Cfg.ranks:
-                emit(time_case("decode", [1] * batch, rank, bw, device, batch=batch))
-        nseq, chunk = Cfg.prefill
+def timings(run: common.KernelBenchRun) -> None:
+    """(b): pallas and xla shrink + expand, decode at every batch x rank, then prefill at every rank."""
+    print(f"== (b) timings, shrink + expand of one {Cfg.d}-wide projection; "
+          f"HBM roofline {run.bw / 1e12:.2f} TB/s")
+    for batch in Cfg.batches:
         for rank in Cfg.ranks:
-            emit(time_case("prefill", [chunk] * nseq, rank, bw, device, batch=nseq))
-        if not args.no_sweep:
-            print("== (c) tunables sweep (shrink: with the default expand; expand: alone)")
-            shapes = [("decode", [1] * b, r, b, SHRINK_SWEEP_DECODE, EXPAND_SWEEP_DECODE)
-                      for b, r in Cfg.sweep_decode]
-            shapes.insert(min(2, len(shapes)), ("prefill", [chunk] * nseq, Cfg.sweep_prefill_rank,
-                                                nseq, SHRINK_SWEEP_PREFILL, EXPAND_SWEEP_PREFILL))
-            for phase, lens, rank, batch, ss, es in shapes:
-                if time.perf_counter() - t_start > Cfg.budget_s:
-                    print(f"   sweep stopped: past the {Cfg.budget_s:.0f}s budget")
-                    break
-                res = emit(time_case(phase, lens, rank, bw, device, batch=batch, with_xla=False,
-                                     shrink_sweep=ss, expand_sweep=es))
-                for kind in ("shrink", "expand"):
-                    part = [r for r in res if r["phase"].endswith(kind)]
-                    if part:
-                        best = min(part, key=lambda r: r["time_us"])
-                        print(f"   best {phase} {kind} B={batch} r={rank}: {best['kernel']} "
-                              f"{best['time_us']:.1f} us")
-        path = os.path.join(args.out, "kernels_lora.json")
-        common.write_json(path, rows)
-        print(f"wrote {len(rows)} rows to {path}")
-    print(f"total {time.perf_counter() - t_start:.0f}s; "
-          f"{'all checks PASS' if not failures else 'FAILED: ' + ', '.join(failures)}")
-    return 1 if failures else 0
+            run.emit(time_case("decode", [1] * batch, rank, run.bw, run.device, batch=batch))
+    nseq, chunk = Cfg.prefill
+    for rank in Cfg.ranks:
+        run.emit(time_case("prefill", [chunk] * nseq, rank, run.bw, run.device, batch=nseq))
+
+
+def sweep(run: common.KernelBenchRun) -> None:
+    """(c): each kernel's tunables at the sweep shapes, most telling first, until the time budget is spent."""
+    print("== (c) tunables sweep (shrink: with the default expand; expand: alone)")
+    nseq, chunk = Cfg.prefill
+    shapes = [("decode", [1] * b, r, b, SHRINK_SWEEP_DECODE, EXPAND_SWEEP_DECODE)
+              for b, r in Cfg.sweep_decode]
+    shapes.insert(min(2, len(shapes)), ("prefill", [chunk] * nseq, Cfg.sweep_prefill_rank,
+                                        nseq, SHRINK_SWEEP_PREFILL, EXPAND_SWEEP_PREFILL))
+    for phase, lens, rank, batch, ss, es in shapes:
+        if run.elapsed() > Cfg.budget_s:
+            print(f"   sweep stopped: past the {Cfg.budget_s:.0f}s budget")
+            break
+        res = run.emit(time_case(phase, lens, rank, run.bw, run.device, batch=batch, with_xla=False,
+                                 shrink_sweep=ss, expand_sweep=es))
+        for kind in ("shrink", "expand"):
+            part = [r for r in res if r["phase"].endswith(kind)]
+            if part:
+                best = min(part, key=lambda r: r["time_us"])
+                print(f"   best {phase} {kind} B={batch} r={rank}: {best['kernel']} "
+                      f"{best['time_us']:.1f} us")
+
+
+def main(argv=None) -> int:
+    return common.kernel_bench_main(argv, doc=__doc__, cfg=Cfg, correctness=correctness, timings=timings,
+                                    sweep=sweep, print_row=_print, out_file="kernels_lora.json")
 
 
 if __name__ == "__main__":

@@ -36,13 +36,7 @@ def pinned_bandwidth(nbytes: int) -> float:
     host = np.random.default_rng(0).standard_normal(nbytes // 4, np.float32)
     src = jax.device_put(host, sh) if sh is not None else host
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    jax.block_until_ready(to_device(src, dev))
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        jax.block_until_ready(to_device(src, dev))
-        times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times)
+    return nbytes / common.median_seconds(to_device, src, dev)
 
 
 def rss_gb() -> float:
@@ -121,12 +115,7 @@ def main():
     w = jax.random.normal(jax.random.PRNGKey(0), (n_w // 4096, 4096), jnp.bfloat16)
     x = jnp.ones((8, w.shape[0]), jnp.bfloat16)
     step = jax.jit(lambda x, w: x @ w)
-    jax.block_until_ready(step(x, w))
-    alone = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(x, w))
-        alone.append(time.perf_counter() - t0)
+    alone = common.median_seconds(step, x, w)
     k = min(32, count_many // 2)
     names = [f"r16-{i}" for i in range(k)]
     t0 = time.perf_counter()
@@ -137,9 +126,8 @@ def main():
     jax.block_until_ready((y, pool.array))
     both = time.perf_counter() - t0
     swap_only = swap([f"r16-{i}" for i in range(k, 2 * k)])
-    overlap = {"device": dev, "step_alone_s": statistics.median(alone), "step_with_32_swaps_s": both,
-               "swaps_alone_s": swap_only, "hidden_fraction": max(0.0, min(1.0, (statistics.median(alone)
-                                                                                   + swap_only - both) / swap_only))}
+    overlap = {"device": dev, "step_alone_s": alone, "step_with_32_swaps_s": both, "swaps_alone_s": swap_only,
+               "hidden_fraction": max(0.0, min(1.0, (alone + swap_only - both) / swap_only))}
     print(json.dumps(overlap), flush=True)
     del w, x
 

@@ -1,11 +1,15 @@
-"""Shared timing helpers for the GPU benchmark scripts (not imported by the package).
+"""Shared helpers for the GPU benchmark scripts (not imported by the package).
 
 Timing follows the device tool's METHOD.md: warm up (compile) first, run the
 work `iters` times inside one jitted `fori_loop` so that per-call dispatch is
 not measured, block on the result, repeat and take the median.
+
+`kernel_bench_main` is the driver of the kernel benches (bench_lora.py,
+bench_attention.py): their options, the order of their phases and their output.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -15,6 +19,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def device_name() -> str:
@@ -52,6 +57,17 @@ def time_loop(body: Callable, args: tuple, iters: int = 20, repeats: int = 5) ->
     return statistics.median(times)
 
 
+def median_seconds(fn: Callable, *args, repeats: int = 5) -> float:
+    """Median seconds of `fn(*args)` (blocked on), after one untimed call that compiles and warms up."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def hbm_bandwidth(gib: float = 2.0) -> float:
     """Bytes/s of `y = x + 1` over `gib` GiB of bf16 (bytes read + written): the roofline denominator."""
     n = int(gib * (1 << 30)) // 2
@@ -72,3 +88,75 @@ def write_json(path: str, rows) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
+
+
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float32; inf if `out` has a NaN or inf (which the norm could hide)."""
+    out = np.asarray(out, np.float32)
+    ref = np.asarray(ref, np.float32)
+    if not np.all(np.isfinite(out)):
+        return float("inf")
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def tunables_name(prefix: str, tunables: dict) -> str:
+    """'pallas:block_kv64-num_warps4' for a row's kernel column; the bare prefix for the defaults."""
+    return prefix + (":" + "-".join(f"{k}{v}" for k, v in tunables.items()) if tunables else "")
+
+
+# -- the kernel benches' driver ----------------------------------------------------------------
+class KernelBenchRun:
+    """What the timing and sweep phases of one kernel-bench run share: device, bandwidth, clock, rows."""
+
+    def __init__(self, print_row: Callable[[dict], None]):
+        self.t_start = time.perf_counter()
+        self.device = device_name()
+        self.bw: float = 0.0  # bytes/s, measured before the timings
+        self.rows: list = []
+        self._print_row = print_row
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def emit(self, rows: list) -> list:
+        """Keep `rows` for the JSON file and print each as it comes; returns them."""
+        for r in rows:
+            self.rows.append(r)
+            self._print_row(r)
+        return rows
+
+
+def kernel_bench_main(argv, *, doc: str, cfg, correctness: Callable[[], list],
+                      timings: Callable[[KernelBenchRun], None], sweep: Callable[[KernelBenchRun], None],
+                      print_row: Callable[[dict], None], out_file: str) -> int:
+    """(a) correctness, (b) timings, (c) a tunables sweep, rows to <out>/`out_file`; exit status 1 on a FAIL.
+
+    `cfg` is the script's shape class (`smoke()`, `interpret`, `hbm_gib`);
+    `correctness()` returns the names of failed checks; `timings` and `sweep`
+    print their section header and `emit` their rows.
+    """
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the tunables sweep")
+    ap.add_argument("--check-only", action="store_true", help="only the correctness checks")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes in interpret mode: checks the script itself on a CPU")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        cfg.smoke()
+    run = KernelBenchRun(print_row)
+    print(f"device {run.device}, jax {jax.__version__}, commit {git_commit()}")
+
+    print(f"== (a) correctness (interpret={cfg.interpret}) vs the XLA reference")
+    failures = correctness()
+    if not args.check_only:
+        run.bw = hbm_bandwidth(cfg.hbm_gib)
+        timings(run)
+        if not args.no_sweep:
+            sweep(run)
+        path = os.path.join(args.out, out_file)
+        write_json(path, run.rows)
+        print(f"wrote {len(run.rows)} rows to {path}")
+    print(f"total {run.elapsed():.0f}s; "
+          f"{'all checks PASS' if not failures else 'FAILED: ' + ', '.join(failures)}")
+    return 1 if failures else 0

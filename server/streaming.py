@@ -1,0 +1,221 @@
+"""From the engine thread to the client: one HTTP request's engine requests, their events, and the SSE body.
+
+The engine runs in its own thread (`Engine.start()`); each HTTP request turns
+into one engine request per choice, whose listener (called on the engine
+thread after every token) hands text deltas to the event loop, one wake-up
+per burst of tokens (`Dispatcher`). Adding and aborting requests takes the
+engine lock, so it runs in the thread pool: a long engine step (or a
+first-time compile) never blocks the loop.
+
+A client that goes away is noticed by a per-request task that waits for the
+ASGI `http.disconnect` message; it aborts the request's unfinished engine
+requests, which frees their KV pages.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Callable, Optional
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from .errors import ApiError, error_body
+from .metrics import Metrics
+
+log = logging.getLogger("slora_jax.server")
+
+DISCONNECT = object()  # the event that says the client went away
+
+
+class Dispatcher:
+    """Hands events from the engine thread to asyncio queues with one loop wake-up per burst.
+
+    Listeners run inside the engine step, under its lock; a `call_soon_threadsafe`
+    per token would cost a syscall per token per request there. Instead events
+    go into a deque, and only the first event after a flush schedules the next flush.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def push(self, queue: asyncio.Queue, event) -> None:  # any thread
+        self._items.append((queue, event))
+        with self._lock:
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:  # event loop
+        with self._lock:
+            self._scheduled = False
+        items = self._items
+        while items:
+            queue, event = items.popleft()
+            queue.put_nowait(event)
+
+
+class Generation:
+    """The engine requests behind one HTTP request (one per choice), delivered as one asyncio event queue.
+
+    Events are `(choice index, text delta, finished)`, or `DISCONNECT` when the client went away.
+    Create it on the event loop that serves the request (`dispatcher.loop`).
+    """
+
+    def __init__(self, engine, metrics: Metrics, dispatcher: Dispatcher, endpoint: str, prefix: str):
+        self.engine, self.metrics, self.dispatcher, self.endpoint = engine, metrics, dispatcher, endpoint
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.loop = dispatcher.loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.reqs: list = []
+        self._progress: dict = {}  # choice -> (tokens seen, time of the last); engine thread only
+        self._watcher: Optional[asyncio.Task] = None
+
+    def _listener(self, idx: int) -> Callable:
+        metrics = self.metrics
+
+        def on_token(req, delta: str) -> None:  # engine thread: must never raise
+            try:
+                now = time.monotonic()
+                count, last = self._progress.get(idx, (0, None))
+                metrics.on_tokens(req, count, last, now)
+                self._progress[idx] = (len(req.output_ids), now)
+                if req.finished:
+                    metrics.on_finish(req, self.endpoint)
+                self.dispatcher.push(self.events, (idx, delta, req.finished))
+            except RuntimeError:  # the event loop is closed: the server is shutting down
+                pass
+            except Exception:
+                log.exception("request listener failed")
+
+        return on_token
+
+    # -- life cycle ------------------------------------------------------------------------------
+    async def start(self, request: Request, prompts: list, adapter: Optional[str], samplings: list) -> None:
+        """Add every choice to the engine, then watch for the client going away."""
+        await run_in_threadpool(self.submit, prompts, adapter, samplings)
+        self.watch(request)
+
+    def submit(self, prompts: list, adapter: Optional[str], samplings: list) -> None:
+        """Add every choice to the engine (thread pool); all or none."""
+        try:
+            for i, (ids, sp) in enumerate(zip(prompts, samplings)):
+                self.reqs.append(self.engine.add_request(ids, adapter, sp, request_id=f"{self.id}-{i}",
+                                                         listener=self._listener(i)))
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        for r in self.reqs:
+            if not r.finished:
+                self.engine.abort(r.id)
+
+    def abort_soon(self) -> None:
+        """Abort unfinished choices from the event loop without waiting for the engine lock."""
+        if any(not r.finished for r in self.reqs):
+            self.loop.run_in_executor(None, self.abort)
+
+    def watch(self, request: Request) -> None:
+        self._watcher = asyncio.ensure_future(self._watch(request))
+
+    async def _watch(self, request: Request) -> None:
+        try:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # a server without disconnect messages: nothing to watch
+            return
+        self.abort_soon()
+        self.events.put_nowait(DISCONNECT)
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        self.abort_soon()
+
+    # -- results ---------------------------------------------------------------------------------
+    async def wait_all(self) -> bool:
+        """Until every choice finished (True) or the client went away (False)."""
+        pending = len(self.reqs)
+        while pending:
+            ev = await self.events.get()
+            if ev is DISCONNECT:
+                return False
+            pending -= bool(ev[2])
+        return True
+
+    async def finish(self) -> bool:
+        """Wait for all choices; False if the client went away. Raises the failure of a failed choice."""
+        try:
+            ok = await self.wait_all()
+        finally:
+            self.close()
+        if ok and (err := self.failure()) is not None:
+            raise err
+        return ok
+
+    def failure(self) -> Optional[ApiError]:
+        for r in self.reqs:
+            if r.finish_reason == "error":
+                return ApiError(500, f"the engine failed on this request: {r.error or 'internal error'}")
+            if r.finish_reason == "abort":
+                return ApiError(503, "the request was dropped before it could finish (the server is overloaded)")
+        return None
+
+    def usage(self, prompts: list, n: int) -> dict:
+        prompt_tokens = sum(len(p) for p in prompts[::n])  # each prompt once, however many choices
+        completion = sum(len(r.output_ids) for r in self.reqs)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"  # ASCII-escaped: no raw line breaks in an event
+
+
+def sse_response(gen: Generation, chunk: Callable, head: Optional[Callable],
+                 usage: Optional[Callable]) -> StreamingResponse:
+    """SSE body: `head(i)` once per choice first, then `chunk(i, delta, finish_reason)`, then usage, [DONE]."""
+
+    async def body():
+        try:
+            if head is not None:
+                for i in range(len(gen.reqs)):
+                    yield _sse(head(i))
+            pending = len(gen.reqs)
+            while pending:
+                ev = await gen.events.get()
+                if ev is DISCONNECT:
+                    return
+                idx, delta, finished = ev
+                if not finished:  # one chunk per token, even one whose text is held back (partial UTF-8)
+                    yield _sse(chunk(idx, delta, None))
+                    continue
+                pending -= 1
+                req = gen.reqs[idx]
+                if req.finish_reason in ("error", "abort"):
+                    # the status line is long gone: the error travels as an event, as OpenAI's API does
+                    err = gen.failure()
+                    yield _sse(error_body(err.status, err.message))
+                    yield b"data: [DONE]\n\n"
+                    return
+                yield _sse(chunk(idx, delta, req.finish_reason))
+            if usage is not None:
+                yield _sse(usage())
+            yield b"data: [DONE]\n\n"
+        finally:
+            gen.close()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
