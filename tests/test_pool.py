@@ -49,3 +49,15 @@ def test_pool_sized_from_pages_and_geometry():
     assert llm.engine.pool.array.shape == (cfg.num_layers, 2 * 100 * 16, cfg.num_kv_heads * cfg.head_dim)
     assert jax.tree.leaves(llm.engine.pool.array)[0].dtype == np.float32
     assert llm.stats()["pages_total"] == 100 and llm.stats()["pages_free"] == 100
+
+
+def test_synthetic_adapters_distinct_or_shared():
+    llm = make()
+    store = llm.engine.store
+    llm.add_synthetic_adapters(["d0", "d1"], 4)
+    llm.add_synthetic_adapters(["s0", "s1", "s2"], 8, shared=True)
+    assert store.get("s0").buffer is store.get("s2").buffer
+    assert store.get("d0").buffer is not store.get("d1").buffer
+    assert not np.array_equal(np.asarray(store.get("d0").buffer), np.asarray(store.get("d1").buffer))
+    out = llm.generate(["a", "b", "c"], adapter=["d1", "s1", "s2"], sampling=SamplingParams(max_tokens=2))
+    assert all(o.error is None for o in out) and llm.stats()["swaps_in"] == 3

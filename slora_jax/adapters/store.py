@@ -122,13 +122,15 @@ class AdapterStore:
         return entry
 
     def add_synthetic(self, names: Iterable[str], rank: int, modules=("q_proj", "k_proj", "v_proj", "o_proj"),
-                      seed: int = 0, std: float = 0.01) -> list[AdapterEntry]:
+                      seed: int = 0, std: float = 0.01, shared: bool = False) -> list[AdapterEntry]:
         """Random adapters for benchmarks, generated fast without disk.
 
         One random template per call; each adapter gets its own buffer: a copy
         of the template with its first row scaled by a per-adapter factor
         (distinct weights; a copy runs at memory speed, bf16 arithmetic in numpy
-        does not).
+        does not). `shared=True` makes them all alias one buffer: a swap-in moves
+        the same bytes, but host memory holds one copy (benchmarks with more
+        adapters than host memory).
         """
         if rank > self.max_rank:
             raise AdapterError(f"rank {rank} is above max_rank={self.max_rank}")
@@ -138,7 +140,11 @@ class AdapterStore:
         template = (rng.standard_normal((self.cfg.num_layers, n_rows, layout.row_width(self.cfg)), np.float32)
                     * std).astype(self.dtype)
         out = []
+        one = self._host_buffer(template) if shared else None
         for i, name in enumerate(names):
+            if shared:
+                out.append(self._insert(AdapterEntry(name, dict(ranks), n_rows, one, "synthetic-shared"), False))
+                continue
             packed = template.copy()
             packed[:, 0] = template[:, 0] * self.dtype.type(1.0 + 0.001 * (i % 997))
             out.append(self._insert(AdapterEntry(name, dict(ranks), n_rows, self._host_buffer(packed),

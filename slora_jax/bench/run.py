@@ -268,15 +268,7 @@ def register_adapters(llm, n: int, ranks: Sequence[int], modules: Sequence[str],
         names = [adapter_name(i) for i in range(n) if rank_of[i] == r and adapter_name(i) not in store]
         if not names:
             continue
-        if not shared:
-            llm.add_synthetic_adapters(names, r, tuple(modules), seed=seed + r)
-            continue
-        llm.add_synthetic_adapters(names[:1], r, tuple(modules), seed=seed + r)
-        proto = store.get(names[0])
-        # No public API aliases one host buffer under many names; the store's insert is the one place that does.
-        with llm.engine._lock:
-            for name in names[1:]:
-                store._insert(dataclasses.replace(proto, name=name, ranks=dict(proto.ranks)), replace=False)
+        llm.add_synthetic_adapters(names, r, tuple(modules), seed=seed + r, shared=shared)
     info = {"adapters_registered": len(store), "adapter_host_bytes_logical": total,
             "adapter_host_memory": "shared" if shared else "distinct", "register_s": time.monotonic() - t}
     log.info("registered %d adapters (%s host buffers, %.1f GB logical) in %.1f s", n, info["adapter_host_memory"],
