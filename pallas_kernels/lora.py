@@ -11,8 +11,8 @@ GPU kernels use Pallas' Triton lowering; on CPU they run in interpret mode
 (``interpret=None`` picks that from ``jax.default_backend()``). On a TPU
 backend, and on any backend with ``impl="pallas_tpu"``, both entry points run
 the Pallas TPU (Mosaic) kernels of `lora_tpu` instead (TPU interpret mode off
-TPU); on TPU with a pool width they do not support (``W % 128 != 0``) they
-log a warning and run the reference.
+TPU); on TPU with shapes they do not support (``W % 128 != 0``, index
+tables too large for SMEM) they log a warning and run the reference.
 
 Work list (static grid, any segment lengths)
 --------------------------------------------
@@ -108,12 +108,12 @@ def _resolve_interpret(interpret: bool | None) -> bool:
     return bool(interpret)
 
 
-def _tpu_route(name: str, impl: str, w: int) -> str | None:
+def _tpu_route(name: str, impl: str, unsupported) -> str | None:
     """Where a call goes instead of the Triton kernels: "tpu" (`lora_tpu`), "xla" (the reference), None.
 
     impl="pallas_tpu": the TPU kernels on any backend (TPU interpret mode off TPU).
     impl="pallas" on a TPU backend: the TPU kernels, or the reference with a
-    warning for a pool width they do not support.
+    warning for shapes they do not support (``unsupported(lora_tpu)`` says why).
     """
     if impl == "pallas_tpu":
         return "tpu"
@@ -121,7 +121,7 @@ def _tpu_route(name: str, impl: str, w: int) -> str | None:
         return None
     from . import lora_tpu
 
-    reason = lora_tpu.unsupported_reason(w)
+    reason = unsupported(lora_tpu)
     if reason:
         log.warning("%s: %s; using the XLA reference", name, reason)
         return "xla"
@@ -395,7 +395,7 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, impl: str = "p
         raise ValueError(f"{name}: impl must be 'pallas' or 'xla', got {impl!r} "
                          "(or 'pallas_tpu': the TPU kernels on any backend)")
     layer_arr = _layer_array(name, layer, n_layers)
-    route = _tpu_route(name, impl, w)
+    route = _tpu_route(name, impl, lambda lt: lt.shrink_unsupported(pool.shape, a_rows.shape))
     if route == "xla":
         return reference.lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows)
     if route == "tpu":
@@ -535,7 +535,7 @@ def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *,
         raise ValueError(f"{name}: impl must be 'pallas' or 'xla', got {impl!r} "
                          "(or 'pallas_tpu': the TPU kernels on any backend)")
     layer_arr = _layer_array(name, layer, n_layers)
-    route = _tpu_route(name, impl, w)
+    route = _tpu_route(name, impl, lambda lt: lt.expand_unsupported(pool.shape, b_rows.shape))
     if route == "xla":
         return reference.lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales)
     if route == "tpu":

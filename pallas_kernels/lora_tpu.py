@@ -77,20 +77,29 @@ never reaches the result); rows of the segment get ``y + delta``, every
 other row keeps ``y``. With a bf16 pool, ``v * scale`` is split into a bf16
 high and low part (two MXU passes), which keeps about float32 accuracy.
 
-Constraints: ``W % 128 == 0`` (pool rows are DMA'd into lane-aligned tiles
-and ``y`` is tiled ``W`` columns wide). On a TPU backend with another ``W``
-`lora.py` logs a warning and runs the reference; ``impl="pallas_tpu"`` raises.
+Constraints (compiled): ``W % 128 == 0`` (pool rows are DMA'd into
+lane-aligned tiles and ``y`` is tiled ``W`` columns wide), and the index
+tables must fit the SMEM budget (`SMEM_TABLE_BUDGET`, 512 KiB: shrink needs
+about ``4 * M * NS * R * K_in`` bytes, expand ``4 * NS * R * K_out``; e.g. a
+Llama-3-8B down_proj shrink (``K_in = 14``) with R = 64 fits up to ~140
+segments). On a TPU backend `lora.py` runs the reference with a warning when
+either fails; ``impl="pallas_tpu"`` raises (in interpret mode only the width
+rule applies: SMEM is not simulated).
 
-Limits, not measured on hardware (no TPU was available when this was
-written; the kernels are tested in TPU interpret mode only):
-* every pool row is its own DMA of ``W`` elements into row ``j`` of a
-  ``(8, 128)``-tiled VMEM buffer (a sub-tile destination; Mosaic's DMA
-  engine handles strided rows, but the cost per small DMA is not measured);
-* the pool-row tables live in SMEM (``M * NS * R * K * 4`` bytes for shrink):
-  very large decode batches with high ranks may exceed SMEM and would then
-  need the tables fetched per segment by DMA instead;
+Not measured on hardware (no TPU was available when this was written; the
+kernels are tested in TPU interpret mode, and their Pallas -> Mosaic lowering
+is checked on CPU, but Mosaic's own compiler passes run only in libtpu):
+* every pool row is its own DMA of ``[1, W]`` into row ``j`` of a tiled VMEM
+  buffer, i.e. a destination smaller than one ``(8, 128)`` tile at a dynamic
+  sublane offset; if Mosaic rejects or serialises such DMAs, the fix is a
+  buffer whose row axis is untiled (more VMEM) or adapter pages of 8-16 rows
+  copied as whole tiles (DESIGN.md section 3);
+* the cost of many small DMAs per segment (``rank * K`` of them) and of the
+  scalar work per segment in decode batches (one segment per token);
 * VMEM: the scratch is ``2 * K * Rp * W`` pool elements; when the estimate
-  passes 12 MiB the kernel raises Mosaic's scoped VMEM limit (up to 100 MiB).
+  passes 12 MiB the kernel raises Mosaic's scoped VMEM limit (up to 100 MiB);
+* a future version could fetch the index rows of each segment by DMA instead
+  of scalar-prefetching the whole tables, lifting the SMEM limit.
 """
 from __future__ import annotations
 
@@ -103,9 +112,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-__all__ = ["lora_shrink", "lora_expand", "unsupported_reason", "interpret_params", "block_t_default"]
+__all__ = ["lora_shrink", "lora_expand", "shrink_unsupported", "expand_unsupported", "interpret_params",
+           "block_t_default"]
 
 LANES = 128
+# Bytes of index tables the kernels may scalar-prefetch into SMEM (1 MiB per core on TPU v4 and later;
+# half is left to Mosaic and to SMEM padding).
+SMEM_TABLE_BUDGET = 512 * 1024
 
 
 # --------------------------------------------------------------------------- helpers
@@ -122,12 +135,36 @@ def _sublanes(dtype) -> int:
     return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
 
 
-def unsupported_reason(w: int) -> str | None:
-    """Why these kernels cannot run on a pool of width W (None: they can)."""
+def _width_reason(w: int) -> str | None:
     if w % LANES:
         return (f"the TPU kernels need the pool width W to be a multiple of {LANES} "
                 f"(lane-aligned DMA tiles), got W = {w}")
     return None
+
+
+def _smem_reason(n_words: int) -> str | None:
+    if 4 * n_words > SMEM_TABLE_BUDGET:
+        return (f"the index tables ({4 * n_words} bytes) exceed the TPU kernels' SMEM budget for "
+                f"scalar prefetch ({SMEM_TABLE_BUDGET} bytes)")
+    return None
+
+
+def _shrink_words(m: int, ns: int, r: int, k: int) -> int:
+    return m * ns * r * k + m * ns + ns + 2  # a_rows, ranks, seg_starts, layer
+
+
+def _expand_words(ns: int, r: int, k: int) -> int:
+    return ns * r * k + 2 * ns + ns + 2  # b_rows, ranks, scales, seg_starts, layer
+
+
+def shrink_unsupported(pool_shape, a_rows_shape) -> str | None:
+    """Why the compiled TPU shrink cannot run on these shapes (None: it can)."""
+    return _width_reason(pool_shape[-1]) or _smem_reason(_shrink_words(*a_rows_shape))
+
+
+def expand_unsupported(pool_shape, b_rows_shape) -> str | None:
+    """Why the compiled TPU expand cannot run on these shapes (None: it can)."""
+    return _width_reason(pool_shape[-1]) or _smem_reason(_expand_words(*b_rows_shape))
 
 
 def interpret_params(interpret) -> Any:
@@ -409,7 +446,9 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, interpret=None
     default `block_t_default`).
     """
     name = "lora_shrink"
-    reason = unsupported_reason(pool.shape[-1])
+    interpret = interpret_params(interpret)
+    # The width rule holds in interpret mode too (it tests what runs on TPU); SMEM is not simulated.
+    reason = _width_reason(pool.shape[-1]) or (None if interpret else shrink_unsupported(pool.shape, a_rows.shape))
     if reason:
         raise ValueError(f"{name}: {reason}")
     bt = _tunables(name, tunables)
@@ -419,7 +458,7 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, interpret=None
         return jnp.zeros((m, t, r), jnp.float32)
     return _shrink_call(
         x, pool, _layer_array(layer), seg_starts.astype(jnp.int32), seg_ranks.astype(jnp.int32),
-        a_rows.astype(jnp.int32), block_t=bt or block_t_default(t, ns), interpret=interpret_params(interpret),
+        a_rows.astype(jnp.int32), block_t=bt or block_t_default(t, ns), interpret=interpret,
     )
 
 
@@ -465,14 +504,15 @@ def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, rows_ref, v_ref
         delta_ref[...] = jnp.zeros(delta_ref.shape, jnp.float32)
         for rb in range(nrb):
             c0 = rb * br
-            wr = min(br, r - c0)
 
             @pl.when(rank > c0)
             def _():
-                vt = v_ref[:, c0:c0 + wr].astype(jnp.float32) * scale
-                vt = jnp.where(c0 + lax.broadcasted_iota(jnp.int32, (bt, wr), 1) < rank, vt, 0.0)
-                bt_ = bbuf[slot, c0:c0 + wr, :]
-                bt_ = jnp.where(c0 + lax.broadcasted_iota(jnp.int32, (wr, w), 0) < rank, bt_, 0)
+                # Whole (tile-aligned) rank blocks: v's block is >= R wide, columns >= rank and
+                # B rows >= rank (stale or uninitialised scratch) are zeroed.
+                vt = v_ref[:, c0:c0 + br].astype(jnp.float32) * scale
+                vt = jnp.where(c0 + lax.broadcasted_iota(jnp.int32, (bt, br), 1) < rank, vt, 0.0)
+                bt_ = bbuf[slot, c0:c0 + br, :]
+                bt_ = jnp.where(c0 + lax.broadcasted_iota(jnp.int32, (br, w), 0) < rank, bt_, 0)
                 if cdt == jnp.float32:
                     part = _dot(vt, bt_, cdt, trans_b=False)
                 else:  # bf16 MXU passes at about float32 accuracy: v = hi + lo
@@ -504,8 +544,9 @@ def _expand_call(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *
         _expand_kernel, n_layers=n_layers, n_rows=n_rows, ns=ns, t=t, w=w, k=k, r=r, br=br, nrb=nrb,
         bt=bt, cdt=cdt,
     )
+    vb = _round_up(rp, LANES)  # v's block: whole rank blocks, lane-aligned (columns >= R masked)
     estimate = (2 * rp * w * jnp.dtype(pool.dtype).itemsize + 4 * bt * w * jnp.dtype(y.dtype).itemsize
-                + 2 * bt * _round_up(r, LANES) * 4 + bt * w * 4)
+                + 2 * bt * vb * 4 + bt * w * 4)
     # y aliased to the output: 5 scalar-prefetch operands, then v, pool, y. TPU interpret mode (jax
     # 0.10.2 and 0.11.2) returns an aliased output with the input's block padding when T or D_out is
     # not a multiple of the block, so there it aliases only unpadded shapes (every output block is
@@ -516,7 +557,7 @@ def _expand_call(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *
         num_scalar_prefetch=5,
         grid=(k, _cdiv(t, bt)),
         in_specs=[
-            pl.BlockSpec((bt, r), lambda c, i, *_: (i, 0)),
+            pl.BlockSpec((bt, vb), lambda c, i, *_: (i, 0)),
             pl.BlockSpec(memory_space=pl.ANY),
             pl.BlockSpec((bt, w), lambda c, i, *_: (i, c)),
         ],
@@ -547,7 +588,8 @@ def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *,
     interpret: see `interpret_params`. tunables: block_t (multiple of 16).
     """
     name = "lora_expand"
-    reason = unsupported_reason(pool.shape[-1])
+    interpret = interpret_params(interpret)
+    reason = _width_reason(pool.shape[-1]) or (None if interpret else expand_unsupported(pool.shape, b_rows.shape))
     if reason:
         raise ValueError(f"{name}: {reason}")
     bt = _tunables(name, tunables)
@@ -558,5 +600,5 @@ def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *,
     return _expand_call(
         y, v.astype(jnp.float32), pool, _layer_array(layer), seg_starts.astype(jnp.int32),
         seg_ranks.astype(jnp.int32), b_rows.astype(jnp.int32), seg_scales.astype(jnp.float32),
-        block_t=bt or block_t_default(t, ns), interpret=interpret_params(interpret),
+        block_t=bt or block_t_default(t, ns), interpret=interpret,
     )

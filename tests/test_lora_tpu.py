@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import lora, lora_tpu
+from pallas_kernels import lora, lora_tpu, reference
 from tests.test_lora_kernels import Case, check, check_expand, check_shrink
 
 TPU = dict(impl="pallas_tpu")
@@ -49,7 +49,7 @@ def test_f32(name):
     check_expand(case, **TPU)
 
 
-@pytest.mark.parametrize("name", ["mixed", "prefill"])
+@pytest.mark.parametrize("name", ["mixed", "prefill", "decode"])
 def test_bf16(name):
     case = Case(7, dtype=jnp.bfloat16, **CASES[name])
     check_shrink(case, **TPU)
@@ -63,6 +63,26 @@ def test_block_t_and_segment_cache(block_t):
     case = Case(1, **PREFILL)
     check_shrink(case, block_t=block_t, **TPU)
     check_expand(case, block_t=block_t, **TPU)
+
+
+def test_one_segment_several_modules_and_column_blocks():
+    # Every block of every module (shrink) / output column block (expand) sees segment 0 only: the
+    # adapter cached for one module or column block must not be reused by the next one.
+    case = Case(2, seg_lens=[40], t=40, ranks=[[5], [8]], r=8, d_in=128, d_out=256, w=128, m=2)
+    check_shrink(case, **TPU)
+    check_shrink(case, block_t=16, **TPU)
+    check_expand(case, **TPU)
+    check_expand(case, block_t=16, **TPU)
+
+
+@pytest.mark.parametrize("name", ["mixed", "decode"])
+def test_eager_dma(name):
+    # The default interpreter runs a DMA when it is waited for; "eager" runs it when it starts.
+    # Hardware does either or anything in between: a prefetch into the slot being read would show.
+    case = Case(3, **CASES[name])
+    params = pltpu.InterpretParams(dma_execution_mode="eager")
+    check_shrink(case, interpret=params, **TPU)
+    check_expand(case, interpret=params, **TPU)
 
 
 def test_all_rank_zero_and_all_padding():
@@ -144,6 +164,46 @@ def test_tpu_backend_dispatches_to_tpu_kernels(monkeypatch):
     # interpret=None on a TPU backend compiles with Mosaic.
     assert lora_tpu.interpret_params(None) is False
     assert isinstance(lora_tpu.interpret_params(True), pltpu.InterpretParams)
+
+
+def test_tpu_backend_falls_back_for_unsupported_shapes(monkeypatch, caplog):
+    # Index tables past the SMEM budget: the reference runs, with a warning; explicitly asking for
+    # the compiled TPU kernel raises before anything is compiled.
+    t, ns, r, k, w = 4, 200, 128, 6, 128
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((t, k * w)), jnp.float32)
+    pool = jnp.asarray(rng.standard_normal((2, 16, w)), jnp.float32)
+    starts = jnp.asarray(np.minimum(np.arange(ns + 1), t), jnp.int32)
+    ranks = jnp.full((1, ns), 3, jnp.int32)
+    a_rows = jnp.asarray(rng.integers(0, 16, (1, ns, r, k)), jnp.int32)
+    assert lora_tpu.shrink_unsupported(pool.shape, a_rows.shape) is not None
+    ref = reference.lora_shrink(x, pool, 1, starts, ranks, a_rows)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    with caplog.at_level("WARNING", logger=lora.__name__):
+        out = lora.lora_shrink(x, pool, 1, starts, ranks, a_rows)
+    assert "SMEM budget" in caplog.text
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    with pytest.raises(ValueError, match="SMEM budget"):
+        lora.lora_shrink(x, pool, 1, starts, ranks, a_rows, impl="pallas_tpu", interpret=False)
+    y = jnp.zeros((t, k * w), jnp.float32)
+    with pytest.raises(ValueError, match="SMEM budget"):
+        lora.lora_expand(y, jnp.zeros((t, r)), pool, 1, starts, ranks[0], a_rows[0], jnp.ones((ns,)),
+                         impl="pallas_tpu", interpret=False)
+
+
+def test_no_races():
+    # The interpreter's happens-before race detector, over DMAs into the double-buffered scratch.
+    # Its result lives in a private module (jax 0.10.2 and 0.11.2: interpret_pallas_call.races).
+    try:
+        from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+    except ImportError:
+        pytest.skip("this jax has no TPU interpret race-detector state where this test looks for it")
+    case = Case(15, **MIXED)
+    params = pltpu.InterpretParams(detect_races=True)
+    check_shrink(case, interpret=params, block_t=16, **TPU)
+    assert not ipc.races.races_found
+    check_expand(case, interpret=params, block_t=16, **TPU)
+    assert not ipc.races.races_found
 
 
 def test_default_interpret_off_tpu():
