@@ -423,14 +423,16 @@ def _check_tunables(fn, hd, block_kv, num_warps, num_stages):
 def _tpu_path(impl, interpret):
     """True for the TPU (Mosaic) path: impl='pallas_tpu', or impl='pallas' on a TPU backend
     (unless the Triton kernel is explicitly interpreted there)."""
-    return impl == "pallas_tpu" or (jax.default_backend() == "tpu" and not _use_interpret(interpret))
+    if impl == "pallas_tpu":
+        return True
+    return jax.default_backend() == "tpu" and not _use_interpret(interpret)
 
 
 def _xla_fallback(impl, interpret, *, tpu_kernel=False):
     """True if the XLA reference must run (impl='xla', or the TPU path of an op with no
     Mosaic kernel: tpu_kernel=False)."""
     if impl not in ("pallas", "pallas_tpu", "xla"):
-        raise ValueError(f"impl must be 'pallas', 'pallas_tpu' or 'xla', got {impl!r}")
+        raise ValueError(f"impl must be 'pallas' or 'xla' (or 'pallas_tpu'), got {impl!r}")
     if impl == "xla":
         return True
     if not tpu_kernel and _tpu_path(impl, interpret):

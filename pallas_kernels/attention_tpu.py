@@ -55,7 +55,11 @@ Interpret mode: ``interpret=None`` picks TPU interpret mode
 (``pltpu.InterpretParams()``: simulated HBM/VMEM, DMAs and semaphores, with
 out-of-bounds reads raising and uninitialised VMEM filled with NaN) on the CPU
 backend and the compiled kernel elsewhere; ``True`` forces interpret mode, and
-an ``InterpretParams`` instance is passed through.
+an ``InterpretParams`` instance is passed through. An eager (not traced)
+interpreted call blocks until its result is ready: the interpreter's host
+callbacks dispatch JAX ops themselves and can deadlock against ops dispatched
+meanwhile on a CPU client with few cores (seen on 2 cores). Under an outer
+``jit`` the caller should block on the result before dispatching more.
 """
 from __future__ import annotations
 
@@ -172,7 +176,7 @@ def _decode_kernel(layer_ref, lengths_ref, bt_ref, q_ref, pool_hbm, o_ref, k_buf
 
             @pl.when(i + 1 < n_blocks)
             def _():
-                start(i + 1, slot)
+                start(i + 1, 1 - slot)
 
             wait(i, slot)
             k = k_buf[slot].reshape(block_tokens, head_dim).astype(cdtype)
@@ -275,6 +279,13 @@ def paged_attention_decode(q, pool, layer, block_tables, lengths, *, page_rows: 
     pages_per_block = int(min(pages_per_block, max(1, max_pages)))
     if batch == 0 or max_pages == 0:  # nothing to read: every output row is 0
         return jnp.zeros(q.shape, q.dtype)
-    return _decode_mosaic(q, pool, layer, block_tables, lengths, page_rows=int(page_rows),
-                          scale=float(scale), pages_per_block=pages_per_block,
-                          interpret=_resolve_interpret(interpret))
+    interpret = _resolve_interpret(interpret)
+    out = _decode_mosaic(q, pool, layer, block_tables, lengths, page_rows=int(page_rows),
+                         scale=float(scale), pages_per_block=pages_per_block,
+                         interpret=interpret)
+    if interpret is not False and not isinstance(out, jax.core.Tracer):
+        # TPU interpret mode runs the kernel as host callbacks that themselves dispatch JAX
+        # ops; with other ops dispatched meanwhile from this thread, a CPU client with few
+        # cores can deadlock. An eager interpreted call therefore completes before returning.
+        out.block_until_ready()
+    return out

@@ -139,7 +139,8 @@ def test_decode_traced_layer_under_jit_and_mixed_dtypes():
     kw = dict(page_rows=page_rows, scale=HD ** -0.5)
     f = jax.jit(lambda q, pool, layer, bt, n: _run(q, pool, layer, bt, n, **kw))
     for layer in (0, 2):
-        out = f(q, pool, jnp.int32(layer), bt, jnp.asarray(lengths))
+        # traced: the wrapper cannot block, so block here (see attention_tpu's eager path)
+        out = f(q, pool, jnp.int32(layer), bt, jnp.asarray(lengths)).block_until_ready()
         ref = reference.paged_attention_decode(q, pool, layer, bt, jnp.asarray(lengths), **kw)
         assert_close(out, ref, jnp.float32)
 
