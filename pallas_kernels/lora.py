@@ -350,6 +350,16 @@ def _shrink_pallas(x, pool, layer, seg_starts, seg_ranks, a_rows, *, block_t, bl
     return out.reshape(m, t, r) if ks == 1 else out.sum(axis=0)
 
 
+def _check_common(name, act_name, dim_name, act, pool, seg_starts) -> None:
+    """The shape checks shrink and expand share: activations, pool, segment starts."""
+    if act.ndim != 2:
+        raise ValueError(f"{name}: {act_name} must be [T, {dim_name}], got shape {act.shape}")
+    if pool.ndim != 3:
+        raise ValueError(f"{name}: pool must be [L, S, W], got shape {pool.shape}")
+    if seg_starts.ndim != 1 or seg_starts.shape[0] < 1:
+        raise ValueError(f"{name}: seg_starts must be [NS + 1] with NS >= 0, got shape {seg_starts.shape}")
+
+
 def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, impl: str = "pallas",
                 interpret: bool | None = None, **tunables) -> jax.Array:
     """v[m, t, j] = x[t] . A_m(seg(t))[:, j] for j < rank, else 0 (see `reference.lora_shrink`).
@@ -367,12 +377,7 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, impl: str = "p
     take block_t only (a multiple of 16; see `lora_tpu`).
     """
     name = "lora_shrink"
-    if x.ndim != 2:
-        raise ValueError(f"{name}: x must be [T, D_in], got shape {x.shape}")
-    if pool.ndim != 3:
-        raise ValueError(f"{name}: pool must be [L, S, W], got shape {pool.shape}")
-    if seg_starts.ndim != 1 or seg_starts.shape[0] < 1:
-        raise ValueError(f"{name}: seg_starts must be [NS + 1] with NS >= 0, got shape {seg_starts.shape}")
+    _check_common(name, "x", "D_in", x, pool, seg_starts)
     if a_rows.ndim != 4:
         raise ValueError(f"{name}: a_rows must be [M, NS, R, K_in], got shape {a_rows.shape}")
     t, d = x.shape
@@ -501,12 +506,7 @@ def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *,
     (powers of two >= 16), num_warps, num_stages; defaults from `expand_defaults`.
     """
     name = "lora_expand"
-    if y.ndim != 2:
-        raise ValueError(f"{name}: y must be [T, D_out], got shape {y.shape}")
-    if pool.ndim != 3:
-        raise ValueError(f"{name}: pool must be [L, S, W], got shape {pool.shape}")
-    if seg_starts.ndim != 1 or seg_starts.shape[0] < 1:
-        raise ValueError(f"{name}: seg_starts must be [NS + 1] with NS >= 0, got shape {seg_starts.shape}")
+    _check_common(name, "y", "D_out", y, pool, seg_starts)
     if b_rows.ndim != 3:
         raise ValueError(f"{name}: b_rows must be [NS, R, K_out], got shape {b_rows.shape}")
     t, d = y.shape
