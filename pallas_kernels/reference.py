@@ -109,7 +109,7 @@ def write_kv(pool, layer, k, v, slots):
 
 def _gather_kv(pool, layer, block_tables, page_rows):
     """block_tables [B, M] -> K, V of shape [B, M * page_rows, W]."""
-    s, w = pool.shape[1], pool.shape[2]
+    s = pool.shape[1]
     n_pages = s // (2 * page_rows)
     offs = jnp.arange(page_rows, dtype=jnp.int32)
     k_rows = (block_tables[..., None] * page_rows + offs).reshape(block_tables.shape[0], -1)

@@ -63,8 +63,7 @@ class LLM:
     def add_synthetic_adapters(self, names, rank: int, modules=("q_proj", "k_proj", "v_proj", "o_proj"),
                                seed: int = 0, shared: bool = False) -> None:
         """Random adapters without disk, for benchmarks (`shared`: all alias one host buffer)."""
-        with self.engine._lock:
-            self.engine.store.add_synthetic(names, rank, modules, seed, shared=shared)
+        self.engine.add_synthetic_adapters(names, rank, modules, seed, shared=shared)
 
     def remove_adapter(self, name: str) -> None:
         self.engine.remove_adapter(name)

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 
 DEMO_ADAPTERS = {"demo-poet": 4, "demo-coder": 8, "demo-pirate": 16}
+ENGINE_FLAGS = ("num_pages", "max_running", "max_batch_tokens", "max_model_len", "page_rows")
 
 
 def add_demo_adapters(llm, seed: int = 0) -> list:
@@ -38,7 +39,7 @@ def _adapter_args(values) -> dict:
 
 def _engine_kw(args) -> dict:
     kw = {}
-    for key in ("num_pages", "max_running", "max_batch_tokens", "max_model_len", "page_rows"):
+    for key in ENGINE_FLAGS:
         if getattr(args, key, None) is not None:
             kw[key] = getattr(args, key)
     return kw
@@ -63,7 +64,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rank", type=int, default=None)
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"])
     p.add_argument("--kernels", default=None, choices=["auto", "pallas", "xla"])
-    for key in ("num_pages", "max_running", "max_batch_tokens", "max_model_len", "page_rows"):
+    for key in ENGINE_FLAGS:
         p.add_argument("--" + key.replace("_", "-"), type=int, default=None)
 
 

@@ -1,8 +1,6 @@
 """Build tiny HF Llama models and PEFT adapters on disk (no hub access)."""
 from __future__ import annotations
 
-import os
-
 import torch
 
 MODEL_VARIANTS = {

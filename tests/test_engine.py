@@ -137,7 +137,7 @@ def test_remove_adapter_in_use_refused_then_allowed():
     llm.engine.run_until_done([req])
     llm.remove_adapter("ad0")
     assert [a["name"] for a in llm.adapters()] == ["ad1"]
-    assert llm.stats()["pages_adapter"] == 0 or not any(a["name"] == "ad0" for a in llm.adapters())
+    assert llm.stats()["pages_adapter"] == 0  # ad0 was the only resident adapter; its pages are free again
 
 
 def test_stream_yields_the_generated_text():

@@ -22,13 +22,14 @@ from pallas_kernels import kernel_set
 from ..adapters.lora import AdapterError, LoraWeights
 from ..adapters.store import AdapterStore
 from ..config import EngineConfig, ModelConfig
+from ..memory import layout
 from ..memory.pages import OutOfPages, PageTable
 from ..memory.pool import DevicePool, choose_num_pages
 from ..memory.residency import AdapterResidency
 from ..model.weights import dtype_of
 from ..tokenizer import IncrementalDecoder
-from .batch import BatchBuilder, pow2
-from .request import Request, RequestError, SamplingParams, Status
+from .batch import BatchBuilder
+from .request import Request, RequestError, SamplingParams
 from .runner import ModelRunner
 from .scheduler import LOOKAHEAD, ScheduledStep, Scheduler
 
@@ -117,8 +118,6 @@ class Engine:
 
     # -- adapters ----------------------------------------------------------------------
     def add_adapter(self, lw: LoraWeights, replace: bool = False):
-        from ..memory import layout
-
         need = self.pages.adapter_pages_needed(layout.num_rows(self.cfg, lw.ranks))
         seq_pages = math.ceil(self.ecfg.max_model_len / self.ecfg.page_rows)
         if need + seq_pages > self.pages.num_pages:
@@ -130,6 +129,10 @@ class Engine:
             if replace and lw.name in self.store:
                 self.remove_adapter(lw.name)
             return self.store.add(lw)
+
+    def add_synthetic_adapters(self, names, rank: int, modules, seed: int = 0, shared: bool = False) -> None:
+        with self._lock:
+            self.store.add_synthetic(names, rank, modules, seed, shared=shared)
 
     def remove_adapter(self, name: str) -> None:
         with self._lock:

@@ -91,8 +91,8 @@ class Scheduler:
                     break
                 except OutOfPages:
                     need = self.pages.pages_needed(r.id_int, r.num_computed + 1)
-                    if self.pages.evictable_pages() >= need:
-                        for name in self.pages.evict_for(self.pages.free_count + need):
+                    if self.pages.evictable_pages() >= need - self.pages.free_count:
+                        for name in self.pages.evict_for(need):
                             self.residency.evict(name)
                         continue
                     victim = self.running[-1]
@@ -108,9 +108,8 @@ class Scheduler:
             if r.remaining_prefill <= 1 or budget <= 0:
                 continue
             n = min(r.remaining_prefill, budget)
-            if not self._reserve(r, n):
-                n = self._shrink_to_fit(r, n)
-            budget -= n
+            if self._reserve(r, n):  # all or nothing: a chunk that does not fit waits a step
+                budget -= n
         return budget
 
     def _admit(self, budget: int) -> None:
@@ -159,10 +158,6 @@ class Scheduler:
             return True
         except OutOfPages:
             return False
-
-    def _shrink_to_fit(self, r: Request, n: int) -> int:
-        have = self.pages.seq_len(r.id_int) if self.pages.has_seq(r.id_int) else 0
-        return max(0, have - r.num_computed)
 
     # -- finishing ---------------------------------------------------------------------
     def preempt(self, r: Request) -> None:

@@ -43,7 +43,7 @@ run only over sequences or adapters.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable, Iterable, NamedTuple, Sequence
+from typing import Hashable, NamedTuple, Sequence
 
 import numpy as np
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 
-import jax
 import numpy as np
 
 from ..adapters.store import AdapterStore, to_device

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from ..config import LORA_MODULES, ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig
 from .llama import Llama
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,6 @@ def load_hf_checkpoint(model_dir: str, cfg: ModelConfig, dtype=jnp.bfloat16) -> 
                         raise ConfigError(f"{name}: checkpoint shape {arr.shape} != expected {tuple(shape)}")
                     values[path] = jnp.asarray(arr, dtype)
                     bar.update(1)
-    if cfg.tie_word_embeddings is False and ("lm_head",) not in values and ("embed",) in values:
-        raise ConfigError("checkpoint has no lm_head.weight but tie_word_embeddings is false")
     missing = [wanted_name for wanted_name, (p, _, _) in wanted.items() if p not in values]
     if missing:
         raise ConfigError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
