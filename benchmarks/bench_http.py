@@ -7,13 +7,14 @@ Requests come from a deterministic trace: prompt lengths uniform in a range,
 a fixed output length (ignore_eos, greedy), the adapter of each request drawn
 as floor(n * X), X ~ power(alpha) over n synthetic adapters (S-LoRA's
 workload; n = 0 serves the base model). Then the server stops and the same
-requests that completed over HTTP run through `LLM.generate` in one call.
+requests that completed over HTTP run twice in this process: with at most N in
+flight (the HTTP run's concurrency, without HTTP) and through `LLM.generate`
+all at once (the engine's own ceiling, batches as full as it allows).
 
-Reported: req/s and output tok/s both ways, client-side TTFT and latency
+Reported: req/s and output tok/s each way, client-side TTFT and latency
 percentiles over HTTP (TTFT = the first SSE chunk; the server sends one chunk
-per token), and `http_throughput_loss` = 1 - HTTP req/s / generate req/s.
-With N >= max_running both keep the engine's batch full, so the loss is what
-the HTTP layer costs; with fewer clients it also counts the smaller batches.
+per token), and `http_throughput_loss` = 1 - HTTP req/s / in-process req/s at
+the same concurrency: what the HTTP layer costs.
 
     python benchmarks/bench_http.py --model configs/llama-7b.json --adapters 100 --rank 16 \\
         --clients 64 --duration 60 --out $OUT/bench_http.json
@@ -165,6 +166,27 @@ def start_server(llm):
     return server, thread, f"http://127.0.0.1:{port}"
 
 
+def closed_loop(llm, items, clients: int, sp) -> dict:
+    """The requests of `items` through the engine in this process, at most `clients` in flight at once:
+    the HTTP run's concurrency without HTTP, so that the difference is what the server costs."""
+    eng = llm.engine
+    todo, inflight, done = list(items), [], []
+    t0 = time.perf_counter()
+    while todo or inflight:
+        while todo and len(inflight) < clients:
+            prompt, adapter = todo.pop(0)
+            inflight.append(eng.add_request(prompt, adapter, sp))
+        eng.step()
+        done += [r for r in inflight if r.finished]
+        inflight = [r for r in inflight if not r.finished]
+    elapsed = time.perf_counter() - t0
+    ok = [r for r in done if r.finish_reason in ("stop", "length")]
+    ttft = [r.first_token_time - r.arrival for r in ok if r.first_token_time is not None]
+    return {"requests": len(ok), "errors": len(done) - len(ok), "elapsed_s": elapsed, "req_s": len(ok) / elapsed,
+            "output_tok_s": sum(len(r.output_ids) for r in ok) / elapsed, "ttft_p50_s": percentile(ttft, 50),
+            "ttft_p99_s": percentile(ttft, 99)}
+
+
 def wait_idle(llm, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -258,18 +280,23 @@ def main(argv=None) -> int:
                 "engine_steps": after["steps"] - before["steps"], "preemptions": after["preemptions"] - before["preemptions"]}
     print(f"generate: {generate}", flush=True)
 
-    loss = 1.0 - http["req_s"] / generate["req_s"] if generate["req_s"] else None
+    closed = closed_loop(llm, items, args.clients, sp)
+    print(f"in-process, {args.clients} in flight: {closed}", flush=True)
+
+    # what HTTP costs: the same requests at the same concurrency without it
+    loss = 1.0 - http["req_s"] / closed["req_s"] if closed["req_s"] else None
     report = {
         "bench": "http", "device": common.device_name(), "commit": common.git_commit(),
         "config": {**vars(args), "engine": {k: getattr(llm.engine_cfg, k) for k in (
             "num_pages", "page_rows", "max_running", "max_batch_tokens", "max_model_len", "max_rank", "kernels",
             "dtype")}},
-        "http": http, "generate": generate, "http_throughput_loss": loss,
+        "http": http, "in_process_same_concurrency": closed, "generate": generate, "http_throughput_loss": loss,
     }
     common.write_json(args.out, report)
     print(f"\n{'':10}{'req/s':>9}{'tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}\n"
           f"{'HTTP':10}{http['req_s']:9.2f}{http['output_tok_s']:10.0f}{http['ttft_p50_s'] or 0:10.3f}"
           f"{http['ttft_p99_s'] or 0:10.3f}\n"
+          f"{'in-proc':10}{closed['req_s']:9.2f}{closed['output_tok_s']:10.0f}\n"
           f"{'generate':10}{generate['req_s']:9.2f}{generate['output_tok_s']:10.0f}\n"
           f"throughput lost to HTTP: {100 * (loss or 0):.1f}%   -> {args.out}", flush=True)
     return 0

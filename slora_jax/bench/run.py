@@ -417,10 +417,12 @@ def run_from_config(config_path: str, out_dir: str, overrides: Optional[dict] = 
     engine_info.update({"num_pages": st["pages_total"], "pool_bytes": st["pool_bytes"], "kernels": st["kernels"]})
     n_programs = engine.runner.cache_size
 
-    # warm-up: compile the programs this workload hits. Batches without any adapter run a program without
-    # LoRA, so the base-only run gets a warm-up pass of its own.
+    # warm-up: compile every step program, then (optionally) replay a short trace to warm everything else.
+    # Batches without any adapter run a program without LoRA, so the base-only run gets a pass of its own.
     wc = cfg["warmup"]
     t = time.monotonic()
+    n_bucket_programs = engine.warmup(lora=True)  # every bucket shape, with and without LoRA, compiled in parallel
+    log.info("compiled %d step programs (every bucket shape) in %.1f s", n_bucket_programs, time.monotonic() - t)
     if float(wc.get("duration_s", 0)) > 0:
         wtrace = trace_for(ns[-1], float(wc["rate"]), float(wc["duration_s"]), seed + 1)
         wprompts = make_prompts(wtrace, model_cfg.vocab_size, seed + 1)

@@ -210,20 +210,16 @@ class Engine:
             cb(r, delta)
         return r
 
-    def warmup(self, lora: bool = True) -> int:
-        """Compile every bucket shape now (all-padding steps), so serving never stops to compile.
+    def warmup(self, lora: bool = True, workers: Optional[int] = None) -> int:
+        """Compile every bucket shape now (in parallel threads), so serving never stops to compile.
 
         Returns the number of programs compiled."""
-        before = self.runner.cache_size()
         with self._lock:
             shapes = [(True, b) for b in self.builder.decode_sizes()] + \
                      [(False, t) for t in self.builder.prefill_sizes()]
-            for decode, size in shapes:
-                for with_lora in ((False, True) if lora else (False,)):
-                    inp, samp = self.builder.dummy(decode, size, with_lora)
-                    toks, self.pool.array = self.runner.step(self.pool.array, inp, samp)
-            np.asarray(toks)
-        return self.runner.cache_size() - before
+            examples = [self.builder.dummy(decode, size, with_lora) for decode, size in shapes
+                        for with_lora in ((False, True) if lora else (False,))]
+            return self.runner.precompile(self.pool.array, examples, workers)
 
     # -- loops ---------------------------------------------------------------------------
     def run_until_done(self, reqs: list) -> None:
