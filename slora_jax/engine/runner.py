@@ -1,10 +1,18 @@
-"""The jitted model step (pool donated) and on-device sampling."""
+"""The jitted model step (pool donated) and on-device sampling.
+
+A step takes the previous step's sampled tokens (`prev`, on the device) and
+returns its own, padded to the same fixed length: token rows the host could
+not fill (their token is still on the device) are gathered from `prev` inside
+the step, so the host never waits for a step before dispatching the next.
+"""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pallas_kernels import KernelSet
@@ -37,9 +45,12 @@ def sample(logits: jax.Array, s: SamplingArrays) -> jax.Array:
 class ModelRunner:
     """Owns the device side: params, the compiled steps. The pool array is passed in and donated."""
 
-    def __init__(self, model, kernels: KernelSet):
+    def __init__(self, model, kernels: KernelSet, max_seqs: int, sharding: jax.sharding.Sharding):
         self.graphdef, self.state = nnx.split(model)
         self.kernels = kernels
+        # `prev` of a step that follows no step in flight. Committed like a step's output: jit keys its
+        # cache on committedness, so an uncommitted array here would give each program a second entry.
+        self.no_tokens = jax.device_put(np.zeros(max_seqs, np.int32), _replicated(sharding))
         self._step = jax.jit(functools.partial(ModelRunner._step_fn, self.graphdef, kernels), donate_argnums=(1,))
         self._logits = jax.jit(functools.partial(ModelRunner._logits_fn, self.graphdef, kernels), donate_argnums=(1,))
 
@@ -51,17 +62,21 @@ class ModelRunner:
             return nnx.merge(graphdef, state)(inp, pool, kernels)
 
     @classmethod
-    def _step_fn(cls, graphdef, kernels, state, pool, inp: StepInput, samp: SamplingArrays):
-        logits, pool = cls._forward(graphdef, kernels, state, pool, inp)
-        return sample(logits, samp), pool
+    def _step_fn(cls, graphdef, kernels, state, pool, inp: StepInput, samp: SamplingArrays, prev):
+        tokens = jnp.where(inp.feed >= 0, prev[jnp.maximum(inp.feed, 0)], inp.tokens)
+        logits, pool = cls._forward(graphdef, kernels, state, pool, dataclasses.replace(inp, tokens=tokens))
+        sampled = sample(logits, samp)
+        return jnp.zeros_like(prev).at[: sampled.shape[0]].set(sampled), pool
 
     @classmethod
     def _logits_fn(cls, graphdef, kernels, state, pool, inp: StepInput):
         return cls._forward(graphdef, kernels, state, pool, inp)
 
-    def step(self, pool, inp: StepInput, samp: SamplingArrays):
-        """-> (sampled tokens [B] on device, new pool). Asynchronous."""
-        return self._step(self.state, pool, inp, samp)
+    def step(self, pool, inp: StepInput, samp: SamplingArrays, prev=None):
+        """-> (sampled tokens [max_seqs] on device, row i = sequence i; new pool). Asynchronous.
+
+        `prev`: the tokens returned by the step dispatched before this one, if `inp.feed` reads any."""
+        return self._step(self.state, pool, inp, samp, self.no_tokens if prev is None else prev)
 
     def logits(self, pool, inp: StepInput):
         return self._logits(self.state, pool, inp)
@@ -69,3 +84,10 @@ class ModelRunner:
     def cache_size(self) -> int:
         """Compiled programs so far (the no-recompilation test reads it)."""
         return self._step._cache_size() + self._logits._cache_size()
+
+
+def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of a small array every device of `sharding` holds whole (the sampled tokens)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return sharding
