@@ -128,25 +128,27 @@ def _probe_runner(eng, log: list, fed: list):
     eng.runner.step = step
 
 
-@pytest.mark.parametrize("async_steps", [False, True])
-def test_next_step_dispatched_before_tokens_are_read(async_steps):
-    llm = make_llm(async_steps=async_steps)
-    add_adapters(llm, 3)
-    log, fed = [], []
-    _probe_runner(llm.engine, log, fed)
+def test_next_step_dispatched_before_tokens_are_read():
     prompts, adapters = workload(6, 3, seed=4)
-    outs = llm.generate(prompts, adapter=adapters, sampling=SamplingParams(max_tokens=6, ignore_eos=True))
-    n = sum(1 for e in log if e[0] == "dispatch")
-    assert n >= 6 and all(len(o.token_ids) == 6 for o in outs)
-    assert sorted(log) == sorted([("dispatch", k) for k in range(n)] + [("read", k) for k in range(n)])
-    if async_steps:  # d0 d1 r0 d2 r1 ... : the device always has the next step queued while the host reads
-        assert log == [("dispatch", 0)] + [e for k in range(1, n) for e in (("dispatch", k), ("read", k - 1))] + \
-            [("read", n - 1)]
-        assert sum(fed) > 0  # decodes took their input token from the previous step on the device
-    else:
-        assert log == [e for k in range(n) for e in (("dispatch", k), ("read", k))]
-        assert sum(fed) == 0
-    assert llm.stats()["pages_kv"] == 0
+    sp = SamplingParams(max_tokens=6, ignore_eos=True)
+    steps, tokens = {}, {}
+    for async_steps in (False, True):
+        llm = make_llm(async_steps=async_steps)
+        add_adapters(llm, 3)
+        log, fed = [], []
+        _probe_runner(llm.engine, log, fed)
+        tokens[async_steps] = [o.token_ids for o in llm.generate(prompts, adapter=adapters, sampling=sp)]
+        n = steps[async_steps] = sum(1 for e in log if e[0] == "dispatch")
+        if async_steps:  # d0 d1 r0 d2 r1 ... : the device has the next step queued whenever the host reads
+            assert log == [("dispatch", 0)] + [e for k in range(1, n) for e in (("dispatch", k), ("read", k - 1))] \
+                + [("read", n - 1)]
+            assert sum(fed) > 0  # decodes took their input token from the previous step, on the device
+        else:
+            assert log == [e for k in range(n) for e in (("dispatch", k), ("read", k))]
+            assert sum(fed) == 0
+        assert llm.stats()["pages_kv"] == 0
+    assert tokens[True] == tokens[False] and all(len(t) == 6 for t in tokens[True])
+    assert steps[True] == steps[False] >= 6  # stops by length are foreseen: no step is wasted on them
 
 
 def test_abort_while_in_flight_drops_its_tokens():
