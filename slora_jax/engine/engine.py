@@ -182,7 +182,8 @@ class Engine:
                 if sched.requests:
                     self.residency.prefetch([r.adapter for r in itertools.islice(self.scheduler.waiting, LOOKAHEAD)])
                     launched = self._dispatch(sched)
-                self.counters["steps"] += 1
+                # a schedule with nothing to run (only requests whose last token is in flight) is no step
+                self.counters["steps"] += bool(sched.requests or sched.aborted or sched.preempted)
             older, self._inflight = self._inflight, launched
             if older is not None:
                 finished += self._read(older)
