@@ -168,3 +168,20 @@ def test_abort_while_in_flight_drops_its_tokens():
     assert [len(r.output_ids) for r in reqs if r is not victim] == [20, 20, 20]
     st = llm.stats()
     assert st["pages_kv"] == 0 and st["tokens_generated"] == 60 + seen
+
+
+def test_logits_and_warmup_while_a_step_is_in_flight():
+    llm = make_llm()
+    add_adapters(llm, 2)
+    eng = llm.engine
+    want = llm.logits([256, 5, 6, 7], "ad0")
+    sp = SamplingParams(max_tokens=8, ignore_eos=True)
+    alone = llm.generate([[256, 1, 2]], adapter="ad1", sampling=sp)[0].token_ids
+    req = eng.add_request([256, 1, 2], "ad1", sp)
+    eng.step()
+    eng.step()
+    assert eng._inflight is not None and req.pending == 1
+    np.testing.assert_allclose(llm.logits([256, 5, 6, 7], "ad0"), want, rtol=1e-5, atol=1e-5)
+    eng.warmup()  # all-padding steps between two real ones: they neither read nor clobber the tokens in flight
+    eng.run_until_done([req])
+    assert req.output_ids == alone and llm.stats()["pages_kv"] == 0
