@@ -168,6 +168,9 @@ class EngineConfig:
     dtype: str = "bfloat16"
     seed: int = 0
     tp: int = 1
+    # dispatch step N+1 before reading step N's tokens (DESIGN.md section 2); False: read each step's
+    # tokens before scheduling the next (simpler to reason about, the device idles while the host works)
+    async_steps: bool = True
 
     def replace(self, **kw: Any) -> "EngineConfig":
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}

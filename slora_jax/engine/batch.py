@@ -8,7 +8,9 @@ R = max_rank and the page-table width M = pages of one max_model_len sequence
 are fixed (the kernels loop only over a sequence's real length, so a wide
 table costs nothing but its few bytes). So there are log2(max_running) decode
 and log2(max_batch_tokens) prefill shapes, each with and without LoRA, all
-compiled by `Engine.warmup()`. Requests are ordered by adapter slot so
+compiled by `Engine.warmup()`. A step's sampled tokens come back padded to
+`max_b` rows, so the next step takes them as one fixed-shape input (`feed`
+says which token rows read them). Requests are ordered by adapter slot so
 tokens of one adapter form one contiguous segment. The host work is numpy
 over the batch; Python loops only over requests, never over tokens or pages.
 """
@@ -84,10 +86,16 @@ class BatchBuilder:
         q_starts[1: nb + 1] = np.cumsum(ntok)
         q_starts[nb + 1:] = q_starts[nb]
         kv_lens = np.zeros(b, np.int32)
+        feed = np.full(t, -1, np.int32)
         for i, r in enumerate(reqs):
             lo, n = r.num_computed, int(ntok[i])
             s = q_starts[i]
-            tokens[s: s + n] = r.all_ids[lo: lo + n]
+            ids = r.all_ids
+            known = min(n, len(ids) - lo)
+            tokens[s: s + known] = ids[lo: lo + known]
+            if known < n:  # the last token was sampled by the step in flight: the device feeds it in
+                assert known == n - 1 and r.pending == 1, (r.id, lo, n, len(ids), r.pending)
+                feed[s + n - 1] = r.pending_row
             positions[s: s + n] = np.arange(lo, lo + n)
             kv_slots[s: s + n] = self.pages.kv_slots(r.id_int, lo, lo + n)
             kv_lens[i] = lo + n
@@ -96,7 +104,7 @@ class BatchBuilder:
         logit_rows = np.arange(b, dtype=np.int32) if decode else np.maximum(q_starts[1:] - 1, 0)
 
         inp = StepInput(tokens, positions, kv_slots, block_tables, kv_lens, q_starts, logit_rows,
-                        self._lora(slot_arr, q_starts, b), decode, self.pages.page_rows)
+                        self._lora(slot_arr, q_starts, b), feed, decode, self.pages.page_rows)
         return inp, self._sampling(reqs, b), reqs
 
     def dummy(self, decode: bool, size: int, lora: bool) -> tuple[StepInput, SamplingArrays]:
@@ -110,8 +118,8 @@ class BatchBuilder:
             lo.ranks[:] = 0
         inp = StepInput(np.zeros(t, np.int32), np.zeros(t, np.int32), np.full(t, -1, np.int32),
                         np.zeros((b, self.width), np.int32), np.zeros(b, np.int32), q_starts,
-                        np.arange(b, dtype=np.int32) if decode else np.zeros(b, np.int32), lo, decode,
-                        self.pages.page_rows)
+                        np.arange(b, dtype=np.int32) if decode else np.zeros(b, np.int32), lo,
+                        np.full(t, -1, np.int32), decode, self.pages.page_rows)
         return inp, self._sampling([], b)
 
     def _lora(self, slot_arr: np.ndarray, q_starts: np.ndarray, b: int):
@@ -145,5 +153,5 @@ class BatchBuilder:
             col(lambda r: r.sampling.top_p, np.float32, 1.0),
             col(lambda r: r.sampling.top_k, np.int32),
             col(lambda r: r.seed & 0xFFFFFFFF, np.uint32),
-            col(lambda r: len(r.output_ids), np.int32),
+            col(lambda r: r.num_generated, np.int32),  # counts tokens still in flight: same keys in both modes
         )

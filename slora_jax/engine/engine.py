@@ -3,10 +3,23 @@
 Driven synchronously by `LLM.generate`, or from a background thread for the
 server (`start()`); one lock serialises steps against requests and adapter
 changes arriving from other threads. The host reads back only the sampled
-tokens of each step.
+tokens of each step: that read is the loop's one wait on the device.
+
+Async mode (`EngineConfig.async_steps`, DESIGN.md section 2) runs one step
+behind: step N+1 is scheduled, built and dispatched before step N's tokens are
+read, so the device never idles while Python works. Step N's tokens stay on the
+device and feed step N+1 (`StepInput.feed`); `Request.pending` counts them
+until the read. When step N's tokens are read, a request that stops at one of
+them may already be in step N+1: that step's token for it is dropped unread.
+Its pages are freed then, after N+1 was dispatched, which is safe: the pool is
+donated through every step and swap-in, so each later pool update (a step
+writing K/V into a reused page, an adapter scattered over it) takes N+1's
+output pool as input and runs after N+1. Requests that stop by length are
+known in advance and never scheduled past their last token.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -36,6 +49,14 @@ from .scheduler import LOOKAHEAD, ScheduledStep, Scheduler
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass
+class InFlight:
+    """A dispatched step whose sampled tokens the host has not read yet."""
+
+    tokens: object  # [max_b] int32 device array, row i = sequence i of the step
+    rows: list  # (request, row) for each request that samples a token in this step
+
+
 def _split_at_stop(text: str, stops) -> tuple[str, bool]:
     """(text before the first stop string, whether one occurred)."""
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
@@ -57,7 +78,6 @@ class Engine:
     def __init__(self, cfg: ModelConfig, ecfg: EngineConfig, model, tokenizer, pool_sharding=None):
         self.cfg, self.ecfg, self.tokenizer = cfg, ecfg, tokenizer
         dtype = dtype_of(ecfg.dtype)
-        self.runner = ModelRunner(model, kernel_set(ecfg.kernels))
         num_pages = choose_num_pages(cfg, ecfg, dtype)
         pages_per_seq = math.ceil(ecfg.max_model_len / ecfg.page_rows)
         if num_pages < pages_per_seq + 1:
@@ -71,6 +91,8 @@ class Engine:
                                    ecfg.early_abort_s)
         self.builder = BatchBuilder(self.pages, self.residency, ecfg.max_rank, pages_per_seq, ecfg.max_running,
                                     ecfg.max_batch_tokens)
+        self.runner = ModelRunner(model, kernel_set(ecfg.kernels), self.builder.max_b, self.pool.array.sharding)
+        self._inflight: Optional[InFlight] = None
         self.requests: dict = {}
         self._ids = itertools.count()
         self._lock = threading.RLock()
@@ -78,7 +100,7 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._stop = False
         self.counters = {"requests_finished": 0, "requests_aborted": 0, "tokens_generated": 0, "prompt_tokens": 0,
-                         "steps": 0, "preemptions": 0}
+                         "steps": 0, "preemptions": 0, "steps_overlapped": 0}
         self.on_step: list = []  # callables(finished requests) for metrics
 
     # -- requests ----------------------------------------------------------------------
@@ -98,6 +120,7 @@ class Engine:
             n = next(self._ids)
             seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
             req = Request(request_id or f"req-{n}", n, prompt_ids, adapter, sampling, seed)
+            req.token_limit = min(req.token_limit, self.ecfg.max_model_len)
             req.decoder = IncrementalDecoder(self.tokenizer)
             if listener is not None:
                 req.listeners.append(listener)
@@ -114,7 +137,7 @@ class Engine:
                 self._finish(req, "abort")
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # -- adapters ----------------------------------------------------------------------
     def add_adapter(self, lw: LoraWeights, replace: bool = False):
@@ -145,35 +168,62 @@ class Engine:
 
     # -- the step ----------------------------------------------------------------------
     def step(self) -> list:
-        """Run one engine step; returns the requests that finished in it."""
+        """Run one engine step; returns the requests that finished in it.
+
+        Async mode: dispatch this step, then read the previous one's tokens."""
         with self._lock:
             sched = self.scheduler.schedule()
-            if sched is None:
+            if sched is None and self._inflight is None:
                 return []
-            finished = [self._finish(r, "abort") for r in sched.aborted]
-            self.counters["preemptions"] += len(sched.preempted)
-            if sched.requests:
-                self.residency.prefetch([r.adapter for r in itertools.islice(self.scheduler.waiting, LOOKAHEAD)])
-                finished += self._run(sched)
-            self.counters["steps"] += 1
+            finished, launched = [], None
+            if sched is not None:
+                finished = [self._finish(r, "abort") for r in sched.aborted]
+                self.counters["preemptions"] += len(sched.preempted)
+                if sched.requests:
+                    self.residency.prefetch([r.adapter for r in itertools.islice(self.scheduler.waiting, LOOKAHEAD)])
+                    launched = self._dispatch(sched)
+                # a schedule with nothing to run (only requests whose last token is in flight) is no step
+                self.counters["steps"] += bool(sched.requests or sched.aborted or sched.preempted)
+            older, self._inflight = self._inflight, launched
+            if older is not None:
+                finished += self._read(older)
+            if not self.ecfg.async_steps:
+                finished += self.drain()
         for cb in self.on_step:
             cb(finished)
         return finished
 
-    def _run(self, sched: ScheduledStep) -> list:
+    def _dispatch(self, sched: ScheduledStep) -> InFlight:
         inp, samp, reqs = self.builder.build(sched)
+        prev = None if self._inflight is None else self._inflight.tokens
+        tokens, self.pool.array = self.runner.step(self.pool.array, inp, samp, prev)
+        self.counters["steps_overlapped"] += prev is not None
         ntok = dict(zip((r.id for r in sched.requests), sched.num_tokens))
-        tokens, self.pool.array = self.runner.step(self.pool.array, inp, samp)
-        tokens = np.asarray(tokens)  # the one device->host read of a step
-        now = time.monotonic()
-        finished = []
+        rows = []
         for i, r in enumerate(reqs):
             r.num_computed += ntok[r.id]
-            if r.num_computed < r.num_tokens:
-                continue  # a prefill chunk that has not reached the end of the prompt
-            if self._append(r, int(tokens[i]), now):
+            if r.num_computed == r.num_tokens:  # not a prefill chunk short of the prompt's end: it samples
+                r.pending += 1
+                r.pending_row = i
+                rows.append((r, i))
+        return InFlight(tokens, rows)
+
+    def _read(self, step: InFlight) -> list:
+        tokens = np.asarray(step.tokens)  # the one device->host read of a step
+        now = time.monotonic()
+        finished = []
+        for r, row in step.rows:
+            r.pending -= 1
+            if r.finished:  # stopped at an earlier token, or aborted, while this step ran: the token is dropped
+                continue
+            if self._append(r, int(tokens[row]), now):
                 finished.append(r)
         return finished
+
+    def drain(self) -> list:
+        """Read the step in flight, if any; returns the requests that finished."""
+        older, self._inflight = self._inflight, None
+        return [] if older is None else self._read(older)
 
     def _append(self, r: Request, tok: int, now: float) -> bool:
         sp = r.sampling
@@ -185,7 +235,7 @@ class Engine:
         reason = None
         if (tok in self.tokenizer.eos_ids and not sp.ignore_eos) or tok in sp.stop_token_ids:
             reason = "stop"
-        elif len(r.output_ids) >= sp.max_tokens or r.num_tokens >= self.ecfg.max_model_len:
+        elif len(r.output_ids) >= sp.max_tokens or len(r.all_ids) >= self.ecfg.max_model_len:
             reason = "length"
         if sp.stop:
             delta, hit = _split_at_stop(r.held + delta, sp.stop)
@@ -226,6 +276,8 @@ class Engine:
         while not all(r.finished for r in reqs):
             if not self.step() and not self.has_work():
                 break
+        if not self.scheduler.has_work():  # nothing left to overlap with: read the last step, leave the engine idle
+            self.step()
 
     def start(self) -> None:
         """Serve from a background thread (the HTTP server's mode)."""
@@ -255,7 +307,9 @@ class Engine:
             except Exception:  # one bad step must not kill the server: fail the running requests, go on
                 log.exception("engine step failed")
                 with self._lock:
-                    for r in list(self.scheduler.running):
+                    self._inflight = None  # its tokens are lost: fail every request waiting for one
+                    stuck = [r for r in self.scheduler.waiting if r.pending]
+                    for r in list(self.scheduler.running) + stuck:
                         self._finish(r, "error", error="internal error in the engine step")
 
     # -- direct forward ------------------------------------------------------------------

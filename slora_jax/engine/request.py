@@ -67,7 +67,12 @@ class Request:
         self.sampling = sampling
         self.seed = seed
         self.status = Status.WAITING
-        self.num_computed = 0  # tokens whose K/V are in the pool
+        self.num_computed = 0  # tokens whose K/V are in the pool (or being written by a dispatched step)
+        # Tokens sampled by dispatched steps but not read back yet (async mode): they count in num_tokens,
+        # not in output_ids. The newest one sits in row `pending_row` of the step in flight.
+        self.pending = 0
+        self.pending_row = -1
+        self.token_limit = len(self.prompt_ids) + sampling.max_tokens  # the engine caps it at max_model_len
         self.arrival = time.monotonic() if arrival is None else arrival
         self.first_token_time: Optional[float] = None
         self.finish_time: Optional[float] = None
@@ -80,11 +85,22 @@ class Request:
 
     @property
     def all_ids(self) -> list:
+        """The tokens known on the host (without the pending ones)."""
         return self.prompt_ids + self.output_ids
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Prompt + generated tokens, including those still on the device."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_ids) + self.pending
+
+    @property
+    def complete(self) -> bool:
+        """Every token it may generate by length has been sampled (some may not be read yet)."""
+        return self.num_tokens >= self.token_limit
 
     @property
     def remaining_prefill(self) -> int:

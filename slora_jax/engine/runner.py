@@ -1,6 +1,13 @@
-"""The jitted model step (pool donated) and on-device sampling."""
+"""The jitted model step (pool donated) and on-device sampling.
+
+A step takes the previous step's sampled tokens (`prev`, on the device) and
+returns its own, padded to the same fixed length: token rows the host could
+not fill (their token is still on the device) are gathered from `prev` inside
+the step, so the host never waits for a step before dispatching the next.
+"""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import threading
@@ -8,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pallas_kernels import KernelSet
@@ -40,11 +48,14 @@ def sample(logits: jax.Array, s: SamplingArrays) -> jax.Array:
 class ModelRunner:
     """Owns the device side: params, the compiled steps. The pool array is passed in and donated."""
 
-    def __init__(self, model, kernels: KernelSet):
+    def __init__(self, model, kernels: KernelSet, max_seqs: int, sharding: jax.sharding.Sharding):
         self.graphdef, self.state = nnx.split(model)
         self.kernels = kernels
         self._compiled: dict = {}  # input signature -> ahead-of-time compiled step (precompile)
         self._compiled_lock = threading.Lock()
+        # `prev` of a step that follows no step in flight. Committed like a step's output: jit keys its
+        # cache on committedness, so an uncommitted array here would give each program a second entry.
+        self.no_tokens = jax.device_put(np.zeros(max_seqs, np.int32), _replicated(sharding))
         self._step = jax.jit(functools.partial(ModelRunner._step_fn, self.graphdef, kernels), donate_argnums=(1,))
         self._logits = jax.jit(functools.partial(ModelRunner._logits_fn, self.graphdef, kernels), donate_argnums=(1,))
 
@@ -56,20 +67,25 @@ class ModelRunner:
             return nnx.merge(graphdef, state)(inp, pool, kernels)
 
     @classmethod
-    def _step_fn(cls, graphdef, kernels, state, pool, inp: StepInput, samp: SamplingArrays):
-        logits, pool = cls._forward(graphdef, kernels, state, pool, inp)
-        return sample(logits, samp), pool
+    def _step_fn(cls, graphdef, kernels, state, pool, inp: StepInput, samp: SamplingArrays, prev):
+        tokens = jnp.where(inp.feed >= 0, prev[jnp.maximum(inp.feed, 0)], inp.tokens)
+        logits, pool = cls._forward(graphdef, kernels, state, pool, dataclasses.replace(inp, tokens=tokens))
+        sampled = sample(logits, samp)
+        return jnp.zeros_like(prev).at[: sampled.shape[0]].set(sampled), pool
 
     @classmethod
     def _logits_fn(cls, graphdef, kernels, state, pool, inp: StepInput):
         return cls._forward(graphdef, kernels, state, pool, inp)
 
-    def step(self, pool, inp: StepInput, samp: SamplingArrays):
-        """-> (sampled tokens [B] on device, new pool). Asynchronous."""
+    def step(self, pool, inp: StepInput, samp: SamplingArrays, prev=None):
+        """-> (sampled tokens [max_seqs] on device, row i = sequence i; new pool). Asynchronous.
+
+        `prev`: the tokens returned by the step dispatched before this one, if `inp.feed` reads any."""
+        prev = self.no_tokens if prev is None else prev
         exe = self._compiled.get(_signature(inp, samp))
         if exe is not None:
-            return exe(self.state, pool, inp, samp)
-        return self._step(self.state, pool, inp, samp)
+            return exe(self.state, pool, inp, samp, prev)
+        return self._step(self.state, pool, inp, samp, prev)
 
     def precompile(self, pool, examples: list, workers: int | None = None) -> int:
         """Compile the step for every (StepInput, SamplingArrays) example shape, in parallel threads.
@@ -85,7 +101,8 @@ class ModelRunner:
             for inp, samp in examples:  # each compile starts as soon as its program is lowered
                 sig = _signature(inp, samp)
                 if sig not in self._compiled and sig not in futures:
-                    futures[sig] = compile_pool.submit(self._step.lower(self.state, pool, inp, samp).compile)
+                    lowered = self._step.lower(self.state, pool, inp, samp, self.no_tokens)
+                    futures[sig] = compile_pool.submit(lowered.compile)
             done = {sig: f.result() for sig, f in futures.items()}
         with self._compiled_lock:
             self._compiled.update(done)
@@ -103,3 +120,10 @@ def _signature(inp: StepInput, samp: SamplingArrays) -> tuple:
     """What selects a compiled step: the pytree structure (incl. static metadata) and leaf shapes/dtypes."""
     leaves, tree = jax.tree.flatten((inp, samp))
     return tree, tuple((x.shape, x.dtype) for x in leaves)
+
+
+def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of a small array every device of `sharding` holds whole (the sampled tokens)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return sharding

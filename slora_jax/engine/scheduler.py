@@ -10,6 +10,11 @@ When decodes run out of pages, the most recently admitted request is
 preempted (its pages freed, recomputed later): a transiently full pool is
 never an error. With `early_abort_s`, waiting requests that can no longer get
 their first token within that SLO are dropped (S-LoRA's early abort).
+
+In async mode a request's newest token may still be on the device when the
+next step is scheduled: `Request.num_tokens` counts it, so a decode reserves
+the page for the position after it, and a request whose last token by length
+is in flight (`complete`) is not scheduled again: its read finishes it.
 """
 from __future__ import annotations
 
@@ -56,7 +61,7 @@ class Scheduler:
     def schedule(self) -> Optional[ScheduledStep]:
         aborted = self._early_abort()
         preempted = self._reserve_decodes()
-        budget = self.max_batch_tokens - sum(1 for r in self.running if r.remaining_prefill == 1)
+        budget = self.max_batch_tokens - sum(1 for r in self.running if r.remaining_prefill == 1 and not r.complete)
         budget = self._continue_prefills(budget)
         self._admit(budget)
         if not self.running:
@@ -75,7 +80,7 @@ class Scheduler:
         now = time.monotonic()
         keep, dropped = collections.deque(), []
         for r in self.waiting:
-            (dropped if now - r.arrival > self.early_abort_s and not r.output_ids else keep).append(r)
+            (dropped if now - r.arrival > self.early_abort_s and not r.num_generated else keep).append(r)
         self.waiting = keep
         return dropped
 
@@ -83,7 +88,7 @@ class Scheduler:
         """Make room for one more token of every decoding request, preempting the newest if needed."""
         preempted = []
         for r in list(self.running):
-            if r.remaining_prefill != 1 or r not in self.running:
+            if r.remaining_prefill != 1 or r.complete or r not in self.running:
                 continue
             while True:
                 try:
@@ -117,6 +122,9 @@ class Scheduler:
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_running and i < LOOKAHEAD:
             r = self.waiting[i]
+            if r.complete:  # preempted with its last token in flight: reading it finishes the request
+                i += 1
+                continue
             n = min(r.remaining_prefill, budget)
             if self._try_admit(r, n):
                 del self.waiting[i]

@@ -35,6 +35,9 @@ class StepInput:
     q_starts: jax.Array  # [B + 1] int32 token range of each sequence (prefill)
     logit_rows: jax.Array  # [n] int32 token rows whose logits are returned
     lora: Optional[LoraInput] = None
+    # [T] int32: row of the previous step's sampled tokens (still on the device) that this token is,
+    # -1 = take `tokens`. Resolved by the runner before the model runs (async mode, engine/runner.py).
+    feed: Optional[jax.Array] = None
     decode: bool = False  # one token per sequence, token b belongs to sequence b
     page_rows: int = 16  # rows per pool page (static: kernels tile by it)
 
@@ -44,6 +47,7 @@ jax.tree_util.register_dataclass(
 )
 jax.tree_util.register_dataclass(
     StepInput,
-    data_fields=["tokens", "positions", "kv_slots", "block_tables", "kv_lens", "q_starts", "logit_rows", "lora"],
+    data_fields=["tokens", "positions", "kv_slots", "block_tables", "kv_lens", "q_starts", "logit_rows", "lora",
+                 "feed"],
     meta_fields=["decode", "page_rows"],
 )
