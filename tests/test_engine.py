@@ -198,3 +198,35 @@ def test_cli_generate_runs_the_tiny_default(capsys):
                  "--kernels", "xla"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(out["token_ids"]) == 4 and out["finish_reason"] == "length" and out["error"] is None
+
+
+def test_add_request_does_not_wait_for_the_engine_lock():
+    """The loop holds the engine lock through each step (device wait included); a request added meanwhile
+    must not wait for it (a busy loop starved the server's threads for ~1 s before the inbox)."""
+    import threading
+
+    llm = make_llm(num_pages=64)
+    eng = llm.engine
+    held, release = threading.Event(), threading.Event()
+
+    def hold_lock():
+        with eng._lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    held.wait(10)
+    added = []
+    adder = threading.Thread(target=lambda: added.append(eng.add_request([5, 6, 7], None, SamplingParams(max_tokens=2))))
+    adder.start()
+    adder.join(5)
+    try:
+        assert added and not adder.is_alive(), "add_request blocked on the engine lock"
+        assert eng.has_work()
+    finally:
+        release.set()
+        holder.join()
+    eng.run_until_done(added)
+    assert added[0].finish_reason == "length" and len(added[0].output_ids) == 2
+    assert llm.stats()["pages_kv"] == 0

@@ -19,6 +19,7 @@ known in advance and never scheduled past their last token.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -96,7 +97,10 @@ class Engine:
         self.requests: dict = {}
         self._ids = itertools.count()
         self._lock = threading.RLock()
-        self._wake = threading.Condition(self._lock)
+        # New requests wait here, not on the engine lock (held through each step, device wait included): the
+        # next step admits them. Lock-free hand-over keeps a busy loop from starving the server's threads.
+        self._inbox: collections.deque = collections.deque()
+        self._new_work = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._stop = False
         self.counters = {"requests_finished": 0, "requests_aborted": 0, "tokens_generated": 0, "prompt_tokens": 0,
@@ -114,21 +118,27 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= int(t) < self.cfg.vocab_size]
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary (size {self.cfg.vocab_size})")
-        with self._lock:
-            if adapter is not None and adapter not in self.store:
-                raise AdapterError(f"adapter {adapter!r} is not registered")
-            n = next(self._ids)
-            seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
-            req = Request(request_id or f"req-{n}", n, prompt_ids, adapter, sampling, seed)
-            req.token_limit = min(req.token_limit, self.ecfg.max_model_len)
-            req.decoder = IncrementalDecoder(self.tokenizer)
-            if listener is not None:
-                req.listeners.append(listener)
-            self.requests[req.id] = req
-            self.scheduler.add(req)
-            self.counters["prompt_tokens"] += len(prompt_ids)
-            self._wake.notify()
+        if adapter is not None and adapter not in self.store:
+            raise AdapterError(f"adapter {adapter!r} is not registered")
+        n = next(self._ids)
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+        req = Request(request_id or f"req-{n}", n, prompt_ids, adapter, sampling, seed)
+        req.token_limit = min(req.token_limit, self.ecfg.max_model_len)
+        req.decoder = IncrementalDecoder(self.tokenizer)
+        if listener is not None:
+            req.listeners.append(listener)
+        self.requests[req.id] = req  # visible to abort() and remove_adapter() at once
+        self._inbox.append(req)
+        self._new_work.set()
         return req
+
+    def _admit_new(self) -> None:
+        """Move new requests from the inbox into the scheduler (under the engine lock)."""
+        while self._inbox:
+            req = self._inbox.popleft()
+            if not req.finished:  # aborted before it was admitted
+                self.scheduler.add(req)
+                self.counters["prompt_tokens"] += len(req.prompt_ids)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -137,7 +147,7 @@ class Engine:
                 self._finish(req, "abort")
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self._inflight is not None
+        return bool(self._inbox) or self.scheduler.has_work() or self._inflight is not None
 
     # -- adapters ----------------------------------------------------------------------
     def add_adapter(self, lw: LoraWeights, replace: bool = False):
@@ -159,7 +169,7 @@ class Engine:
 
     def remove_adapter(self, name: str) -> None:
         with self._lock:
-            users = [r.id for r in self.requests.values() if r.adapter == name and not r.finished]
+            users = [r.id for r in list(self.requests.values()) if r.adapter == name and not r.finished]
             if users:
                 raise AdapterError(f"adapter {name!r} is in use by {len(users)} request(s); retry when they finish")
             self.store.get(name)
@@ -172,6 +182,7 @@ class Engine:
 
         Async mode: dispatch this step, then read the previous one's tokens."""
         with self._lock:
+            self._admit_new()
             sched = self.scheduler.schedule()
             if sched is None and self._inflight is None:
                 return []
@@ -288,20 +299,18 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
-        with self._lock:
-            self._stop = True
-            self._wake.notify_all()
+        self._stop = True
+        self._new_work.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
 
     def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stop and not self.has_work():
-                    self._wake.wait(timeout=0.1)
-                if self._stop:
-                    return
+        while not self._stop:
+            if not self.has_work():
+                self._new_work.wait(timeout=0.1)  # add_request sets it; a set before clear() is seen by has_work
+                self._new_work.clear()
+                continue
             try:
                 self.step()
             except Exception:  # one bad step must not kill the server: fail the running requests, go on
@@ -350,6 +359,6 @@ class Engine:
                 "pages_adapter": p["pages_adapter"], "page_rows": self.pages.page_rows,
                 "adapters_registered": len(self.store), "adapters_resident": p["adapters_resident"],
                 "swaps_in": self.residency.swaps_in, "swaps_out": self.residency.swaps_out,
-                "requests_running": len(self.scheduler.running), "requests_waiting": len(self.scheduler.waiting),
+                "requests_running": len(self.scheduler.running), "requests_waiting": len(self.scheduler.waiting) + len(self._inbox),
                 "pool_bytes": self.pool.nbytes, "kernels": self.runner.kernels.name, **self.counters,
             }
