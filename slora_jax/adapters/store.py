@@ -72,8 +72,9 @@ def to_device(buffer, sharding):
 
 
 class AdapterStore:
-    def __init__(self, cfg: ModelConfig, max_rank: int, dtype, pinned: Optional[bool] = None):
-        self.cfg, self.max_rank, self.dtype = cfg, max_rank, jnp.dtype(dtype)
+    def __init__(self, cfg: ModelConfig, max_rank: int, dtype, pinned: Optional[bool] = None, tp: int = 1):
+        # tp: buffers are packed for a pool split over tp devices (layout.pack)
+        self.cfg, self.max_rank, self.dtype, self.tp = cfg, max_rank, jnp.dtype(dtype), tp
         self._pinned = pinned_sharding() if pinned is not False else None
         self._entries: dict[str, AdapterEntry] = {}
         self._lock = threading.Lock()
@@ -103,7 +104,7 @@ class AdapterStore:
 
     def add(self, lw: LoraWeights, replace: bool = False) -> AdapterEntry:
         lw.validate(self.cfg, self.max_rank)
-        packed = layout.pack(self.cfg, lw.modules, self.dtype)
+        packed = layout.pack(self.cfg, lw.modules, self.dtype, self.tp)
         entry = AdapterEntry(lw.name, lw.ranks, packed.shape[1], self._host_buffer(packed), lw.source)
         return self._insert(entry, replace)
 

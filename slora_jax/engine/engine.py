@@ -19,6 +19,7 @@ import numpy as np
 
 from pallas_kernels import kernel_set
 
+from .. import parallel
 from ..adapters.lora import AdapterError, LoraWeights
 from ..adapters.store import AdapterStore
 from ..config import EngineConfig, ModelConfig
@@ -54,18 +55,21 @@ def _stop_prefix_len(text: str, stops) -> int:
 
 
 class Engine:
-    def __init__(self, cfg: ModelConfig, ecfg: EngineConfig, model, tokenizer, pool_sharding=None):
+    def __init__(self, cfg: ModelConfig, ecfg: EngineConfig, model, tokenizer, devices=None):
+        """devices: where a tp > 1 mesh goes (default: the first ecfg.tp of jax.devices())."""
         self.cfg, self.ecfg, self.tokenizer = cfg, ecfg, tokenizer
         dtype = dtype_of(ecfg.dtype)
-        self.runner = ModelRunner(model, kernel_set(ecfg.kernels))
+        self.mesh = parallel.make_mesh(cfg, ecfg.tp, devices) if ecfg.tp > 1 else None
+        self.runner = ModelRunner(model, kernel_set(ecfg.kernels), self.mesh)
         num_pages = choose_num_pages(cfg, ecfg, dtype)
         pages_per_seq = math.ceil(ecfg.max_model_len / ecfg.page_rows)
         if num_pages < pages_per_seq + 1:
             raise ValueError(f"num_pages={num_pages} cannot hold one max_model_len={ecfg.max_model_len} sequence "
                              f"({pages_per_seq} pages of {ecfg.page_rows} tokens)")
-        self.pool = DevicePool(cfg, num_pages, ecfg.page_rows, dtype, pool_sharding)
+        self.pool = DevicePool(cfg, num_pages, ecfg.page_rows, dtype,
+                               parallel.pool_sharding(self.mesh) if self.mesh else None)
         self.pages = PageTable(num_pages, ecfg.page_rows)
-        self.store = AdapterStore(cfg, ecfg.max_rank, dtype)
+        self.store = AdapterStore(cfg, ecfg.max_rank, dtype, tp=ecfg.tp)
         self.residency = AdapterResidency(cfg, self.store, self.pages, self.pool, ecfg.max_rank)
         self.scheduler = Scheduler(self.pages, self.residency, ecfg.max_running, ecfg.max_batch_tokens,
                                    ecfg.early_abort_s)

@@ -9,6 +9,7 @@ from flax import nnx
 
 from pallas_kernels import KernelSet
 
+from .. import parallel
 from ..model.inputs import StepInput
 from .batch import SamplingArrays
 
@@ -37,8 +38,14 @@ def sample(logits: jax.Array, s: SamplingArrays) -> jax.Array:
 class ModelRunner:
     """Owns the device side: params, the compiled steps. The pool array is passed in and donated."""
 
-    def __init__(self, model, kernels: KernelSet):
+    def __init__(self, model, kernels: KernelSet, mesh=None):
+        """mesh: tensor parallelism over its `tp` axis (params placed sharded, kernels per shard)."""
         self.graphdef, self.state = nnx.split(model)
+        self.mesh = mesh
+        if mesh is not None:
+            self.state = parallel.place_params(self.state, mesh)
+            kernels = parallel.shard_kernels(kernels, mesh)
+            self._replicated = parallel.replicated(mesh)
         self.kernels = kernels
         self._step = jax.jit(functools.partial(ModelRunner._step_fn, self.graphdef, kernels), donate_argnums=(1,))
         self._logits = jax.jit(functools.partial(ModelRunner._logits_fn, self.graphdef, kernels), donate_argnums=(1,))
@@ -59,12 +66,17 @@ class ModelRunner:
     def _logits_fn(cls, graphdef, kernels, state, pool, inp: StepInput):
         return cls._forward(graphdef, kernels, state, pool, inp)
 
+    def _place(self, tree):
+        # on a mesh every device needs the whole step input: one explicit replicated transfer, so jit
+        # never picks another layout for these host arrays
+        return tree if self.mesh is None else jax.device_put(tree, self._replicated)
+
     def step(self, pool, inp: StepInput, samp: SamplingArrays):
         """-> (sampled tokens [B] on device, new pool). Asynchronous."""
-        return self._step(self.state, pool, inp, samp)
+        return self._step(self.state, pool, self._place(inp), self._place(samp))
 
     def logits(self, pool, inp: StepInput):
-        return self._logits(self.state, pool, inp)
+        return self._logits(self.state, pool, self._place(inp))
 
     def cache_size(self) -> int:
         """Compiled programs so far (the no-recompilation test reads it)."""

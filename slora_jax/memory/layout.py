@@ -44,19 +44,30 @@ def num_rows(cfg: ModelConfig, ranks: dict) -> int:
     return sum(r * sum(module_slots(cfg, m)) for m, r in ranks.items())
 
 
-def pack(cfg: ModelConfig, modules: dict, dtype) -> np.ndarray:
-    """LoraWeights.modules -> one compact [L, n_rows, W] buffer, ready for one transfer."""
+def pack(cfg: ModelConfig, modules: dict, dtype, tp: int = 1) -> np.ndarray:
+    """LoraWeights.modules -> one compact [L, n_rows, W] buffer, ready for one transfer.
+
+    With tp devices the pool's columns are split in tp slices of W/tp; a matrix row's K pool rows then
+    give device d a local row of K*W/tp elements, and its d-th 1/tp of the matrix row goes first in it
+    (for A^T rows the input features device d holds, for B rows the output columns it computes). So
+    every device's kernels read a local row exactly as the single-device kernels read a whole one;
+    tp=1 is the plain layout (element j at pool row j // W, column j % W).
+    """
     w = row_width(cfg)
+    lw = w // tp
     ranks = {m: modules[m][0].shape[2] for m in LORA_MODULES if m in modules}
     out = np.zeros((cfg.num_layers, num_rows(cfg, ranks), w), dtype)
     at = 0
     for m, r in ranks.items():
         a, b = modules[m]  # [L, in, r], [L, r, out]
         for mat in (np.swapaxes(a, 1, 2), b):  # rows of A^T, rows of B: [L, r, D]
-            k = slots(cfg, mat.shape[2])
-            padded = np.zeros((cfg.num_layers, r, k * w), np.float32)
-            padded[..., : mat.shape[2]] = mat
-            out[:, at: at + r * k] = padded.reshape(cfg.num_layers, r * k, w)
+            d = mat.shape[2]
+            k = slots(cfg, d)
+            local = np.zeros((cfg.num_layers, r, tp, k * lw), np.float32)  # device d's local row
+            local[..., : d // tp] = mat.reshape(cfg.num_layers, r, tp, d // tp)
+            # local element c*lw + e of device d sits at pool row c, column d*lw + e
+            rows = local.reshape(cfg.num_layers, r, tp, k, lw).transpose(0, 1, 3, 2, 4)
+            out[:, at: at + r * k] = rows.reshape(cfg.num_layers, r * k, w)
             at += r * k
     return out
 
