@@ -41,15 +41,17 @@ class LLM:
         explicit = {k: v for k, v in explicit.items() if v is not None}
         self.engine_cfg = EngineConfig().replace(**{**preset_engine, **explicit})
         parallel.check_tp(self.model_cfg, self.engine_cfg.tp)  # before loading any weights
+        tp = self.engine_cfg.tp
+        mesh = parallel.make_mesh(self.model_cfg, tp, devices) if tp > 1 else None
         jdtype = dtype_of(self.engine_cfg.dtype)
         if params is not None:
-            net = restore_params(params, self.model_cfg, jdtype)
+            net = restore_params(params, self.model_cfg, jdtype, mesh)
         elif os.path.isdir(path):
-            net = load_hf_checkpoint(path, self.model_cfg, jdtype)
+            net = load_hf_checkpoint(path, self.model_cfg, jdtype, mesh)
         else:
-            net = random_model(self.model_cfg, jdtype, seed)
+            net = random_model(self.model_cfg, jdtype, seed, mesh)
         self.tokenizer = load_tokenizer(path, self.model_cfg.bos_token_id, self.model_cfg.eos_token_ids)
-        self.engine = Engine(self.model_cfg, self.engine_cfg, net, self.tokenizer, devices)
+        self.engine = Engine(self.model_cfg, self.engine_cfg, net, self.tokenizer, mesh)
 
     # -- adapters --------------------------------------------------------------------
     def load_adapter(self, name: str, path: str, replace: bool = False) -> None:

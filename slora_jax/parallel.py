@@ -74,9 +74,14 @@ def param_spec(path) -> P:
     return REP  # embeddings, norms, lm_head: small next to the layers, kept whole on every device
 
 
+def param_sharding(mesh: Optional[Mesh], path):
+    """Where one parameter goes: its NamedSharding on `mesh`, or None (the default device) without one."""
+    return None if mesh is None else NamedSharding(mesh, param_spec(path))
+
+
 def place_params(state, mesh: Mesh):
-    """Put every parameter on the mesh with its sharding (a no-op move for arrays already there)."""
-    shardings = jax.tree_util.tree_map_with_path(lambda path, _: NamedSharding(mesh, param_spec(path)), state)
+    """Put every parameter on the mesh with its sharding (no move for arrays the loaders put there)."""
+    shardings = jax.tree_util.tree_map_with_path(lambda path, _: param_sharding(mesh, path), state)
     return jax.device_put(state, shardings)
 
 
@@ -86,6 +91,12 @@ def pool_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, REP)
+
+
+def to_host(x) -> np.ndarray:
+    """A replicated result as numpy. Across hosts (jax.distributed) an array spans devices this process
+    cannot address, and np.asarray refuses it; every device holds the whole value, so read a local one."""
+    return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
 
 
 def shard_map(f, mesh: Mesh, in_specs, out_specs):

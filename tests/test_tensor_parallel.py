@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 
 from slora_jax import LLM, SamplingParams
-from slora_jax.config import LORA_MODULES, ConfigError, ModelConfig
+from slora_jax.config import LORA_MODULES, ConfigError, ModelConfig, load_model_config
 from slora_jax.engine.request import Request
 from slora_jax.engine.scheduler import ScheduledStep
 from slora_jax.memory import layout
 from slora_jax.memory.pool import _scatter_rows
+from slora_jax.model.weights import random_model, save_params
 from slora_jax.parallel import check_tp, make_mesh
 
 N_DEV = 8
@@ -239,3 +240,24 @@ def test_pool_stays_sharded_through_swaps(model_file):
                                    rtol=1e-4, atol=1e-5)
     assert llm.engine.pool.array.sharding.spec == jax.sharding.PartitionSpec(None, None, "tp")
     assert llm.stats()["swaps_in"] >= 2
+
+
+@multi
+def test_checkpoints_load_straight_into_shards(hf_models, tmp_path):
+    """HF safetensors and orbax checkpoints land in their shards and give the single-device logits."""
+    kw = dict(dtype="float32", kernels="xla", num_pages=32, page_rows=4, max_model_len=32, max_running=4,
+              max_batch_tokens=32)
+    spec = jax.sharding.PartitionSpec
+    hf = hf_models["mha"]  # 4 heads, 4 kv heads
+    llm = LLM(hf, tp=4, **kw)
+    layer = llm.engine.runner.state["layers"][1]
+    assert layer["k_proj"][...].sharding.spec == spec(None, "tp")
+    assert layer["o_proj"][...].sharding.spec == spec("tp", None)
+    np.testing.assert_allclose(llm.logits(TOKENS), LLM(hf, **kw).logits(TOKENS), rtol=1e-4, atol=1e-5)
+
+    c, _ = load_model_config("tiny")
+    save_params(random_model(c, np.float32, seed=3), str(tmp_path / "ckpt"))
+    llm = LLM("tiny", params=str(tmp_path / "ckpt"), tp=2, **kw)
+    assert llm.engine.runner.state["layers"][0]["up_proj"][...].sharding.spec == spec(None, "tp")
+    np.testing.assert_allclose(llm.logits(TOKENS), LLM("tiny", params=str(tmp_path / "ckpt"), **kw).logits(TOKENS),
+                               rtol=1e-4, atol=1e-5)

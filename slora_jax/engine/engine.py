@@ -55,11 +55,15 @@ def _stop_prefix_len(text: str, stops) -> int:
 
 
 class Engine:
-    def __init__(self, cfg: ModelConfig, ecfg: EngineConfig, model, tokenizer, devices=None):
-        """devices: where a tp > 1 mesh goes (default: the first ecfg.tp of jax.devices())."""
+    def __init__(self, cfg: ModelConfig, ecfg: EngineConfig, model, tokenizer, mesh=None):
+        """mesh: the devices of tensor parallelism (default for ecfg.tp > 1: the first tp devices)."""
         self.cfg, self.ecfg, self.tokenizer = cfg, ecfg, tokenizer
         dtype = dtype_of(ecfg.dtype)
-        self.mesh = parallel.make_mesh(cfg, ecfg.tp, devices) if ecfg.tp > 1 else None
+        if mesh is None and ecfg.tp > 1:
+            mesh = parallel.make_mesh(cfg, ecfg.tp)
+        if mesh is not None and mesh.shape[parallel.TP] != ecfg.tp:
+            raise ValueError(f"the mesh's tp axis has {mesh.shape[parallel.TP]} devices but tp={ecfg.tp}")
+        self.mesh = mesh
         self.runner = ModelRunner(model, kernel_set(ecfg.kernels), self.mesh)
         num_pages = choose_num_pages(cfg, ecfg, dtype)
         pages_per_seq = math.ceil(ecfg.max_model_len / ecfg.page_rows)
@@ -168,7 +172,7 @@ class Engine:
         inp, samp, reqs = self.builder.build(sched)
         ntok = dict(zip((r.id for r in sched.requests), sched.num_tokens))
         tokens, self.pool.array = self.runner.step(self.pool.array, inp, samp)
-        tokens = np.asarray(tokens)  # the one device->host read of a step
+        tokens = parallel.to_host(tokens)  # the one device->host read of a step
         now = time.monotonic()
         finished = []
         for i, r in enumerate(reqs):
@@ -287,7 +291,7 @@ class Engine:
                 inp, _, _ = self.builder.build(ScheduledStep([req], [len(token_ids)], [], []))
                 inp.logit_rows = np.arange(len(inp.tokens), dtype=np.int32)
                 logits, self.pool.array = self.runner.logits(self.pool.array, inp)
-                return np.asarray(logits, np.float32)[: len(token_ids)]
+                return parallel.to_host(logits).astype(np.float32)[: len(token_ids)]
             except OutOfPages as e:
                 raise RequestError(f"the pool cannot hold this sequence now: {e}") from None
             finally:
