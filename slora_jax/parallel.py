@@ -61,7 +61,13 @@ def make_mesh(cfg: ModelConfig, tp: int, devices: Optional[Sequence] = None) -> 
     if len(devices) < tp:
         raise ConfigError(f"tp={tp} needs {tp} devices but only {len(devices)} are available "
                           "(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N before jax starts)")
-    return Mesh(np.array(devices[:tp]).reshape(1, tp), (DP, TP))
+    grid = np.array(devices[:tp]).reshape(1, tp)
+    try:  # Auto axes: jit places what the shard_maps do not (newer jax may default to Explicit)
+        from jax.sharding import AxisType
+
+        return Mesh(grid, (DP, TP), axis_types=(AxisType.Auto, AxisType.Auto))
+    except (ImportError, TypeError):
+        return Mesh(grid, (DP, TP))
 
 
 def param_spec(path) -> P:

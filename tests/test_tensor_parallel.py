@@ -261,3 +261,16 @@ def test_checkpoints_load_straight_into_shards(hf_models, tmp_path):
     assert llm.engine.runner.state["layers"][0]["up_proj"][...].sharding.spec == spec(None, "tp")
     np.testing.assert_allclose(llm.logits(TOKENS), LLM("tiny", params=str(tmp_path / "ckpt"), **kw).logits(TOKENS),
                                rtol=1e-4, atol=1e-5)
+
+
+@multi
+def test_pallas_kernels_inside_shard_map(model_file):
+    """The Pallas kernels (interpret mode on CPU) on each device's slice give the reference's logits."""
+    kw = {**ENGINE, "num_pages": 48, "max_model_len": 32, "max_running": 4, "max_batch_tokens": 16}
+    ref = LLM("tiny", **{**kw, "kernels": "xla"})  # head_dim 32: the Pallas kernels need >= 16
+    llm = LLM("tiny", tp=2, **{**kw, "kernels": "pallas"})
+    lora = random_lora(ref.model_cfg, 8, ALL, seed=5)
+    for m in (ref, llm):
+        m.add_adapter("all_r8", lora)
+    np.testing.assert_allclose(llm.logits(TOKENS[:6], adapter="all_r8"), ref.logits(TOKENS[:6], adapter="all_r8"),
+                               rtol=1e-4, atol=1e-5)

@@ -131,7 +131,8 @@ class AdapterStore:
         (distinct weights; a copy runs at memory speed, bf16 arithmetic in numpy
         does not). `shared=True` makes them all alias one buffer: a swap-in moves
         the same bytes, but host memory holds one copy (benchmarks with more
-        adapters than host memory).
+        adapters than host memory). The rows are random in the packed layout itself, so the A/B
+        they stand for differ with the tp they are packed for (layout.pack).
         """
         if rank > self.max_rank:
             raise AdapterError(f"rank {rank} is above max_rank={self.max_rank}")

@@ -230,7 +230,7 @@ class Engine:
                 for with_lora in ((False, True) if lora else (False,)):
                     inp, samp = self.builder.dummy(decode, size, with_lora)
                     toks, self.pool.array = self.runner.step(self.pool.array, inp, samp)
-            np.asarray(toks)
+            parallel.to_host(toks)
         return self.runner.cache_size() - before
 
     # -- loops ---------------------------------------------------------------------------
