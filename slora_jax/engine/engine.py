@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Callable, Optional
 
+import jax
 import numpy as np
 
 from pallas_kernels import kernel_set
@@ -80,6 +81,9 @@ class Engine:
         self.builder = BatchBuilder(self.pages, self.residency, ecfg.max_rank, pages_per_seq, ecfg.max_running,
                                     ecfg.max_batch_tokens)
         self.requests: dict = {}
+        # seeds of unseeded requests; across hosts (jax.distributed) every process runs the same steps,
+        # so each must draw the same seeds: an RNG seeded alike in all of them
+        self._seeds = random.Random(ecfg.seed) if jax.process_count() > 1 else random
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -104,7 +108,7 @@ class Engine:
             if adapter is not None and adapter not in self.store:
                 raise AdapterError(f"adapter {adapter!r} is not registered")
             n = next(self._ids)
-            seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+            seed = sampling.seed if sampling.seed is not None else self._seeds.getrandbits(32)
             req = Request(request_id or f"req-{n}", n, prompt_ids, adapter, sampling, seed)
             req.decoder = IncrementalDecoder(self.tokenizer)
             if listener is not None:

@@ -6,7 +6,9 @@ width H would waste 3/4 of it on Llama-3-8B). An adapter matrix row of width D
 (a column of A, a row of B) takes K = ceil(D / W) pool rows, zero-padded. For
 each targeted module, in config.LORA_MODULES order, an adapter stores its r
 A^T rows (K_in pool rows each) then its r B rows (K_out each); the same flat
-row list is used in every layer (the pool has a layer axis).
+row list is used in every layer (the pool has a layer axis). Under tensor
+parallelism the pool's columns are split over devices and `pack` orders each
+row so that every device's columns hold the slice of it that device uses.
 
 Waste (padding inside adapter rows; KV rows never waste):
 - Llama-2-7B (W = 4096, I = 11008): only MLP rows pad, 11008 -> 12288 (10.4%
@@ -61,10 +63,10 @@ def pack(cfg: ModelConfig, modules: dict, dtype, tp: int = 1) -> np.ndarray:
     for m, r in ranks.items():
         a, b = modules[m]  # [L, in, r], [L, r, out]
         for mat in (np.swapaxes(a, 1, 2), b):  # rows of A^T, rows of B: [L, r, D]
-            d = mat.shape[2]
-            k = slots(cfg, d)
-            local = np.zeros((cfg.num_layers, r, tp, k * lw), np.float32)  # device d's local row
-            local[..., : d // tp] = mat.reshape(cfg.num_layers, r, tp, d // tp)
+            n = mat.shape[2]
+            k = slots(cfg, n)
+            local = np.zeros((cfg.num_layers, r, tp, k * lw), np.float32)  # [..., device d, its local row]
+            local[..., : n // tp] = mat.reshape(cfg.num_layers, r, tp, n // tp)
             # local element c*lw + e of device d sits at pool row c, column d*lw + e
             rows = local.reshape(cfg.num_layers, r, tp, k, lw).transpose(0, 1, 3, 2, 4)
             out[:, at: at + r * k] = rows.reshape(cfg.num_layers, r * k, w)
