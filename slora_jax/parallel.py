@@ -99,6 +99,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, REP)
 
 
+def put(tree, sharding):
+    """Host arrays (the same in every process) -> device arrays under `sharding`. Across hosts each
+    process fills only its own devices: device_put would first compare the values between processes,
+    a collective per array per step."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree.map(one, tree)
+
+
 def to_host(x) -> np.ndarray:
     """A replicated result as numpy. Across hosts (jax.distributed) an array spans devices this process
     cannot address, and np.asarray refuses it; every device holds the whole value, so read a local one."""

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import parallel
 from ..config import LORA_MODULES, ModelConfig
 from ..memory import layout
 from .lora import AdapterError, LoraWeights
@@ -63,7 +64,7 @@ def to_device(buffer, sharding):
     jax 0.11's device_put can refuse a pinned_host buffer bound for its own device ("Memory kind
     mismatch"); an identity jit whose output lives in device memory then does the move."""
     if isinstance(buffer, np.ndarray):
-        return jax.device_put(buffer, sharding)
+        return parallel.put(buffer, sharding)
     target = sharding.with_memory_kind("device")
     try:
         return jax.device_put(buffer, target)

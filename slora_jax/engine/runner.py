@@ -69,7 +69,7 @@ class ModelRunner:
     def _place(self, tree):
         # on a mesh every device needs the whole step input: one explicit replicated transfer, so jit
         # never picks another layout for these host arrays
-        return tree if self.mesh is None else jax.device_put(tree, self._replicated)
+        return tree if self.mesh is None else parallel.put(tree, self._replicated)
 
     def step(self, pool, inp: StepInput, samp: SamplingArrays):
         """-> (sampled tokens [B] on device, new pool). Asynchronous."""
