@@ -303,3 +303,18 @@ def test_tp_across_processes(model_file):
         np.testing.assert_allclose(res["logits"], ref["logits"], rtol=1e-4, atol=1e-5)
         assert res["greedy"] == ref["greedy"]
     assert results[0]["sampled"] == results[1]["sampled"]  # unseeded: seeds drawn alike in both processes
+
+
+@multi
+def test_pinned_buffers_split_like_the_pool(model_file):
+    """On GPU an adapter's host buffer is pinned split like the pool, so a swap-in is one host->device
+    copy per device (CPU has no pinned memory of its own; this runs the same moves on CPU)."""
+    from slora_jax.adapters.store import to_device
+    from slora_jax.parallel import pool_sharding, put
+
+    sharding = pool_sharding(make_mesh(cfg(), 4))
+    host = np.arange(2 * 8 * 64, dtype=np.float32).reshape(2, 8, 64)
+    pinned = put(host, sharding.with_memory_kind("pinned_host"))
+    moved = to_device(pinned, sharding)
+    assert moved.sharding == sharding and moved.sharding.memory_kind == "device"
+    np.testing.assert_array_equal(np.asarray(moved), host)

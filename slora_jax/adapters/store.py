@@ -41,15 +41,19 @@ class AdapterEntry:
         return int(np.prod(self.buffer.shape)) * self.buffer.dtype.itemsize
 
 
-def pinned_sharding(device=None):
-    """A pinned_host sharding on `device`, or None where the backend has no such memory."""
-    device = device or jax.devices()[0]
+def pinned_sharding(device=None, like=None):
+    """A pinned_host sharding on `device`, or None where the backend has no such memory. `like`: a
+    device sharding to mirror (a tensor-parallel pool's), so that each device's slice of a buffer is
+    pinned next to it and a swap-in is one plain host->device copy per device."""
+    device = device or (next(iter(like.addressable_devices)) if like is not None else jax.devices()[0])
     try:
         kinds = {m.kind for m in device.addressable_memories()}
     except Exception:
         return None
     if "pinned_host" not in kinds or device.platform == "cpu":
         return None
+    if like is not None:
+        return like.with_memory_kind("pinned_host")
     return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
 
 
@@ -73,10 +77,12 @@ def to_device(buffer, sharding):
 
 
 class AdapterStore:
-    def __init__(self, cfg: ModelConfig, max_rank: int, dtype, pinned: Optional[bool] = None, tp: int = 1):
-        # tp: buffers are packed for a pool split over tp devices (layout.pack)
+    def __init__(self, cfg: ModelConfig, max_rank: int, dtype, pinned: Optional[bool] = None, tp: int = 1,
+                 pool_sharding=None):
+        # tp: buffers are packed for a pool split over tp devices (layout.pack), and pinned split like
+        # the pool (pool_sharding)
         self.cfg, self.max_rank, self.dtype, self.tp = cfg, max_rank, jnp.dtype(dtype), tp
-        self._pinned = pinned_sharding() if pinned is not False else None
+        self._pinned = pinned_sharding(like=pool_sharding) if pinned is not False else None
         self._entries: dict[str, AdapterEntry] = {}
         self._lock = threading.Lock()
 
@@ -101,7 +107,7 @@ class AdapterStore:
     def _host_buffer(self, packed: np.ndarray):
         if self._pinned is None:
             return packed
-        return jax.device_put(packed, self._pinned)
+        return parallel.put(packed, self._pinned)
 
     def add(self, lw: LoraWeights, replace: bool = False) -> AdapterEntry:
         lw.validate(self.cfg, self.max_rank)

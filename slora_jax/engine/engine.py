@@ -74,7 +74,8 @@ class Engine:
         self.pool = DevicePool(cfg, num_pages, ecfg.page_rows, dtype,
                                parallel.pool_sharding(self.mesh) if self.mesh else None)
         self.pages = PageTable(num_pages, ecfg.page_rows)
-        self.store = AdapterStore(cfg, ecfg.max_rank, dtype, tp=ecfg.tp)
+        self.store = AdapterStore(cfg, ecfg.max_rank, dtype, tp=ecfg.tp,
+                                  pool_sharding=self.pool.array.sharding if self.mesh else None)
         self.residency = AdapterResidency(cfg, self.store, self.pages, self.pool, ecfg.max_rank)
         self.scheduler = Scheduler(self.pages, self.residency, ecfg.max_running, ecfg.max_batch_tokens,
                                    ecfg.early_abort_s)
