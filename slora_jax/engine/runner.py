@@ -11,6 +11,7 @@ from pallas_kernels import KernelSet
 
 from .. import parallel
 from ..model.inputs import StepInput
+from ..model.tp_kernels import shard_kernels
 from .batch import SamplingArrays
 
 
@@ -44,7 +45,7 @@ class ModelRunner:
         self.mesh = mesh
         if mesh is not None:
             self.state = parallel.place_params(self.state, mesh)
-            kernels = parallel.shard_kernels(kernels, mesh)
+            kernels = shard_kernels(kernels, mesh)
             self._replicated = parallel.replicated(mesh)
         self.kernels = kernels
         self._step = jax.jit(functools.partial(ModelRunner._step_fn, self.graphdef, kernels), donate_argnums=(1,))
