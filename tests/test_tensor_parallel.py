@@ -216,7 +216,7 @@ def _collectives(hlo: str) -> list:
 def test_collectives_are_activation_sized(model_file, tp):
     """Per layer: one [T, hidden] all-reduce after each row-parallel linear, and per LoRA shrink one
     [M, T, R] all-reduce (M modules sharing the input). Nothing the size of a weight or a page moves,
-    and a swap-in (the pool scatter) moves nothing between devices."""
+    a swap-in (the pool scatter) moves nothing between devices, and the pool is never copied."""
     llm = llm_tp(model_file, tp)
     c, eng, run = llm.model_cfg, llm.engine, llm.engine.runner
     h, r = c.hidden_size, eng.ecfg.max_rank
@@ -230,6 +230,10 @@ def test_collectives_are_activation_sized(model_file, tp):
         assert set(shapes) <= {(t, h), (t, r), (2, t, r), (3, t, r)}, shapes
         assert shapes.count((t, h)) == 2 * c.num_layers  # after o_proj and down_proj, nothing more
         assert len(shapes) == 6 * c.num_layers  # and one per LoRA shrink: qkv, o, gate/up, down
+        # the donated pool is updated in place on every device: aliased, never copied
+        local = "f32[{},{},{}]{{".format(c.num_layers, eng.pool.shape[1], c.kv_size // tp)
+        assert "input_output_alias" in hlo and local in hlo
+        assert not [ln for ln in hlo.splitlines() if local in ln and re.search(r"\bcopy(-start)?\(", ln)]
     data = jax.device_put(np.zeros((c.num_layers, 16, c.kv_size), np.float32), eng.pool.array.sharding)
     hlo = _scatter_rows.lower(eng.pool.array, jnp.zeros(16, jnp.int32), data).compile().as_text()
     assert _collectives(hlo) == []
