@@ -109,8 +109,9 @@ def test_sharded_checks_run_on_8_cpu_devices():
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={N_DEV}"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
-                        "-k", "not run_on_8 and not processes"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
+           "-k", "not run_on_8 and not processes"]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     tail = r.stdout[-6000:] + r.stderr[-3000:]
     assert r.returncode == 0, tail
     assert "skipped" not in r.stdout.splitlines()[-1], tail
