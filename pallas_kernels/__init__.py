@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 
@@ -26,6 +26,10 @@ class KernelSet:
     write_kv: Callable
     attention_decode: Callable
     attention_prefill: Callable
+    # x @ W + LoRA of a row-parallel linear (o, down), reduced over devices: set only under tensor
+    # parallelism (slora_jax.parallel), where the LoRA term must join the base partial sum; None = the
+    # model composes a matmul with lora_shrink/lora_expand
+    row_linear: Optional[Callable] = None
 
 
 def resolve_mode(mode: str) -> str:

@@ -23,6 +23,10 @@ row of B) is stored zero-padded over ``K = ceil(D / W)`` pool rows; the LoRA
 kernels get, per segment and rank row, those ``K`` pool row indices, and read
 ``concat(pool[layer, rows[c]] for c in range(K))[:D]``.
 
+Under tensor parallelism every device runs these kernels on its own column
+slice of the pool (``W / tp`` wide) with its local ``D`` (its heads, its
+features); the rules above hold unchanged for that slice.
+
 Segments
 --------
 Tokens of one step are grouped by adapter into contiguous segments:

@@ -8,6 +8,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from . import parallel
 from .adapters.lora import AdapterError, from_pytree
 from .adapters.peft import load_peft_adapter
 from .config import EngineConfig, load_model_config, resolve_preset
@@ -25,12 +26,13 @@ class LLM:
     """A base Llama plus any number of LoRA adapters, served from one unified device pool.
 
     `model` is a preset name or file from configs/ (random weights of that shape,
-    unless `params` names an orbax checkpoint) or an HF Llama checkpoint dir.
+    unless `params` names an orbax checkpoint) or an HF Llama checkpoint dir. `tp` > 1 splits the
+    model and the pool over that many devices (tensor parallelism; `devices` picks them).
     """
 
     def __init__(self, model: str = "tiny", tp: int = 1, max_rank: Optional[int] = None,
                  dtype: Optional[str] = None, kernels: Optional[str] = None, seed: int = 0,
-                 params: Optional[str] = None, **engine_overrides):
+                 params: Optional[str] = None, devices: Optional[Sequence] = None, **engine_overrides):
         path = resolve_preset(model)
         self.model_cfg, preset_engine = load_model_config(path)
         # precedence: explicit arguments > the preset's "engine" section > EngineConfig defaults
@@ -38,17 +40,18 @@ class LLM:
                     **engine_overrides}
         explicit = {k: v for k, v in explicit.items() if v is not None}
         self.engine_cfg = EngineConfig().replace(**{**preset_engine, **explicit})
-        if tp != 1:
-            raise NotImplementedError("tensor parallelism (tp > 1) is not available yet")
+        parallel.check_tp(self.model_cfg, self.engine_cfg.tp)  # before loading any weights
+        tp = self.engine_cfg.tp
+        mesh = parallel.make_mesh(self.model_cfg, tp, devices) if tp > 1 else None
         jdtype = dtype_of(self.engine_cfg.dtype)
         if params is not None:
-            net = restore_params(params, self.model_cfg, jdtype)
+            net = restore_params(params, self.model_cfg, jdtype, mesh)
         elif os.path.isdir(path):
-            net = load_hf_checkpoint(path, self.model_cfg, jdtype)
+            net = load_hf_checkpoint(path, self.model_cfg, jdtype, mesh)
         else:
-            net = random_model(self.model_cfg, jdtype, seed)
+            net = random_model(self.model_cfg, jdtype, seed, mesh)
         self.tokenizer = load_tokenizer(path, self.model_cfg.bos_token_id, self.model_cfg.eos_token_ids)
-        self.engine = Engine(self.model_cfg, self.engine_cfg, net, self.tokenizer)
+        self.engine = Engine(self.model_cfg, self.engine_cfg, net, self.tokenizer, mesh)
 
     # -- adapters --------------------------------------------------------------------
     def load_adapter(self, name: str, path: str, replace: bool = False) -> None:

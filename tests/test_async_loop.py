@@ -107,6 +107,8 @@ def test_seeded_sampling_identical_across_modes_with_preemptions():
 class _Probe:
     """A step's sampled tokens that log when the host reads them."""
 
+    is_fully_addressable = True  # what parallel.to_host asks of a step's tokens
+
     def __init__(self, arr, k: int, log: list):
         self.arr, self.k, self.log = arr, k, log
 

@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 
 from slora_jax import LLM, SamplingParams
-from slora_jax.engine.request import Request
-from slora_jax.engine.scheduler import ScheduledStep
 from tests import hf_fixtures
+from tests.mixed_batch import mixed_prefill_logits
 
 TOKENS = [1, 17, 5, 99, 42, 3, 64, 7, 120, 33, 8, 15, 77, 91, 2, 45, 9]
 
@@ -71,27 +70,10 @@ def test_mixed_batch_rows_equal_rows_alone(llms):
     rows = [(TOKENS[:7], "qv_r4"), (TOKENS[3:14], None), (TOKENS[:5], "all_r8"), (TOKENS[2:11], "patterns"),
             (TOKENS[1:4], "qv_r4"), (TOKENS[5:16], "rslora_regex")]
     alone = [llm.logits(t, adapter=a)[-1] for t, a in rows]
-    reqs = []
-    for i, (toks, a) in enumerate(rows):
-        r = Request(f"m{i}", 1000 + i, toks, a, SamplingParams(), 0)
-        if a:
-            eng.residency.make_resident(a)
-            eng.pages.acquire(a)
-        eng.pages.extend(r.id_int, len(toks))
-        reqs.append(r)
-    try:
-        inp, _, ordered = eng.builder.build(ScheduledStep(reqs, [len(t) for t, _ in rows], [], []))
-        assert len(set(r.adapter for r in ordered)) == 5 and inp.lora is not None
-        logits, eng.pool.array = eng.runner.logits(eng.pool.array, inp)
-        logits = np.asarray(logits)
-        for b, r in enumerate(ordered):
-            i = reqs.index(r)
-            assert rel_err(logits[b], alone[i]) < 1e-5, (i, r.adapter)
-    finally:
-        for r in reqs:
-            eng.pages.free_seq(r.id_int)
-            if r.adapter:
-                eng.pages.release(r.adapter)
+    logits, order = mixed_prefill_logits(llm, rows)
+    assert len(set(order)) == 5
+    for i in range(len(rows)):
+        assert rel_err(logits[i], alone[i]) < 1e-5, (i, rows[i][1])
     eng.pages.check_invariants()
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import parallel
 from ..config import LORA_MODULES, ModelConfig
 from ..memory import layout
 from .lora import AdapterError, LoraWeights
@@ -40,15 +41,19 @@ class AdapterEntry:
         return int(np.prod(self.buffer.shape)) * self.buffer.dtype.itemsize
 
 
-def pinned_sharding(device=None):
-    """A pinned_host sharding on `device`, or None where the backend has no such memory."""
-    device = device or jax.devices()[0]
+def pinned_sharding(device=None, like=None):
+    """A pinned_host sharding on `device`, or None where the backend has no such memory. `like`: a
+    device sharding to mirror (a tensor-parallel pool's), so that each device's slice of a buffer is
+    pinned next to it and a swap-in is one plain host->device copy per device."""
+    device = device or (next(iter(like.addressable_devices)) if like is not None else jax.devices()[0])
     try:
         kinds = {m.kind for m in device.addressable_memories()}
     except Exception:
         return None
     if "pinned_host" not in kinds or device.platform == "cpu":
         return None
+    if like is not None:
+        return like.with_memory_kind("pinned_host")
     return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
 
 
@@ -63,7 +68,7 @@ def to_device(buffer, sharding):
     jax 0.11's device_put can refuse a pinned_host buffer bound for its own device ("Memory kind
     mismatch"); an identity jit whose output lives in device memory then does the move."""
     if isinstance(buffer, np.ndarray):
-        return jax.device_put(buffer, sharding)
+        return parallel.put(buffer, sharding)
     target = sharding.with_memory_kind("device")
     try:
         return jax.device_put(buffer, target)
@@ -72,9 +77,12 @@ def to_device(buffer, sharding):
 
 
 class AdapterStore:
-    def __init__(self, cfg: ModelConfig, max_rank: int, dtype, pinned: Optional[bool] = None):
-        self.cfg, self.max_rank, self.dtype = cfg, max_rank, jnp.dtype(dtype)
-        self._pinned = pinned_sharding() if pinned is not False else None
+    def __init__(self, cfg: ModelConfig, max_rank: int, dtype, pinned: Optional[bool] = None, tp: int = 1,
+                 pool_sharding=None):
+        # tp: buffers are packed for a pool split over tp devices (layout.pack), and pinned split like
+        # the pool (pool_sharding)
+        self.cfg, self.max_rank, self.dtype, self.tp = cfg, max_rank, jnp.dtype(dtype), tp
+        self._pinned = pinned_sharding(like=pool_sharding) if pinned is not False else None
         self._entries: dict[str, AdapterEntry] = {}
         self._lock = threading.Lock()
 
@@ -99,11 +107,11 @@ class AdapterStore:
     def _host_buffer(self, packed: np.ndarray):
         if self._pinned is None:
             return packed
-        return jax.device_put(packed, self._pinned)
+        return parallel.put(packed, self._pinned)
 
     def add(self, lw: LoraWeights, replace: bool = False) -> AdapterEntry:
         lw.validate(self.cfg, self.max_rank)
-        packed = layout.pack(self.cfg, lw.modules, self.dtype)
+        packed = layout.pack(self.cfg, lw.modules, self.dtype, self.tp)
         entry = AdapterEntry(lw.name, lw.ranks, packed.shape[1], self._host_buffer(packed), lw.source)
         return self._insert(entry, replace)
 
@@ -130,7 +138,8 @@ class AdapterStore:
         (distinct weights; a copy runs at memory speed, bf16 arithmetic in numpy
         does not). `shared=True` makes them all alias one buffer: a swap-in moves
         the same bytes, but host memory holds one copy (benchmarks with more
-        adapters than host memory).
+        adapters than host memory). The rows are random in the packed layout itself, so the A/B
+        they stand for differ with the tp they are packed for (layout.pack).
         """
         if rank > self.max_rank:
             raise AdapterError(f"rank {rank} is above max_rank={self.max_rank}")

@@ -29,10 +29,12 @@ import threading
 import time
 from typing import Callable, Optional
 
+import jax
 import numpy as np
 
 from pallas_kernels import kernel_set
 
+from .. import parallel
 from ..adapters.lora import AdapterError, LoraWeights
 from ..adapters.store import AdapterStore
 from ..config import EngineConfig, ModelConfig
@@ -42,7 +44,7 @@ from ..memory.pool import DevicePool, choose_num_pages
 from ..memory.residency import AdapterResidency
 from ..model.weights import dtype_of
 from ..tokenizer import IncrementalDecoder
-from .batch import BatchBuilder
+from .batch import BatchBuilder, pow2
 from .request import Request, RequestError, SamplingParams
 from .runner import ModelRunner
 from .scheduler import LOOKAHEAD, ScheduledStep, Scheduler
@@ -76,25 +78,38 @@ def _stop_prefix_len(text: str, stops) -> int:
 
 
 class Engine:
-    def __init__(self, cfg: ModelConfig, ecfg: EngineConfig, model, tokenizer, pool_sharding=None):
+    def __init__(self, cfg: ModelConfig, ecfg: EngineConfig, model, tokenizer, mesh=None):
+        """mesh: the devices of tensor parallelism (default for ecfg.tp > 1: the first tp devices)."""
         self.cfg, self.ecfg, self.tokenizer = cfg, ecfg, tokenizer
         dtype = dtype_of(ecfg.dtype)
+        if mesh is None and ecfg.tp > 1:
+            mesh = parallel.make_mesh(cfg, ecfg.tp)
+        if mesh is not None and mesh.shape[parallel.TP] != ecfg.tp:
+            raise ValueError(f"the mesh's tp axis has {mesh.shape[parallel.TP]} devices but tp={ecfg.tp}")
+        self.mesh = mesh
+        # first: the weights go to their devices (sharded on a mesh) before the pool takes what is left
+        self.runner = ModelRunner(model, kernel_set(ecfg.kernels), pow2(ecfg.max_running, 4), self.mesh)
         num_pages = choose_num_pages(cfg, ecfg, dtype)
         pages_per_seq = math.ceil(ecfg.max_model_len / ecfg.page_rows)
         if num_pages < pages_per_seq + 1:
             raise ValueError(f"num_pages={num_pages} cannot hold one max_model_len={ecfg.max_model_len} sequence "
                              f"({pages_per_seq} pages of {ecfg.page_rows} tokens)")
-        self.pool = DevicePool(cfg, num_pages, ecfg.page_rows, dtype, pool_sharding)
+        self.pool = DevicePool(cfg, num_pages, ecfg.page_rows, dtype,
+                               parallel.pool_sharding(self.mesh) if self.mesh else None)
         self.pages = PageTable(num_pages, ecfg.page_rows)
-        self.store = AdapterStore(cfg, ecfg.max_rank, dtype)
+        self.store = AdapterStore(cfg, ecfg.max_rank, dtype, tp=ecfg.tp,
+                                  pool_sharding=self.pool.array.sharding if self.mesh else None)
         self.residency = AdapterResidency(cfg, self.store, self.pages, self.pool, ecfg.max_rank)
         self.scheduler = Scheduler(self.pages, self.residency, ecfg.max_running, ecfg.max_batch_tokens,
                                    ecfg.early_abort_s)
         self.builder = BatchBuilder(self.pages, self.residency, ecfg.max_rank, pages_per_seq, ecfg.max_running,
                                     ecfg.max_batch_tokens)
-        self.runner = ModelRunner(model, kernel_set(ecfg.kernels), self.builder.max_b, self.pool.array.sharding)
+        assert self.builder.max_b == len(self.runner.no_tokens)
         self._inflight: Optional[InFlight] = None
         self.requests: dict = {}
+        # seeds of unseeded requests; across hosts (jax.distributed) every process runs the same steps,
+        # so each must draw the same seeds: an RNG seeded alike in all of them
+        self._seeds = random.Random(ecfg.seed) if jax.process_count() > 1 else random
         self._ids = itertools.count()
         self._lock = threading.RLock()
         # New requests wait here, not on the engine lock (held through each step, device wait included): the
@@ -121,7 +136,7 @@ class Engine:
         if adapter is not None and adapter not in self.store:
             raise AdapterError(f"adapter {adapter!r} is not registered")
         n = next(self._ids)
-        seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+        seed = sampling.seed if sampling.seed is not None else self._seeds.getrandbits(32)
         req = Request(request_id or f"req-{n}", n, prompt_ids, adapter, sampling, seed)
         req.token_limit = min(req.token_limit, self.ecfg.max_model_len)
         req.decoder = IncrementalDecoder(self.tokenizer)
@@ -220,7 +235,7 @@ class Engine:
         return InFlight(tokens, rows)
 
     def _read(self, step: InFlight) -> list:
-        tokens = np.asarray(step.tokens)  # the one device->host read of a step
+        tokens = parallel.to_host(step.tokens)  # the one device->host read of a step
         now = time.monotonic()
         finished = []
         for r, row in step.rows:
@@ -342,7 +357,7 @@ class Engine:
                 inp, _, _ = self.builder.build(ScheduledStep([req], [len(token_ids)], [], []))
                 inp.logit_rows = np.arange(len(inp.tokens), dtype=np.int32)
                 logits, self.pool.array = self.runner.logits(self.pool.array, inp)
-                return np.asarray(logits, np.float32)[: len(token_ids)]
+                return parallel.to_host(logits).astype(np.float32)[: len(token_ids)]
             except OutOfPages as e:
                 raise RequestError(f"the pool cannot hold this sequence now: {e}") from None
             finally:

@@ -20,7 +20,9 @@ from flax import nnx
 
 from pallas_kernels import KernelSet
 
+from .. import parallel
 from ..model.inputs import StepInput
+from ..model.tp_kernels import shard_kernels
 from .batch import SamplingArrays
 
 
@@ -48,14 +50,22 @@ def sample(logits: jax.Array, s: SamplingArrays) -> jax.Array:
 class ModelRunner:
     """Owns the device side: params, the compiled steps. The pool array is passed in and donated."""
 
-    def __init__(self, model, kernels: KernelSet, max_seqs: int, sharding: jax.sharding.Sharding):
+    def __init__(self, model, kernels: KernelSet, max_seqs: int, mesh=None):
+        """mesh: tensor parallelism over its `tp` axis (params placed sharded, kernels per shard).
+        max_seqs: the rows of a step's sampled-token output (the largest batch bucket)."""
         self.graphdef, self.state = nnx.split(model)
+        self.mesh = mesh
+        if mesh is not None:
+            self.state = parallel.place_params(self.state, mesh)
+            kernels = shard_kernels(kernels, mesh)
+            self._replicated = parallel.replicated(mesh)
         self.kernels = kernels
         self._compiled: dict = {}  # input signature -> ahead-of-time compiled step (precompile)
         self._compiled_lock = threading.Lock()
         # `prev` of a step that follows no step in flight. Committed like a step's output: jit keys its
         # cache on committedness, so an uncommitted array here would give each program a second entry.
-        self.no_tokens = jax.device_put(np.zeros(max_seqs, np.int32), _replicated(sharding))
+        target = self._replicated if mesh is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        self.no_tokens = parallel.put(np.zeros(max_seqs, np.int32), target)
         self._step = jax.jit(functools.partial(ModelRunner._step_fn, self.graphdef, kernels), donate_argnums=(1,))
         self._logits = jax.jit(functools.partial(ModelRunner._logits_fn, self.graphdef, kernels), donate_argnums=(1,))
 
@@ -77,11 +87,17 @@ class ModelRunner:
     def _logits_fn(cls, graphdef, kernels, state, pool, inp: StepInput):
         return cls._forward(graphdef, kernels, state, pool, inp)
 
+    def _place(self, tree):
+        # on a mesh every device needs the whole step input: one explicit replicated transfer, so jit
+        # never picks another layout for these host arrays
+        return tree if self.mesh is None else parallel.put(tree, self._replicated)
+
     def step(self, pool, inp: StepInput, samp: SamplingArrays, prev=None):
         """-> (sampled tokens [max_seqs] on device, row i = sequence i; new pool). Asynchronous.
 
         `prev`: the tokens returned by the step dispatched before this one, if `inp.feed` reads any."""
         prev = self.no_tokens if prev is None else prev
+        inp, samp = self._place(inp), self._place(samp)
         exe = self._compiled.get(_signature(inp, samp))
         if exe is not None:
             return exe(self.state, pool, inp, samp, prev)
@@ -99,6 +115,7 @@ class ModelRunner:
         futures: dict = {}
         with ThreadPoolExecutor(max(1, workers), thread_name_prefix="slora-compile") as compile_pool:
             for inp, samp in examples:  # each compile starts as soon as its program is lowered
+                inp, samp = self._place(inp), self._place(samp)
                 sig = _signature(inp, samp)
                 if sig not in self._compiled and sig not in futures:
                     lowered = self._step.lower(self.state, pool, inp, samp, self.no_tokens)
@@ -109,7 +126,7 @@ class ModelRunner:
         return len(done)
 
     def logits(self, pool, inp: StepInput):
-        return self._logits(self.state, pool, inp)
+        return self._logits(self.state, pool, self._place(inp))
 
     def cache_size(self) -> int:
         """Compiled programs so far (the no-recompilation test reads it)."""
@@ -121,9 +138,3 @@ def _signature(inp: StepInput, samp: SamplingArrays) -> tuple:
     leaves, tree = jax.tree.flatten((inp, samp))
     return tree, tuple((x.shape, x.dtype) for x in leaves)
 
-
-def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
-    """The sharding of a small array every device of `sharding` holds whole (the sampled tokens)."""
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    return sharding

@@ -6,7 +6,9 @@ width H would waste 3/4 of it on Llama-3-8B). An adapter matrix row of width D
 (a column of A, a row of B) takes K = ceil(D / W) pool rows, zero-padded. For
 each targeted module, in config.LORA_MODULES order, an adapter stores its r
 A^T rows (K_in pool rows each) then its r B rows (K_out each); the same flat
-row list is used in every layer (the pool has a layer axis).
+row list is used in every layer (the pool has a layer axis). Under tensor
+parallelism the pool's columns are split over devices and `pack` orders each
+row so that every device's columns hold the slice of it that device uses.
 
 Waste (padding inside adapter rows; KV rows never waste):
 - Llama-2-7B (W = 4096, I = 11008): only MLP rows pad, 11008 -> 12288 (10.4%
@@ -44,19 +46,30 @@ def num_rows(cfg: ModelConfig, ranks: dict) -> int:
     return sum(r * sum(module_slots(cfg, m)) for m, r in ranks.items())
 
 
-def pack(cfg: ModelConfig, modules: dict, dtype) -> np.ndarray:
-    """LoraWeights.modules -> one compact [L, n_rows, W] buffer, ready for one transfer."""
+def pack(cfg: ModelConfig, modules: dict, dtype, tp: int = 1) -> np.ndarray:
+    """LoraWeights.modules -> one compact [L, n_rows, W] buffer, ready for one transfer.
+
+    With tp devices the pool's columns are split in tp slices of W/tp; a matrix row's K pool rows then
+    give device d a local row of K*W/tp elements, and its d-th 1/tp of the matrix row goes first in it
+    (for A^T rows the input features device d holds, for B rows the output columns it computes). So
+    every device's kernels read a local row exactly as the single-device kernels read a whole one;
+    tp=1 is the plain layout (element j at pool row j // W, column j % W).
+    """
     w = row_width(cfg)
+    lw = w // tp
     ranks = {m: modules[m][0].shape[2] for m in LORA_MODULES if m in modules}
     out = np.zeros((cfg.num_layers, num_rows(cfg, ranks), w), dtype)
     at = 0
     for m, r in ranks.items():
         a, b = modules[m]  # [L, in, r], [L, r, out]
         for mat in (np.swapaxes(a, 1, 2), b):  # rows of A^T, rows of B: [L, r, D]
-            k = slots(cfg, mat.shape[2])
-            padded = np.zeros((cfg.num_layers, r, k * w), np.float32)
-            padded[..., : mat.shape[2]] = mat
-            out[:, at: at + r * k] = padded.reshape(cfg.num_layers, r * k, w)
+            n = mat.shape[2]
+            k = slots(cfg, n)
+            local = np.zeros((cfg.num_layers, r, tp, k * lw), np.float32)  # [..., device d, its local row]
+            local[..., : n // tp] = mat.reshape(cfg.num_layers, r, tp, n // tp)
+            # local element c*lw + e of device d sits at pool row c, column d*lw + e
+            rows = local.reshape(cfg.num_layers, r, tp, k, lw).transpose(0, 1, 3, 2, 4)
+            out[:, at: at + r * k] = rows.reshape(cfg.num_layers, r * k, w)
             at += r * k
     return out
 

@@ -44,7 +44,8 @@ def choose_num_pages(cfg: ModelConfig, ecfg: EngineConfig, dtype) -> int:
         pages = 8 * math.ceil(ecfg.max_model_len / ecfg.page_rows)
         log.info("no device memory stats; using num_pages=%d", pages)
         return pages
-    return max(1, int(free * ecfg.mem_fraction) // page_bytes(cfg, ecfg.page_rows, dtype))
+    # free memory is per device, and under tensor parallelism each device holds 1/tp of every page
+    return max(1, int(free * ecfg.mem_fraction) * ecfg.tp // page_bytes(cfg, ecfg.page_rows, dtype))
 
 
 def _bucket(n: int) -> int:

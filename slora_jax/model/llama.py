@@ -73,6 +73,16 @@ class LoraContext:
             return base_outs
         return [self.expand(y, v[j], m, layer) for j, (y, m) in enumerate(zip(base_outs, modules))]
 
+    def row(self, x, w, module: str, layer):
+        """x @ w plus LoRA for a row-parallel linear (o, down). Under tensor parallelism one op does
+        both, so the LoRA term rides the all-reduce of the base partial sums."""
+        if self.k.row_linear is None:
+            (y,) = self(x, [x @ w], (module,), layer)
+            return y
+        lo, i = self.lora, _MOD[module]
+        tabs = None if lo is None else (lo.seg_starts, lo.ranks[i], lo.a_rows[i], lo.b_rows[i], lo.scales[i])
+        return self.k.row_linear(x, w, self.pool, layer, tabs)
+
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
@@ -111,12 +121,12 @@ class DecoderLayer(nnx.Module):
             attn = kernels.attention_prefill(q, pool, layer, inp.block_tables, inp.q_starts, inp.kv_lens,
                                              page_rows=page_rows, scale=scale)
         attn = attn.reshape(t, cfg.q_size)
-        (o,) = lora(attn, [attn @ self.o_proj[...]], ("o_proj",), layer)
+        o = lora.row(attn, self.o_proj[...], "o_proj", layer)
         x = x + o
         h = rms_norm(x, self.post_norm[...], cfg.rms_norm_eps)
         g, u = lora(h, [h @ self.gate_proj[...], h @ self.up_proj[...]], ("gate_proj", "up_proj"), layer)
         a = jax.nn.silu(g.astype(jnp.float32)).astype(g.dtype) * u
-        (d,) = lora(a, [a @ self.down_proj[...]], ("down_proj",), layer)
+        d = lora.row(a, self.down_proj[...], "down_proj", layer)
         return x + d, pool
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from .. import parallel
 from ..config import ConfigError, ModelConfig
 from .llama import Llama
 
@@ -33,22 +34,26 @@ def dtype_of(name: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _normal_fn(shape: tuple, dtype):
+def _normal_fn(shape: tuple, dtype, sharding=None):
     """One small jitted generator per distinct shape: XLA compiles a whole-model init program
-    (hundreds of large RNG ops) very slowly, while a 7B model has fewer than ten distinct shapes."""
-    return jax.jit(lambda key: (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype))
+    (hundreds of large RNG ops) very slowly, while a 7B model has fewer than ten distinct shapes.
+    With a sharding each device generates only its slice (the values do not depend on it)."""
+    return jax.jit(lambda key: (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype),
+                   out_shardings=sharding)
 
 
-def random_model(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0) -> Llama:
-    """A Llama of cfg's real shapes, N(0, 0.02) matrices and unit norms, generated on the default device."""
+def random_model(cfg: ModelConfig, dtype=jnp.bfloat16, seed: int = 0, mesh=None) -> Llama:
+    """A Llama of cfg's real shapes, N(0, 0.02) matrices and unit norms, generated on the default device,
+    or directly in its tensor-parallel shards over `mesh` (a model too big for one device never is on one)."""
     graphdef, state = nnx.split(abstract_model(cfg, dtype))
     base = jax.random.PRNGKey(seed)
     leaves = []
     for i, (path, var) in enumerate(nnx.to_flat_state(state)):
+        sharding = parallel.param_sharding(mesh, path)
         if "norm" in str(path[-1]):
-            value = jnp.ones(var.shape, dtype)
+            value = jnp.ones(var.shape, dtype, device=sharding)
         else:
-            value = _normal_fn(tuple(var.shape), jnp.dtype(dtype))(jax.random.fold_in(base, i))
+            value = _normal_fn(tuple(var.shape), jnp.dtype(dtype), sharding)(jax.random.fold_in(base, i))
         leaves.append((path, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
@@ -88,8 +93,9 @@ def _checkpoint_files(model_dir: str) -> list[str]:
     raise ConfigError(f"{model_dir!r} has no model.safetensors or model.safetensors.index.json")
 
 
-def load_hf_checkpoint(model_dir: str, cfg: ModelConfig, dtype=jnp.bfloat16) -> Llama:
-    """Read an HF Llama checkpoint dir (single or sharded safetensors) with a progress bar."""
+def load_hf_checkpoint(model_dir: str, cfg: ModelConfig, dtype=jnp.bfloat16, mesh=None) -> Llama:
+    """Read an HF Llama checkpoint dir (single or sharded safetensors) with a progress bar; with a
+    mesh each tensor goes from host memory straight to its tensor-parallel shards."""
     from safetensors import safe_open
 
     model = abstract_model(cfg, dtype)
@@ -112,7 +118,11 @@ def load_hf_checkpoint(model_dir: str, cfg: ModelConfig, dtype=jnp.bfloat16) -> 
                     arr = arr.T if transpose else arr
                     if arr.shape != tuple(shape):
                         raise ConfigError(f"{name}: checkpoint shape {arr.shape} != expected {tuple(shape)}")
-                    values[path] = jnp.asarray(arr, dtype)
+                    if mesh is None:
+                        values[path] = jnp.asarray(arr, dtype)
+                    else:
+                        values[path] = jax.device_put(arr.astype(jnp.dtype(dtype)),
+                                                      parallel.param_sharding(mesh, path))
                     bar.update(1)
     missing = [wanted_name for wanted_name, (p, _, _) in wanted.items() if p not in values]
     if missing:
@@ -131,11 +141,15 @@ def save_params(model: Llama, path: str) -> None:
         ckpt.save(os.path.abspath(path), nnx.to_pure_dict(state), force=True)
 
 
-def restore_params(path: str, cfg: ModelConfig, dtype=jnp.bfloat16) -> Llama:
+def restore_params(path: str, cfg: ModelConfig, dtype=jnp.bfloat16, mesh=None) -> Llama:
+    """Restore an orbax checkpoint, each array straight into its shards when a mesh is given."""
     import orbax.checkpoint as ocp
 
     graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
     target = nnx.to_pure_dict(abstract)
+    if mesh is not None:
+        target = jax.tree_util.tree_map_with_path(
+            lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.param_sharding(mesh, p)), target)
     with ocp.StandardCheckpointer() as ckpt:
         restored = ckpt.restore(os.path.abspath(path), target)
     nnx.replace_by_pure_dict(abstract, restored)
