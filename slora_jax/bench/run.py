@@ -14,10 +14,10 @@ One invocation serves one setting (configs/bench-*.json) for each n in its
    ceiling LoRA serving is measured against;
 4. the S-LoRA run for each n (the same arrivals and lengths; only the adapter
    indices depend on n);
-5. a short bisection over `rate_search.rates` per n for the highest rate whose
-   SLO attainment is >= `rate_search.threshold`, with whatever is left of
-   `time_budget_s` (probes stop as soon as every request's first-token outcome
-   is known).
+5. a short bisection over `rate_search.rates` per n (largest n first) for the
+   highest rate whose SLO attainment is >= `rate_search.threshold`, with
+   whatever is left of `time_budget_s` (probes stop as soon as every request's
+   first-token outcome is known).
 
 Every phase is time-bounded (see `DEFAULTS`). Results go to
 `<out>/<setting>-<n>.json`; report.py turns them into BENCHMARKS.md and plots.
@@ -517,8 +517,9 @@ def run_from_config(config_path: str, out_dir: str, overrides: Optional[dict] = 
         results[n] = result(n, s, {float(cfg["rate"]): s["slo_attainment"]}, "max sustainable rate: not searched yet")
         write(results[n])
 
-    # 5. maximum sustainable rate, with what is left of the budget
-    done = [n for n in ns if n in main]
+    # 5. maximum sustainable rate, with what is left of the budget: the largest n first (the hardest case,
+    # and the one S-LoRA's goals name), so a short budget still searches where it matters
+    done = [n for n in reversed(ns) if n in main]
     for k, n in enumerate(done):
         known = {float(cfg["rate"]): main[n]["slo_attainment"]}
         if not rs.get("enabled", True):
