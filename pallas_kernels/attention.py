@@ -50,8 +50,8 @@ Decode runs the Mosaic kernel of `attention_tpu` (on a TPU backend with
 interpret mode on the CPU). Shapes it cannot take (head_dim not a multiple of
 128, page_rows not a multiple of the pool dtype's sublane tile) fall back to
 the XLA reference with a warning under ``impl="pallas"`` and raise under
-``impl="pallas_tpu"``. Prefill has no Mosaic kernel yet: on TPU (and with
-``impl="pallas_tpu"``) it runs the XLA reference (with a warning).
+``impl="pallas_tpu"``. Prefill likewise runs the Mosaic kernel of
+`attention_tpu_prefill`, with the same fallback rules.
 """
 from __future__ import annotations
 
@@ -428,18 +428,11 @@ def _tpu_path(impl, interpret):
     return jax.default_backend() == "tpu" and not _use_interpret(interpret)
 
 
-def _xla_fallback(impl, interpret, *, tpu_kernel=False):
-    """True if the XLA reference must run (impl='xla', or the TPU path of an op with no
-    Mosaic kernel: tpu_kernel=False)."""
+def _xla_fallback(impl):
+    """True if the XLA reference must run (impl='xla')."""
     if impl not in ("pallas", "pallas_tpu", "xla"):
         raise ValueError(f"impl must be 'pallas' or 'xla' (or 'pallas_tpu'), got {impl!r}")
-    if impl == "xla":
-        return True
-    if not tpu_kernel and _tpu_path(impl, interpret):
-        log.warning("paged attention prefill: no TPU (Mosaic) kernel yet, using the XLA "
-                    "reference")
-        return True
-    return False
+    return impl == "xla"
 
 
 def _decode_tpu(q, pool, layer, block_tables, lengths, *, page_rows, scale, impl, interpret):
@@ -454,6 +447,22 @@ def _decode_tpu(q, pool, layer, block_tables, lengths, *, page_rows, scale, impl
                                                 page_rows=page_rows, scale=scale)
     return attention_tpu.paged_attention_decode(
         q, pool, layer, block_tables, lengths, page_rows=page_rows, scale=scale,
+        interpret=interpret if impl == "pallas_tpu" else False)
+
+
+def _prefill_tpu(q, pool, layer, block_tables, q_starts, kv_lens, *, page_rows, scale, impl,
+                 interpret):
+    """The Mosaic prefill kernel, or (impl='pallas' and shapes it cannot take) the reference."""
+    from . import attention_tpu_prefill  # imports this module: keep it lazy
+
+    reason = attention_tpu_prefill.unsupported_reason(q, pool, page_rows)
+    if reason is not None and impl == "pallas":
+        log.warning("paged attention prefill: the TPU kernel does not support these shapes "
+                    "(%s), using the XLA reference", reason)
+        return reference.paged_attention_prefill(q, pool, layer, block_tables, q_starts,
+                                                 kv_lens, page_rows=page_rows, scale=scale)
+    return attention_tpu_prefill.paged_attention_prefill(
+        q, pool, layer, block_tables, q_starts, kv_lens, page_rows=page_rows, scale=scale,
         interpret=interpret if impl == "pallas_tpu" else False)
 
 
@@ -485,7 +494,7 @@ def paged_attention_decode(q, pool, layer, block_tables, lengths, *, page_rows: 
                          f"{batch}")
     if jnp.shape(lengths) != (batch,):
         raise ValueError(f"{fn}: lengths must have shape ({batch},), got {jnp.shape(lengths)}")
-    if _xla_fallback(impl, interpret, tpu_kernel=True):
+    if _xla_fallback(impl):
         return reference.paged_attention_decode(q, pool, layer, block_tables, lengths,
                                                 page_rows=page_rows, scale=scale)
     if _tpu_path(impl, interpret):
@@ -512,11 +521,14 @@ def paged_attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, 
     [q_starts[0], q_starts[-1]) are padding (output 0). Returns [T, Hq, hd] in q's
     dtype. Semantics: `reference.paged_attention_prefill`.
 
-    impl: "pallas" (the Triton kernel; interpret mode on the CPU) or "xla" (the
-    reference). There is no TPU (Mosaic) prefill kernel: on a TPU backend, and with
-    impl="pallas_tpu" on any backend, this runs the XLA reference (with a warning).
+    impl: "pallas" (the Triton kernel; interpret mode on the CPU; on a TPU backend the
+    Mosaic kernel of `attention_tpu_prefill`, or the reference with a warning for shapes
+    it cannot take), "pallas_tpu" (the Mosaic kernel on any backend, TPU interpret mode
+    when `interpret` is None on the CPU; unsupported shapes raise) or "xla" (the
+    reference).
 
-    Tunables: block_q (query-tile rows = query tokens * next_pow2(Hq / Hkv), a power of
+    Tunables (Triton only; call `attention_tpu_prefill.paged_attention_prefill` to set
+    the TPU kernel's block_q and pages_per_block): block_q (query-tile rows = query tokens * next_pow2(Hq / Hkv), a power of
     two), block_kv (keys per iteration, a power of two >= 16), num_warps, num_stages.
     """
     fn = "paged_attention_prefill"
@@ -527,9 +539,12 @@ def paged_attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, 
                          f"{nseq} rows), got {jnp.shape(q_starts)}")
     if jnp.shape(kv_lens) != (nseq,):
         raise ValueError(f"{fn}: kv_lens must have shape ({nseq},), got {jnp.shape(kv_lens)}")
-    if _xla_fallback(impl, interpret):
+    if _xla_fallback(impl):
         return reference.paged_attention_prefill(q, pool, layer, block_tables, q_starts,
                                                  kv_lens, page_rows=page_rows, scale=scale)
+    if _tpu_path(impl, interpret):
+        return _prefill_tpu(q, pool, layer, block_tables, q_starts, kv_lens,
+                            page_rows=page_rows, scale=scale, impl=impl, interpret=interpret)
     _check_tunables(fn, q.shape[2], block_kv, num_warps, num_stages)
     if not (isinstance(block_q, int) and _is_pow2(block_q)):
         raise ValueError(f"{fn}: block_q must be a power of two, got {block_q!r}")
