@@ -3,7 +3,9 @@
 One entry point per op; `kernel_set(mode)` picks the implementation:
 "xla" runs the pure-jnp references, "pallas" the Pallas kernels (compiled on
 GPU/TPU, interpret mode on CPU), "auto" Pallas on accelerators and the
-references on CPU.
+references on CPU. On a TPU backend the `attention` entry points route decode
+and prefill to the Mosaic kernels (`attention_tpu`, `attention_tpu_prefill`),
+falling back to the references for shapes those cannot tile.
 """
 from __future__ import annotations
 

@@ -528,8 +528,8 @@ def paged_attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, 
     reference).
 
     Tunables (Triton only; call `attention_tpu_prefill.paged_attention_prefill` to set
-    the TPU kernel's block_q and pages_per_block): block_q (query-tile rows = query tokens * next_pow2(Hq / Hkv), a power of
-    two), block_kv (keys per iteration, a power of two >= 16), num_warps, num_stages.
+    the TPU kernel's block_q and pages_per_block): block_q (query-tile rows = query tokens
+    * next_pow2(Hq / Hkv), a power of two), block_kv (keys per iteration, a power of two >= 16), num_warps, num_stages.
     """
     fn = "paged_attention_prefill"
     _check_common(fn, q, pool, layer, block_tables, page_rows, scale)

@@ -3,7 +3,7 @@
 Same signature and semantics as `reference.paged_attention_decode` (pool layout:
 see `reference.py`); `attention.paged_attention_decode` routes here on a TPU
 backend, and with ``impl="pallas_tpu"`` on any backend (TPU interpret mode on
-the CPU). Prefill has no Mosaic kernel: on TPU it runs the XLA reference.
+the CPU). Prefill: `attention_tpu_prefill`, same DMA scheme and shape rules.
 
 Design
 ------

@@ -253,7 +253,8 @@ def prefill_case(rng, nseq, max_pages, max_chunk, lead=2, tail=3):
     sizes, kvs = [], []
     for b in range(nseq):
         kind = (b + int(rng.integers(0, 5))) % 5
-        n = [0, 0, 1, int(rng.integers(2, max_chunk + 1)), int(rng.integers(2, max_chunk + 1))][kind]
+        big = int(rng.integers(2, max_chunk + 1))
+        n = [0, 0, 1, big, big][kind]
         prefix = [0, int(rng.integers(1, max_kv)), int(rng.integers(0, max_kv)),
                   int(rng.integers(1, max_kv - n + 1)), 0][kind]
         sizes.append(n)
@@ -273,6 +274,7 @@ PREFILL_CASES = [
     pytest.param(2, 2, 5, 19, 70, jnp.float32, dict(pages_per_block=4), id="mha-f32-ppb4"),
     pytest.param(4, 1, 4, 12, 40, jnp.float32, dict(block_q=16, pages_per_block=3),
                  id="mqa4-f32-bq16-ppb3"),
+    pytest.param(6, 2, 3, 8, 30, jnp.float32, dict(pages_per_block=2), id="gqa3-f32-ppb2"),
     pytest.param(4, 2, 5, 19, 70, jnp.bfloat16, {}, id="gqa2-bf16"),
     pytest.param(2, 2, 4, 10, 33, jnp.bfloat16, dict(block_q=32, pages_per_block=2),
                  id="mha-bf16-bq32-ppb2"),
