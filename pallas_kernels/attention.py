@@ -408,6 +408,17 @@ def _check_common(fn, q, pool, layer, block_tables, page_rows, scale):
                          f"{hkv} kv heads (W={width} / head_dim={hd})")
 
 
+def _check_prefill(fn, q, pool, layer, block_tables, q_starts, kv_lens, page_rows, scale) -> None:
+    """The prefill entry points' argument checks: the common ones plus q_starts and kv_lens shapes."""
+    _check_common(fn, q, pool, layer, block_tables, page_rows, scale)
+    nseq = block_tables.shape[0]
+    if jnp.shape(q_starts) != (nseq + 1,):
+        raise ValueError(f"{fn}: q_starts must have shape ({nseq + 1},) (block_tables has "
+                         f"{nseq} rows), got {jnp.shape(q_starts)}")
+    if jnp.shape(kv_lens) != (nseq,):
+        raise ValueError(f"{fn}: kv_lens must have shape ({nseq},), got {jnp.shape(kv_lens)}")
+
+
 def _check_tunables(fn, hd, block_kv, num_warps, num_stages):
     if not _is_pow2(hd) or hd < _MIN_DOT:
         raise ValueError(f"{fn}: the Pallas kernel needs head_dim a power of two >= {_MIN_DOT}, "
@@ -532,13 +543,7 @@ def paged_attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, 
     * next_pow2(Hq / Hkv), a power of two), block_kv (keys per iteration, a power of two >= 16), num_warps, num_stages.
     """
     fn = "paged_attention_prefill"
-    _check_common(fn, q, pool, layer, block_tables, page_rows, scale)
-    nseq = block_tables.shape[0]
-    if jnp.shape(q_starts) != (nseq + 1,):
-        raise ValueError(f"{fn}: q_starts must have shape ({nseq + 1},) (block_tables has "
-                         f"{nseq} rows), got {jnp.shape(q_starts)}")
-    if jnp.shape(kv_lens) != (nseq,):
-        raise ValueError(f"{fn}: kv_lens must have shape ({nseq},), got {jnp.shape(kv_lens)}")
+    _check_prefill(fn, q, pool, layer, block_tables, q_starts, kv_lens, page_rows, scale)
     if _xla_fallback(impl):
         return reference.paged_attention_prefill(q, pool, layer, block_tables, q_starts,
                                                  kv_lens, page_rows=page_rows, scale=scale)

@@ -118,24 +118,16 @@ def _resolve_interpret(interpret):
     return interpret  # an InterpretParams instance
 
 
-# --------------------------------------------------------------------------- kernel
-def _decode_kernel(layer_ref, lengths_ref, bt_ref, q_ref, pool_hbm, o_ref, k_buf, v_buf,
-                   k_sem, v_sem, *, page_rows, pages_per_block, max_pages, num_pages,
-                   head_dim, scale, cdtype, precision):
-    b, h = pl.program_id(0), pl.program_id(1)
-    layer = layer_ref[0]
-    block_tokens = pages_per_block * page_rows
-    length = jnp.minimum(jnp.maximum(lengths_ref[b], 0), max_pages * page_rows)
-    n_pages = _cdiv(length, page_rows)
-    n_blocks = _cdiv(length, block_tokens)
-    col = pl.multiple_of(h * head_dim, LANES)
-
+def page_dma(pool_hbm, bt_ref, k_buf, v_buf, k_sem, v_sem, *, seq, layer, col, n_pages, pages_per_block,
+             max_pages, num_pages, page_rows, head_dim):
+    """(start, wait) of the async copies of sequence `seq`'s K/V pages of key block `blk` (pages_per_block
+    pages, one kv head's `head_dim` columns from `col`) from the pool in HBM into VMEM buffer `slot`.
+    Pages past `n_pages` are not copied; table entries are clamped so that no copy leaves the pool."""
     def page_copies(blk, slot):
-        """[(live, k copy, v copy)] for the pages of key block `blk` into buffer `slot`."""
         out = []
         for j in range(pages_per_block):
             pidx = blk * pages_per_block + j
-            page = bt_ref[b * max_pages + jnp.minimum(pidx, max_pages - 1)]
+            page = bt_ref[seq * max_pages + jnp.minimum(pidx, max_pages - 1)]
             page = jnp.minimum(jnp.maximum(page, 0), num_pages - 1)  # never leave the pool
             k_row = pl.multiple_of(page * page_rows, page_rows)
             v_row = pl.multiple_of((page + num_pages) * page_rows, page_rows)
@@ -160,48 +152,86 @@ def _decode_kernel(layer_ref, lengths_ref, bt_ref, q_ref, pool_hbm, o_ref, k_buf
                 kc.wait()
                 vc.wait()
 
+    return start, wait
+
+
+def attend_blocks(q, q_pos, kv_end, n_blocks, start, wait, k_buf, v_buf, *, block_tokens, head_dim, scale,
+                  cdtype, precision):
+    """Online-softmax attention of q [R, hd] over keys [0, kv_end) whose pages arrive block by block
+    (page_dma's start/wait, double-buffered); row r sees the keys at positions <= q_pos[r] ([R, 1]).
+    Returns [R, hd] float32; a row that sees no key gets 0."""
+    rows = q.shape[0]
+    start(0, 0)
+
+    def body(i, carry):
+        acc, m, l = carry
+        slot = i % 2
+
+        @pl.when(i + 1 < n_blocks)
+        def _():
+            start(i + 1, 1 - slot)
+
+        wait(i, slot)
+        k = k_buf[slot].reshape(block_tokens, head_dim).astype(cdtype)
+        v = v_buf[slot].reshape(block_tokens, head_dim).astype(cdtype)
+        first = i * block_tokens
+        key = first + lax.broadcasted_iota(jnp.int32, (1, block_tokens), 1)
+        row_ok = first + lax.broadcasted_iota(jnp.int32, (block_tokens, 1), 0) < kv_end
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                            preferred_element_type=jnp.float32) * scale  # [R, C]
+        s = jnp.where((key < kv_end) & (key <= q_pos), s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no visible key yet: no NaN
+        alpha = jnp.exp(m - m_use)
+        p = jnp.exp(s - m_use)
+        l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+        v = jnp.where(row_ok, v, jnp.zeros_like(v))  # stale rows may hold NaN/Inf
+        pv = lax.dot_general(p.astype(cdtype), v, (((1,), (0,)), ((), ())),
+                             precision=precision, preferred_element_type=jnp.float32)
+        return alpha * acc + pv, m_new, l
+
+    init = (jnp.zeros((rows, head_dim), jnp.float32),
+            jnp.full((rows, 1), -jnp.inf, jnp.float32),
+            jnp.zeros((rows, 1), jnp.float32))
+    acc, _, l = lax.fori_loop(0, n_blocks, body, init)
+    return acc / jnp.where(l > 0, l, 1.0)
+
+
+# --------------------------------------------------------------------------- kernel
+def attend_paged(q_ref, o_ref, pool_hbm, bt_ref, k_buf, v_buf, k_sem, v_sem, *, seq, layer, kv_end, q_pos,
+                 page_rows, pages_per_block, max_pages, num_pages, head_dim, scale, cdtype, precision):
+    """One program of a paged kernel (grid axis 1 = kv head): its query tile [R, hd] attends to sequence
+    `seq`'s keys [0, kv_end), row r to those at positions <= q_pos(R)[r]; nothing to see: zeros."""
+    block_tokens = pages_per_block * page_rows
+    n_blocks = _cdiv(kv_end, block_tokens)
+    col = pl.multiple_of(pl.program_id(1) * head_dim, LANES)
+    start, wait = page_dma(pool_hbm, bt_ref, k_buf, v_buf, k_sem, v_sem, seq=seq, layer=layer, col=col,
+                           n_pages=_cdiv(kv_end, page_rows), pages_per_block=pages_per_block,
+                           max_pages=max_pages, num_pages=num_pages, page_rows=page_rows, head_dim=head_dim)
+
     @pl.when(n_blocks == 0)
     def _():
         o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
     @pl.when(n_blocks > 0)
     def _():
-        start(0, 0)
-        q = q_ref[...].astype(cdtype)  # [G, hd]
-        group = q.shape[0]
+        q = q_ref[...].astype(cdtype)
+        out = attend_blocks(q, q_pos(q.shape[0]), kv_end, n_blocks, start, wait, k_buf, v_buf,
+                            block_tokens=block_tokens, head_dim=head_dim, scale=scale, cdtype=cdtype,
+                            precision=precision)
+        o_ref[...] = out.astype(o_ref.dtype)
 
-        def body(i, carry):
-            acc, m, l = carry
-            slot = i % 2
 
-            @pl.when(i + 1 < n_blocks)
-            def _():
-                start(i + 1, 1 - slot)
-
-            wait(i, slot)
-            k = k_buf[slot].reshape(block_tokens, head_dim).astype(cdtype)
-            v = v_buf[slot].reshape(block_tokens, head_dim).astype(cdtype)
-            first = i * block_tokens
-            key_ok = first + lax.broadcasted_iota(jnp.int32, (1, block_tokens), 1) < length
-            row_ok = first + lax.broadcasted_iota(jnp.int32, (block_tokens, 1), 0) < length
-            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                                preferred_element_type=jnp.float32) * scale  # [G, C]
-            s = jnp.where(key_ok, s, -jnp.inf)
-            # every block < n_blocks has a valid key, so m_new is finite
-            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-            alpha = jnp.exp(m - m_new)
-            p = jnp.exp(s - m_new)
-            l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-            v = jnp.where(row_ok, v, jnp.zeros_like(v))  # stale rows may hold NaN/Inf
-            pv = lax.dot_general(p.astype(cdtype), v, (((1,), (0,)), ((), ())),
-                                 precision=precision, preferred_element_type=jnp.float32)
-            return alpha * acc + pv, m_new, l
-
-        init = (jnp.zeros((group, head_dim), jnp.float32),
-                jnp.full((group, 1), -jnp.inf, jnp.float32),
-                jnp.zeros((group, 1), jnp.float32))
-        acc, _, l = lax.fori_loop(0, n_blocks, body, init)
-        o_ref[...] = (acc / l).astype(o_ref.dtype)
+def _decode_kernel(layer_ref, lengths_ref, bt_ref, q_ref, pool_hbm, o_ref, k_buf, v_buf,
+                   k_sem, v_sem, *, page_rows, pages_per_block, max_pages, num_pages,
+                   head_dim, scale, cdtype, precision):
+    b = pl.program_id(0)
+    length = jnp.minimum(jnp.maximum(lengths_ref[b], 0), max_pages * page_rows)
+    # q: the group's query heads [G, hd], all at position length - 1
+    attend_paged(q_ref, o_ref, pool_hbm, bt_ref, k_buf, v_buf, k_sem, v_sem, seq=b, layer=layer_ref[0],
+                 kv_end=length, q_pos=lambda rows: jnp.full((rows, 1), length - 1, jnp.int32),
+                 page_rows=page_rows, pages_per_block=pages_per_block, max_pages=max_pages,
+                 num_pages=num_pages, head_dim=head_dim, scale=scale, cdtype=cdtype, precision=precision)
 
 
 @functools.partial(jax.jit,
@@ -221,25 +251,46 @@ def _decode_mosaic(q, pool, layer, block_tables, lengths, *, page_rows, scale, p
         max_pages=max_pages, num_pages=num_pages, head_dim=hd, scale=scale, cdtype=cdtype,
         precision=precision)
     qg = q.reshape(batch, hkv, group, hd)
-    head_block = pl.BlockSpec((None, None, group, hd), lambda b, h, *_: (b, h, 0, 0))
+    out = paged_call(kernel, qg, pool, (layer, lengths, block_tables), pages_per_block=pages_per_block,
+                     page_rows=page_rows, name="paged_attention_decode_tpu", interpret=interpret)
+    return out.reshape(batch, hq, hd)
+
+
+def paged_call(kernel, q_tiles, pool, scalars, *, pages_per_block, page_rows, name, interpret):
+    """The pallas_call both paged kernels make: grid (tiles, kv heads), one [rows, hd] query tile per
+    program from q_tiles [N, Hkv, rows, hd], the pool left in HBM for the kernel's page DMAs into two
+    double-buffered VMEM buffers, and three scalar-prefetch operands (the layer first, then int32
+    arrays flattened)."""
+    n, hkv, _, hd = q_tiles.shape
+    tile = pl.BlockSpec((None, None) + q_tiles.shape[2:], lambda w, h, *_: (w, h, 0, 0))
     buf = pltpu.VMEM((2, pages_per_block, page_rows, hd), pool.dtype)
-    out = pl.pallas_call(
+    layer, *tables = scalars
+    return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
-            grid=(batch, hkv),
-            in_specs=[head_block, pl.BlockSpec(memory_space=pl.ANY)],
-            out_specs=head_block,
+            grid=(n, hkv),
+            in_specs=[tile, pl.BlockSpec(memory_space=pl.ANY)],
+            out_specs=tile,
             scratch_shapes=[buf, buf, pltpu.SemaphoreType.DMA((2,)),
                             pltpu.SemaphoreType.DMA((2,))],
         ),
-        out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+        out_shape=jax.ShapeDtypeStruct(q_tiles.shape, q_tiles.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret,
-        name="paged_attention_decode_tpu",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), lengths.astype(jnp.int32),
-      block_tables.astype(jnp.int32).reshape(-1), qg, pool)
-    return out.reshape(batch, hq, hd)
+        name=name,
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), *(t.astype(jnp.int32).reshape(-1) for t in tables),
+      q_tiles, pool)
+
+
+def choose_pages_per_block(fn: str, pages_per_block, page_rows: int, max_pages: int) -> int:
+    """Pages per key block: the caller's (checked), else about _TARGET_BLOCK_TOKENS keys; at most M."""
+    if pages_per_block is None:
+        pages_per_block = max(1, _TARGET_BLOCK_TOKENS // int(page_rows))
+    elif not (isinstance(pages_per_block, numbers.Integral) and pages_per_block >= 1):
+        raise ValueError(f"{fn}: pages_per_block must be None or an int >= 1, got "
+                         f"{pages_per_block!r}")
+    return int(min(pages_per_block, max(1, max_pages)))
 
 
 # --------------------------------------------------------------------------- wrapper
@@ -271,12 +322,7 @@ def paged_attention_decode(q, pool, layer, block_tables, lengths, *, page_rows: 
         raise ValueError(f"{fn}: the TPU kernel does not support these shapes: {reason}; "
                          f"use impl='xla'")
     max_pages = block_tables.shape[1]
-    if pages_per_block is None:
-        pages_per_block = max(1, _TARGET_BLOCK_TOKENS // int(page_rows))
-    elif not (isinstance(pages_per_block, numbers.Integral) and pages_per_block >= 1):
-        raise ValueError(f"{fn}: pages_per_block must be None or an int >= 1, got "
-                         f"{pages_per_block!r}")
-    pages_per_block = int(min(pages_per_block, max(1, max_pages)))
+    pages_per_block = choose_pages_per_block(fn, pages_per_block, page_rows, max_pages)
     if batch == 0 or max_pages == 0:  # nothing to read: every output row is 0
         return jnp.zeros(q.shape, q.dtype)
     interpret = _resolve_interpret(interpret)

@@ -41,14 +41,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from . import attention as _attention
-from .attention_tpu import LANES, _cdiv, _resolve_interpret, unsupported_reason
+from .attention_tpu import (_cdiv, _resolve_interpret, attend_paged, choose_pages_per_block, paged_call,
+                            unsupported_reason)
 
 __all__ = ["paged_attention_prefill", "unsupported_reason"]
 
-_TARGET_BLOCK_TOKENS = 256  # default keys per kernel iteration
 _TARGET_Q_ROWS = 256  # default query-tile rows (G * BQ)
 _MIN_BQ = 16  # a bfloat16 tile's sublane count: the q tile's rows stay whole tiles
 
@@ -83,90 +82,18 @@ def _work_list(q_starts, kv_lens, num_tokens, block_q):
 def _prefill_kernel(layer_ref, work_ref, bt_ref, q_ref, pool_hbm, o_ref, k_buf, v_buf,
                     k_sem, v_sem, *, block_q, page_rows, pages_per_block, max_pages,
                     num_pages, head_dim, scale, cdtype, precision):
-    w, h = pl.program_id(0), pl.program_id(1)
-    layer = layer_ref[0]
+    w = pl.program_id(0)
     seq, nrows, pos0 = work_ref[4 * w], work_ref[4 * w + 2], work_ref[4 * w + 3]
-    block_tokens = pages_per_block * page_rows
     kv_end = jnp.where(nrows > 0,
                        jnp.minimum(jnp.maximum(pos0 + nrows, 0), max_pages * page_rows), 0)
-    n_pages = _cdiv(kv_end, page_rows)
-    n_blocks = _cdiv(kv_end, block_tokens)
-    col = pl.multiple_of(h * head_dim, LANES)
 
-    def page_copies(blk, slot):
-        """[(live, k copy, v copy)] for the pages of key block `blk` into buffer `slot`."""
-        out = []
-        for j in range(pages_per_block):
-            pidx = blk * pages_per_block + j
-            page = bt_ref[seq * max_pages + jnp.minimum(pidx, max_pages - 1)]
-            page = jnp.minimum(jnp.maximum(page, 0), num_pages - 1)  # never leave the pool
-            k_row = pl.multiple_of(page * page_rows, page_rows)
-            v_row = pl.multiple_of((page + num_pages) * page_rows, page_rows)
-            k_src = pool_hbm.at[layer, pl.ds(k_row, page_rows), pl.ds(col, head_dim)]
-            v_src = pool_hbm.at[layer, pl.ds(v_row, page_rows), pl.ds(col, head_dim)]
-            out.append((pidx < n_pages,
-                        pltpu.make_async_copy(k_src, k_buf.at[slot, j], k_sem.at[slot]),
-                        pltpu.make_async_copy(v_src, v_buf.at[slot, j], v_sem.at[slot])))
-        return out
+    def q_pos(rows):  # position of each row's query token: rows are g * BQ + i
+        return pos0 + (lax.broadcasted_iota(jnp.int32, (rows, 1), 0) & (block_q - 1))
 
-    def start(blk, slot):
-        for live, kc, vc in page_copies(blk, slot):
-            @pl.when(live)
-            def _():
-                kc.start()
-                vc.start()
-
-    def wait(blk, slot):
-        for live, kc, vc in page_copies(blk, slot):
-            @pl.when(live)
-            def _():
-                kc.wait()
-                vc.wait()
-
-    @pl.when(n_blocks == 0)
-    def _():
-        o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
-
-    @pl.when(n_blocks > 0)
-    def _():
-        start(0, 0)
-        q = q_ref[...].astype(cdtype)  # [G * BQ, hd]
-        rows = q.shape[0]
-        # position of each row's query token: rows are g * BQ + i
-        q_pos = pos0 + (lax.broadcasted_iota(jnp.int32, (rows, 1), 0) & (block_q - 1))
-
-        def body(i, carry):
-            acc, m, l = carry
-            slot = i % 2
-
-            @pl.when(i + 1 < n_blocks)
-            def _():
-                start(i + 1, 1 - slot)
-
-            wait(i, slot)
-            k = k_buf[slot].reshape(block_tokens, head_dim).astype(cdtype)
-            v = v_buf[slot].reshape(block_tokens, head_dim).astype(cdtype)
-            first = i * block_tokens
-            key = first + lax.broadcasted_iota(jnp.int32, (1, block_tokens), 1)
-            row_ok = first + lax.broadcasted_iota(jnp.int32, (block_tokens, 1), 0) < kv_end
-            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                                preferred_element_type=jnp.float32) * scale  # [R, C]
-            s = jnp.where((key < kv_end) & (key <= q_pos), s, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no visible key yet: no NaN
-            alpha = jnp.exp(m - m_use)
-            p = jnp.exp(s - m_use)
-            l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-            v = jnp.where(row_ok, v, jnp.zeros_like(v))  # stale rows may hold NaN/Inf
-            pv = lax.dot_general(p.astype(cdtype), v, (((1,), (0,)), ((), ())),
-                                 precision=precision, preferred_element_type=jnp.float32)
-            return alpha * acc + pv, m_new, l
-
-        init = (jnp.zeros((rows, head_dim), jnp.float32),
-                jnp.full((rows, 1), -jnp.inf, jnp.float32),
-                jnp.zeros((rows, 1), jnp.float32))
-        acc, _, l = lax.fori_loop(0, n_blocks, body, init)
-        o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+    attend_paged(q_ref, o_ref, pool_hbm, bt_ref, k_buf, v_buf, k_sem, v_sem, seq=seq, layer=layer_ref[0],
+                 kv_end=kv_end, q_pos=q_pos, page_rows=page_rows, pages_per_block=pages_per_block,
+                 max_pages=max_pages, num_pages=num_pages, head_dim=head_dim, scale=scale, cdtype=cdtype,
+                 precision=precision)
 
 
 @functools.partial(jax.jit, static_argnames=("page_rows", "scale", "block_q",
@@ -194,24 +121,8 @@ def _prefill_mosaic(q, pool, layer, block_tables, q_starts, kv_lens, *, page_row
         _prefill_kernel, block_q=block_q, page_rows=page_rows, pages_per_block=pages_per_block,
         max_pages=max_pages, num_pages=num_pages, head_dim=hd, scale=scale, cdtype=cdtype,
         precision=precision)
-    tile = pl.BlockSpec((None, None, group * block_q, hd), lambda w, h, *_: (w, h, 0, 0))
-    buf = pltpu.VMEM((2, pages_per_block, page_rows, hd), pool.dtype)
-    out = pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
-            grid=(items, hkv),
-            in_specs=[tile, pl.BlockSpec(memory_space=pl.ANY)],
-            out_specs=tile,
-            scratch_shapes=[buf, buf, pltpu.SemaphoreType.DMA((2,)),
-                            pltpu.SemaphoreType.DMA((2,))],
-        ),
-        out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=interpret,
-        name="paged_attention_prefill_tpu",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), work.reshape(-1),
-      block_tables.astype(jnp.int32).reshape(-1), qt, pool)
+    out = paged_call(kernel, qt, pool, (layer, work, block_tables), pages_per_block=pages_per_block,
+                     page_rows=page_rows, name="paged_attention_prefill_tpu", interpret=interpret)
 
     # back to [T, Hq, hd]: each packed row of an item reads its tile row; other rows read a 0 row
     flat = out.reshape(items, hkv, group, block_q, hd).transpose(0, 3, 1, 2, 4)
@@ -240,13 +151,8 @@ def paged_attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, 
     pages_per_block: pages per kernel iteration (None: about 256 keys, at most M).
     """
     fn = "paged_attention_prefill(impl='pallas_tpu')"
-    _attention._check_common(fn, q, pool, layer, block_tables, page_rows, scale)
+    _attention._check_prefill(fn, q, pool, layer, block_tables, q_starts, kv_lens, page_rows, scale)
     nseq = block_tables.shape[0]
-    if jnp.shape(q_starts) != (nseq + 1,):
-        raise ValueError(f"{fn}: q_starts must have shape ({nseq + 1},) (block_tables has "
-                         f"{nseq} rows), got {jnp.shape(q_starts)}")
-    if jnp.shape(kv_lens) != (nseq,):
-        raise ValueError(f"{fn}: kv_lens must have shape ({nseq},), got {jnp.shape(kv_lens)}")
     reason = unsupported_reason(q, pool, page_rows)
     if reason is not None:
         raise ValueError(f"{fn}: the TPU kernel does not support these shapes: {reason}; "
@@ -261,12 +167,7 @@ def paged_attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, 
         raise ValueError(f"{fn}: block_q must be None or a power of two >= {_MIN_BQ}, got "
                          f"{block_q!r}")
     max_pages = block_tables.shape[1]
-    if pages_per_block is None:
-        pages_per_block = max(1, _TARGET_BLOCK_TOKENS // int(page_rows))
-    elif not (isinstance(pages_per_block, numbers.Integral) and pages_per_block >= 1):
-        raise ValueError(f"{fn}: pages_per_block must be None or an int >= 1, got "
-                         f"{pages_per_block!r}")
-    pages_per_block = int(min(pages_per_block, max(1, max_pages)))
+    pages_per_block = choose_pages_per_block(fn, pages_per_block, page_rows, max_pages)
     if num_tokens == 0 or nseq == 0 or max_pages == 0:  # nothing to attend: every row is 0
         return jnp.zeros(q.shape, q.dtype)
     interpret = _resolve_interpret(interpret)
