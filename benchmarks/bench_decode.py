@@ -16,6 +16,7 @@ and JAX in one process would fight over device memory).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -51,9 +52,11 @@ def fill_pool_random(pool) -> None:
     jax.block_until_ready(pool.array)
 
 
-def decode_row(llm, batch, context, mode, rank, steps, hbm):
+@contextlib.contextmanager
+def decode_batch(llm, batch, context, mode, rank):
+    """A decode batch of `batch` sequences at `context` tokens, adapters none|one|distinct of `rank`,
+    with pages allocated (prefill skipped); yields (one engine step as a callable, adapter names)."""
     eng = llm.engine
-    cfg = llm.model_cfg
     names = []
     if mode != "none":
         n = 1 if mode == "one" else batch
@@ -72,12 +75,25 @@ def decode_row(llm, batch, context, mode, rank, steps, hbm):
         r.num_computed = context - 1
         reqs.append(r)
     step = ScheduledStep(reqs, [1] * batch, [], [])
-    try:
-        def one():
-            inp, samp, _ = eng.builder.build(step)
-            toks, eng.pool.array = eng.runner.step(eng.pool.array, inp, samp)
-            return np.asarray(toks)
 
+    def one():
+        inp, samp, _ = eng.builder.build(step)
+        toks, eng.pool.array = eng.runner.step(eng.pool.array, inp, samp)
+        return np.asarray(toks)
+
+    try:
+        yield one, names, step
+    finally:
+        for r in reqs:
+            eng.pages.free_seq(r.id_int)
+            if r.adapter:
+                eng.pages.release(r.adapter)
+
+
+def decode_row(llm, batch, context, mode, rank, steps, hbm):
+    eng = llm.engine
+    cfg = llm.model_cfg
+    with decode_batch(llm, batch, context, mode, rank) as (one, names, step):
         tc = time.perf_counter()
         one()  # compile
         one()
@@ -91,11 +107,6 @@ def decode_row(llm, batch, context, mode, rank, steps, hbm):
         for _ in range(steps):
             eng.builder.build(step)
         host = (time.perf_counter() - t1) / steps
-    finally:
-        for r in reqs:
-            eng.pages.free_seq(r.id_int)
-            if r.adapter:
-                eng.pages.release(r.adapter)
     weight_bytes = cfg.num_params() * 2
     w = layout.row_width(cfg)
     adapter_bytes = sum(eng.store.get(x).n_rows for x in names) * cfg.num_layers * w * 2

@@ -1,0 +1,106 @@
+"""Where a decode step's device time goes: a jax.profiler trace of engine decode steps, summed per kernel.
+
+Llama-7B shape (random bf16 weights), one decode batch (bench_decode.decode_batch) with and without
+LoRA; `--steps` steps are traced after warm-up. The Perfetto trace's device-side events are summed by
+name and by kind (GEMM, Pallas LoRA, attention, other fusions, copies), per step. The kernel counts
+say how many launches LoRA adds per layer; their times say what each costs.
+
+    python benchmarks/profile_step.py --out $OUT [--batch 32] [--mode distinct] [--rank 8]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from benchmarks.bench_decode import decode_batch, fill_pool_random  # noqa: E402
+from slora_jax import LLM  # noqa: E402
+
+KINDS = (("lora", ("lora", "shrink", "expand")), ("attention", ("attention", "paged")),
+         ("gemm", ("gemm", "cublas", "cutlass", "sm90", "dot", "matmul")),
+         ("copy", ("copy", "memcpy", "memset", "transpose")))
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((k for k, keys in KINDS if any(x in low for x in keys)), "other")
+
+
+def device_events(trace_dir: str) -> list:
+    """(name, microseconds) of every complete event on a device (not host) process of the trace."""
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+    with gzip.open(path) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device = {pid for pid, name in procs.items() if "/device:" in name and "CPU" not in name}
+    if not device:  # a CPU run: keep the XLA thunks so the script can be checked there
+        device = set(procs)
+    return [(e["name"], float(e.get("dur", 0.0))) for e in events if e.get("ph") == "X" and e["pid"] in device]
+
+
+def profile(llm, batch, context, mode, rank, steps) -> dict:
+    with decode_batch(llm, batch, context, mode, rank) as (one, _, _):
+        for _ in range(3):
+            one()  # compile, warm
+        tmp = tempfile.mkdtemp()
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(steps):
+                one()
+    by_name: dict = collections.defaultdict(lambda: [0, 0.0])
+    for name, dur in device_events(tmp):
+        by_name[name][0] += 1
+        by_name[name][1] += dur
+    kinds: dict = collections.defaultdict(lambda: [0, 0.0])
+    for name, (n, us) in by_name.items():
+        kinds[kind_of(name)][0] += n
+        kinds[kind_of(name)][1] += us
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:30]
+    return {"batch": batch, "context": context, "adapters": mode, "rank": rank if mode != "none" else 0,
+            "steps": steps, "device_us_per_step": sum(us for _, us in by_name.values()) / steps,
+            "kinds": {k: {"launches_per_step": n / steps, "us_per_step": us / steps} for k, (n, us) in kinds.items()},
+            "top": [{"name": k, "launches_per_step": n / steps, "us_per_step": us / steps} for k, (n, us) in top]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--model", default="llama-7b")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--mode", default="distinct", choices=("one", "distinct"))
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="tiny model on CPU: checks the script runs")
+    args = ap.parse_args()
+    extra = {"num_pages": 256, "dtype": "float32"} if args.quick else {"mem_fraction": 0.5}
+    if args.quick:
+        args.model, args.batch, args.context, args.rank = "tiny", 4, 32, 4
+    llm = LLM(args.model, max_rank=args.rank, max_running=args.batch, max_batch_tokens=max(args.batch, 256),
+              max_model_len=args.context + 64, **extra)
+    fill_pool_random(llm.engine.pool)
+    rows = [profile(llm, args.batch, args.context, mode, args.rank, args.steps) for mode in ("none", args.mode)]
+    os.makedirs(args.out, exist_ok=True)
+    common.write_json(os.path.join(args.out, "profile_step.json"), {"device": common.device_name(), "rows": rows})
+    for r in rows:
+        print(f"\nbatch {r['batch']} adapters {r['adapters']} rank {r['rank']}: "
+              f"{r['device_us_per_step']:.0f} us of device events per step")
+        for k, v in sorted(r["kinds"].items(), key=lambda kv: -kv[1]["us_per_step"]):
+            print(f"  {k:10s} {v['launches_per_step']:7.1f} launches {v['us_per_step']:9.1f} us")
+        for t in r["top"][:12]:
+            print(f"    {t['us_per_step']:9.1f} us  x{t['launches_per_step']:5.1f}  {t['name'][:90]}")
+
+
+if __name__ == "__main__":
+    main()
