@@ -1,8 +1,9 @@
 """The host loop: schedule -> swap adapters in -> build the batch -> run the step -> post-process.
 
 Driven synchronously by `LLM.generate`, or from a background thread for the
-server (`start()`); one lock serialises steps against requests and adapter
-changes arriving from other threads. The host reads back only the sampled
+server (`start()`); one lock serialises steps against aborts and adapter
+changes from other threads, while new requests come through a lock-free inbox
+that the next step admits. The host reads back only the sampled
 tokens of each step: that read is the loop's one wait on the device.
 
 Async mode (`EngineConfig.async_steps`, DESIGN.md section 2) runs one step
