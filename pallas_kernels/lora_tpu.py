@@ -332,12 +332,9 @@ def _row_copies(n, k, make):
     lax.fori_loop(0, n, body, jnp.int32(0))
 
 
-# --------------------------------------------------------------------------- shrink
-def _shrink_kernel(layer_ref, starts_ref, ranks_ref, rows_ref, x_ref, pool_ref, out_ref,
-                   abuf, sems, key_ref, *, n_layers, n_rows, ns, t, d, w, k, r, br, nrb, bt, cdt):
-    m = pl.program_id(0)
-    i = pl.program_id(1)
-
+def _program_start(i, key_ref, layer_ref, starts_ref, *, n_layers, ns, t, bt):
+    """What both kernels do first: forget the adapter cached in scratch at the start of a grid column
+    (i == 0); return the layer (negative counts from the end, clamped) and token block i's segments."""
     @pl.when(i == 0)
     def _():
         key_ref[0] = -1
@@ -346,8 +343,16 @@ def _shrink_kernel(layer_ref, starts_ref, ranks_ref, rows_ref, x_ref, pool_ref, 
     layer = layer_ref[0]
     layer = jnp.clip(jnp.where(layer < 0, layer + n_layers, layer), 0, n_layers - 1)
     lo = i * bt
-    hi = jnp.minimum(lo + bt, t)
-    segs = _Segments(starts_ref, ns=ns, t=t, lo=lo, hi=hi)
+    return layer, _Segments(starts_ref, ns=ns, t=t, lo=lo, hi=jnp.minimum(lo + bt, t))
+
+
+# --------------------------------------------------------------------------- shrink
+def _shrink_kernel(layer_ref, starts_ref, ranks_ref, rows_ref, x_ref, pool_ref, out_ref,
+                   abuf, sems, key_ref, *, n_layers, n_rows, ns, t, d, w, k, r, br, nrb, bt, cdt):
+    m = pl.program_id(0)
+    i = pl.program_id(1)
+
+    layer, segs = _program_start(i, key_ref, layer_ref, starts_ref, n_layers=n_layers, ns=ns, t=t, bt=bt)
     out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
 
     def rank_of(s):
@@ -389,7 +394,7 @@ def _shrink_kernel(layer_ref, starts_ref, ranks_ref, rows_ref, x_ref, pool_ref, 
                         ac = jnp.where(lax.broadcasted_iota(jnp.int32, ac.shape, 1) < tail, ac, 0)
                     acc = acc + _dot(xc, ac, cdt, trans_b=True)
                 acc = acc[:, :wr]
-                tok = lo + lax.broadcasted_iota(jnp.int32, (bt, wr), 0)
+                tok = segs.lo + lax.broadcasted_iota(jnp.int32, (bt, wr), 0)
                 col = c0 + lax.broadcasted_iota(jnp.int32, (bt, wr), 1)
                 keep = (tok >= a) & (tok < b) & (col < rank)
                 out_ref[:, c0:c0 + wr] = jnp.where(keep, acc, out_ref[:, c0:c0 + wr])
@@ -469,16 +474,7 @@ def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, rows_ref, v_ref
     c = pl.program_id(0)
     i = pl.program_id(1)
 
-    @pl.when(i == 0)
-    def _():
-        key_ref[0] = -1
-        key_ref[1] = 0
-
-    layer = layer_ref[0]
-    layer = jnp.clip(jnp.where(layer < 0, layer + n_layers, layer), 0, n_layers - 1)
-    lo = i * bt
-    hi = jnp.minimum(lo + bt, t)
-    segs = _Segments(starts_ref, ns=ns, t=t, lo=lo, hi=hi)
+    layer, segs = _program_start(i, key_ref, layer_ref, starts_ref, n_layers=n_layers, ns=ns, t=t, bt=bt)
     o_ref[...] = y_ref[...]
 
     def rank_of(s):
@@ -521,7 +517,7 @@ def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, rows_ref, v_ref
                     part = _dot(v_hi, bt_, cdt, trans_b=False) + _dot(v_lo, bt_, cdt, trans_b=False)
                 delta_ref[...] += part
 
-        tok = lo + lax.broadcasted_iota(jnp.int32, (bt, w), 0)
+        tok = segs.lo + lax.broadcasted_iota(jnp.int32, (bt, w), 0)
         keep = (tok >= a) & (tok < b)
         new = (y_ref[...].astype(jnp.float32) + delta_ref[...]).astype(o_ref.dtype)
         o_ref[...] = jnp.where(keep, new, o_ref[...])
