@@ -10,7 +10,8 @@ import sys
 import numpy as np
 
 DEMO_ADAPTERS = {"demo-poet": 4, "demo-coder": 8, "demo-pirate": 16}
-ENGINE_FLAGS = ("num_pages", "max_running", "max_batch_tokens", "max_model_len", "page_rows")
+ENGINE_FLAGS = ("num_pages", "max_running", "max_batch_tokens", "max_model_len", "page_rows")  # ints
+ENGINE_FLOAT_FLAGS = ("mem_fraction", "early_abort_s")
 
 
 def add_demo_adapters(llm, seed: int = 0) -> list:
@@ -39,9 +40,11 @@ def _adapter_args(values) -> dict:
 
 def _engine_kw(args) -> dict:
     kw = {}
-    for key in ENGINE_FLAGS:
+    for key in ENGINE_FLAGS + ENGINE_FLOAT_FLAGS:
         if getattr(args, key, None) is not None:
             kw[key] = getattr(args, key)
+    if getattr(args, "sync_steps", False):
+        kw["async_steps"] = False
     return kw
 
 
@@ -66,6 +69,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", default=None, choices=["auto", "pallas", "xla"])
     for key in ENGINE_FLAGS:
         p.add_argument("--" + key.replace("_", "-"), type=int, default=None)
+    p.add_argument("--mem-fraction", type=float, default=None,
+                   help="share of the device memory left after the weights that the pool takes")
+    p.add_argument("--early-abort-s", type=float, default=None,
+                   help="drop requests still waiting for their first token after this many seconds")
+    p.add_argument("--sync-steps", action="store_true",
+                   help="read each step's tokens before building the next (default: one step behind)")
 
 
 def main(argv=None) -> int:

@@ -200,6 +200,21 @@ def test_cli_generate_runs_the_tiny_default(capsys):
     assert len(out["token_ids"]) == 4 and out["finish_reason"] == "length" and out["error"] is None
 
 
+def test_cli_engine_flags_reach_the_engine_config():
+    import argparse
+
+    from slora_jax.cli import _common, _engine_kw
+
+    p = argparse.ArgumentParser()
+    _common(p)
+    kw = _engine_kw(p.parse_args(["--num-pages", "300", "--mem-fraction", "0.5", "--early-abort-s", "2.5",
+                                  "--sync-steps"]))
+    assert kw == {"num_pages": 300, "mem_fraction": 0.5, "early_abort_s": 2.5, "async_steps": False}
+    assert _engine_kw(p.parse_args([])) == {}
+    llm = LLM("tiny", kernels="xla", dtype="float32", **kw)
+    assert (llm.engine_cfg.num_pages, llm.engine_cfg.early_abort_s, llm.engine_cfg.async_steps) == (300, 2.5, False)
+
+
 def test_add_request_does_not_wait_for_the_engine_lock():
     """The loop holds the engine lock through each step (device wait included); a request added meanwhile
     must not wait for it (a busy loop starved the server's threads for ~1 s before the inbox)."""
