@@ -20,8 +20,9 @@ from slora_jax.config import LORA_MODULES  # noqa: E402
 TARGETS = [("q_proj", "v_proj"), LORA_MODULES, ("o_proj", "down_proj"), ("k_proj", "gate_proj", "up_proj")]
 
 
-def build(kernels, dtype):
-    llm = LLM("tiny", kernels=kernels, dtype=dtype, max_rank=64, num_pages=2048, page_rows=16, max_model_len=256,
+def build(kernels, dtype, tp=1):
+    """The tiny model with 6 adapters of ranks 1-64 over 4 target sets (the same weights for any tp)."""
+    llm = LLM("tiny", tp=tp, kernels=kernels, dtype=dtype, max_rank=64, num_pages=2048, page_rows=16, max_model_len=256,
               max_running=32, max_batch_tokens=256)
     rng = np.random.default_rng(0)
     cfg = llm.model_cfg

@@ -1,7 +1,7 @@
 """Tensor parallelism on real GPUs (the device machine's 2-GPU kind): correctness, then decode speed.
 
-1. The tiny model (GQA, 4 heads / 2 kv heads), Pallas kernels inside shard_map, float32: a mixed
-   batch's logits and greedy tokens with tp = every GPU equal tp = 1 (same seed, same adapters).
+1. gpu_engine_check's tiny model (GQA, 4 heads / 2 kv heads, 6 adapters), Pallas kernels inside
+   shard_map, float32: a mixed batch's logits and greedy tokens with tp = every GPU equal tp = 1.
 2. Llama-7B shape, bf16: engine decode steps (bench_decode.decode_row) at batch 32 and 128 with
    distinct rank-8 adapters and without LoRA, tp = 1 then tp = every GPU: tokens/s, step ms.
 Writes <out>/tp_check.json; exits non-zero on a mismatch.
@@ -24,19 +24,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.bench_decode import decode_row, fill_pool_random  # noqa: E402
-from benchmarks.gpu_engine_check import TARGETS  # noqa: E402
+from benchmarks.gpu_engine_check import build  # noqa: E402
 from slora_jax import LLM, SamplingParams  # noqa: E402
-
-
-def tiny(tp: int) -> LLM:
-    llm = LLM("tiny", tp=tp, kernels="pallas", dtype="float32", max_rank=16, num_pages=512, page_rows=16,
-              max_model_len=256, max_running=16, max_batch_tokens=256)
-    cfg, rng = llm.model_cfg, np.random.default_rng(0)
-    for i, rank in enumerate([1, 4, 8, 16]):
-        llm.add_adapter(f"a{i}", {f"{layer}.{m}": (rng.normal(0, 0.05, cfg.module_shape(m)[:1] + (rank,)),
-                                                  rng.normal(0, 0.05, (rank, cfg.module_shape(m)[1])))
-                                  for layer in range(cfg.num_layers) for m in TARGETS[i]}, alpha=2.0 * rank)
-    return llm
 
 
 def correctness(tp: int) -> dict:
@@ -45,7 +34,7 @@ def correctness(tp: int) -> dict:
     adapters = [None if i % 5 == 0 else f"a{i % 4}" for i in range(16)]
     res = {}
     for t in (1, tp):
-        llm = tiny(t)
+        llm = build("pallas", "float32", tp=t)
         logits = [llm.logits(p, adapter=a) for p, a in zip(prompts[:4], adapters[:4])]
         outs = llm.generate(prompts, adapter=adapters, sampling=SamplingParams(max_tokens=10, ignore_eos=True))
         res[t] = (logits, [o.token_ids for o in outs], llm.stats()["pages_kv"])

@@ -24,6 +24,17 @@ PUNICA = {(8, 32): 12.4, (8, 128): 37.6, (8, 512): 138.7, (16, 32): 10.6, (16, 1
 PEFT = {"none": 1394.0, "one": 658.0, "distinct": 45.5}
 
 
+def _save(fig, ax, path, xlabel, ylabel, title):
+    """Batch on a log2 x axis, labels, legend; written to `path`."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def _load(path):
     with open(path) as f:
         return json.load(f)
@@ -50,13 +61,8 @@ def lora_section(rows, plots):
             ps.append(peer)
         ax.plot(xs, ys, "o-", label=f"ours r{rank}")
         ax.plot(xs, ps, "x--", label=f"Punica r{rank}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch (tokens, each its own adapter)")
-    ax.set_ylabel("us")
-    ax.set_title("LoRA decode shrink+expand, H200")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(plots, "lora_decode.png"), dpi=110)
+    _save(fig, ax, os.path.join(plots, "lora_decode.png"), "batch (tokens, each its own adapter)", "us",
+          "LoRA decode shrink+expand, H200")
     pre = [r for r in rows if r["phase"] == "prefill" and r["kernel"] == "pallas"]
     if pre:
         out += ["", "Prefill, 4 segments x 512 tokens: " + ", ".join(
@@ -100,14 +106,8 @@ def decode_section(rows, plots, peft=None):
         series.setdefault(key, []).append((r["batch"], r["tokens_per_s"]))
     for key, pts in series.items():
         ax.plot(*zip(*pts), "o-", label=key)
-    ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("batch")
-    ax.set_ylabel("tokens/s")
-    ax.set_title("Llama-7B decode, H200")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(plots, "decode.png"), dpi=110)
+    _save(fig, ax, os.path.join(plots, "decode.png"), "batch", "tokens/s", "Llama-7B decode, H200")
     same_run = any(r.get("speedup_vs_peft") for r in rows)
     out += ["", "Engine rows time decode steps at a fixed context (host batch building, the jitted step, reading "
             "the sampled tokens back). " + (

@@ -239,29 +239,25 @@ def _decode_kernel(layer_ref, lengths_ref, bt_ref, q_ref, pool_hbm, o_ref, k_buf
 def _decode_mosaic(q, pool, layer, block_tables, lengths, *, page_rows, scale, pages_per_block,
                    interpret):
     batch, hq, hd = q.shape
-    _, s_rows, width = pool.shape
-    hkv = width // hd
-    group = hq // hkv
-    max_pages = block_tables.shape[1]
-    num_pages = s_rows // (2 * page_rows)
-    cdtype = jnp.promote_types(q.dtype, pool.dtype)
-    precision = lax.Precision.HIGHEST if cdtype == jnp.float32 else None
-    kernel = functools.partial(
-        _decode_kernel, page_rows=page_rows, pages_per_block=pages_per_block,
-        max_pages=max_pages, num_pages=num_pages, head_dim=hd, scale=scale, cdtype=cdtype,
-        precision=precision)
-    qg = q.reshape(batch, hkv, group, hd)
-    out = paged_call(kernel, qg, pool, (layer, lengths, block_tables), pages_per_block=pages_per_block,
-                     page_rows=page_rows, name="paged_attention_decode_tpu", interpret=interpret)
+    hkv = pool.shape[-1] // hd
+    qg = q.reshape(batch, hkv, hq // hkv, hd)
+    out = paged_call(_decode_kernel, qg, pool, (layer, lengths, block_tables), pages_per_block=pages_per_block,
+                     page_rows=page_rows, scale=scale, name="paged_attention_decode_tpu", interpret=interpret)
     return out.reshape(batch, hq, hd)
 
 
-def paged_call(kernel, q_tiles, pool, scalars, *, pages_per_block, page_rows, name, interpret):
+def paged_call(kernel, q_tiles, pool, scalars, *, pages_per_block, page_rows, scale, name, interpret,
+               **kernel_kw):
     """The pallas_call both paged kernels make: grid (tiles, kv heads), one [rows, hd] query tile per
     program from q_tiles [N, Hkv, rows, hd], the pool left in HBM for the kernel's page DMAs into two
     double-buffered VMEM buffers, and three scalar-prefetch operands (the layer first, then int32
-    arrays flattened)."""
+    arrays flattened, the block table last). `kernel` gets the geometry as keywords, plus kernel_kw."""
     n, hkv, _, hd = q_tiles.shape
+    cdtype = jnp.promote_types(q_tiles.dtype, pool.dtype)
+    kernel = functools.partial(
+        kernel, page_rows=page_rows, pages_per_block=pages_per_block, max_pages=scalars[-1].shape[1],
+        num_pages=pool.shape[1] // (2 * page_rows), head_dim=hd, scale=scale, cdtype=cdtype,
+        precision=lax.Precision.HIGHEST if cdtype == jnp.float32 else None, **kernel_kw)
     tile = pl.BlockSpec((None, None) + q_tiles.shape[2:], lambda w, h, *_: (w, h, 0, 0))
     buf = pltpu.VMEM((2, pages_per_block, page_rows, hd), pool.dtype)
     layer, *tables = scalars

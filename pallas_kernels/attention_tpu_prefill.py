@@ -101,13 +101,8 @@ def _prefill_kernel(layer_ref, work_ref, bt_ref, q_ref, pool_hbm, o_ref, k_buf, 
 def _prefill_mosaic(q, pool, layer, block_tables, q_starts, kv_lens, *, page_rows, scale,
                     block_q, pages_per_block, interpret):
     num_tokens, hq, hd = q.shape
-    _, s_rows, width = pool.shape
-    hkv = width // hd
+    hkv = pool.shape[-1] // hd
     group = hq // hkv
-    max_pages = block_tables.shape[1]
-    num_pages = s_rows // (2 * page_rows)
-    cdtype = jnp.promote_types(q.dtype, pool.dtype)
-    precision = lax.Precision.HIGHEST if cdtype == jnp.float32 else None
 
     work = _work_list(q_starts, kv_lens, num_tokens, block_q)
     items = work.shape[0]
@@ -117,12 +112,9 @@ def _prefill_mosaic(q, pool, layer, block_tables, q_starts, kv_lens, *, page_row
     qt = q[jnp.minimum(src, num_tokens - 1)].reshape(items, block_q, hkv, group, hd)
     qt = qt.transpose(0, 2, 3, 1, 4).reshape(items, hkv, group * block_q, hd)
 
-    kernel = functools.partial(
-        _prefill_kernel, block_q=block_q, page_rows=page_rows, pages_per_block=pages_per_block,
-        max_pages=max_pages, num_pages=num_pages, head_dim=hd, scale=scale, cdtype=cdtype,
-        precision=precision)
-    out = paged_call(kernel, qt, pool, (layer, work, block_tables), pages_per_block=pages_per_block,
-                     page_rows=page_rows, name="paged_attention_prefill_tpu", interpret=interpret)
+    out = paged_call(_prefill_kernel, qt, pool, (layer, work, block_tables), pages_per_block=pages_per_block,
+                     page_rows=page_rows, scale=scale, name="paged_attention_prefill_tpu",
+                     interpret=interpret, block_q=block_q)
 
     # back to [T, Hq, hd]: each packed row of an item reads its tile row; other rows read a 0 row
     flat = out.reshape(items, hkv, group, block_q, hd).transpose(0, 3, 1, 2, 4)

@@ -201,6 +201,16 @@ def _tunables(name: str, tunables: dict) -> int | None:
     return bt
 
 
+def _entry_checks(name: str, interpret, pool_shape, rows_shape, unsupported, tunables: dict):
+    """Both entry points' checks -> (interpret params, block_t). The width rule holds in interpret mode
+    too (it tests what runs on TPU); SMEM limits are not simulated there, so `unsupported` is skipped."""
+    interpret = interpret_params(interpret)
+    reason = _width_reason(pool_shape[-1]) or (None if interpret else unsupported(pool_shape, rows_shape))
+    if reason:
+        raise ValueError(f"{name}: {reason}")
+    return interpret, _tunables(name, tunables)
+
+
 def _compute_dtype(*dtypes) -> jnp.dtype:
     """bf16 tiles stay bf16 (MXU-native, exact products); anything else is float32."""
     dts = {jnp.dtype(d) for d in dtypes}
@@ -451,12 +461,7 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, interpret=None
     default `block_t_default`).
     """
     name = "lora_shrink"
-    interpret = interpret_params(interpret)
-    # The width rule holds in interpret mode too (it tests what runs on TPU); SMEM is not simulated.
-    reason = _width_reason(pool.shape[-1]) or (None if interpret else shrink_unsupported(pool.shape, a_rows.shape))
-    if reason:
-        raise ValueError(f"{name}: {reason}")
-    bt = _tunables(name, tunables)
+    interpret, bt = _entry_checks(name, interpret, pool.shape, a_rows.shape, shrink_unsupported, tunables)
     t, d = x.shape
     m, ns, r, _ = a_rows.shape
     if t == 0 or r == 0 or m == 0 or ns == 0 or d == 0:
@@ -584,11 +589,7 @@ def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *,
     interpret: see `interpret_params`. tunables: block_t (multiple of 16).
     """
     name = "lora_expand"
-    interpret = interpret_params(interpret)
-    reason = _width_reason(pool.shape[-1]) or (None if interpret else expand_unsupported(pool.shape, b_rows.shape))
-    if reason:
-        raise ValueError(f"{name}: {reason}")
-    bt = _tunables(name, tunables)
+    interpret, bt = _entry_checks(name, interpret, pool.shape, b_rows.shape, expand_unsupported, tunables)
     t, d = y.shape
     ns, r, _ = b_rows.shape
     if t == 0 or r == 0 or ns == 0 or d == 0:

@@ -45,12 +45,17 @@ def pow2(n: int, lo: int) -> int:
     return 1 << max(lo - 1, n - 1, 0).bit_length() if n > lo else lo
 
 
+def max_batch_rows(max_running: int) -> int:
+    """Sequence rows of the largest bucket: the length of every step's sampled-token output."""
+    return pow2(max_running, 4)
+
+
 class BatchBuilder:
     def __init__(self, pages: PageTable, residency: AdapterResidency, max_rank: int, max_pages_per_seq: int,
                  max_running: int, max_batch_tokens: int):
         self.pages, self.residency, self.max_rank = pages, residency, max_rank
         self.width = max_pages_per_seq
-        self.max_b = pow2(max_running, 4)
+        self.max_b = max_batch_rows(max_running)
         self.max_t = pow2(max_batch_tokens, 16)
 
     def decode_sizes(self) -> list:

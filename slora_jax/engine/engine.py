@@ -45,7 +45,7 @@ from ..memory.pool import DevicePool, choose_num_pages
 from ..memory.residency import AdapterResidency
 from ..model.weights import dtype_of
 from ..tokenizer import IncrementalDecoder
-from .batch import BatchBuilder, pow2
+from .batch import BatchBuilder, max_batch_rows
 from .request import Request, RequestError, SamplingParams
 from .runner import ModelRunner
 from .scheduler import LOOKAHEAD, ScheduledStep, Scheduler
@@ -89,7 +89,7 @@ class Engine:
             raise ValueError(f"the mesh's tp axis has {mesh.shape[parallel.TP]} devices but tp={ecfg.tp}")
         self.mesh = mesh
         # first: the weights go to their devices (sharded on a mesh) before the pool takes what is left
-        self.runner = ModelRunner(model, kernel_set(ecfg.kernels), pow2(ecfg.max_running, 4), self.mesh)
+        self.runner = ModelRunner(model, kernel_set(ecfg.kernels), max_batch_rows(ecfg.max_running), self.mesh)
         num_pages = choose_num_pages(cfg, ecfg, dtype)
         pages_per_seq = math.ceil(ecfg.max_model_len / ecfg.page_rows)
         if num_pages < pages_per_seq + 1:
@@ -105,7 +105,6 @@ class Engine:
                                    ecfg.early_abort_s)
         self.builder = BatchBuilder(self.pages, self.residency, ecfg.max_rank, pages_per_seq, ecfg.max_running,
                                     ecfg.max_batch_tokens)
-        assert self.builder.max_b == len(self.runner.no_tokens)
         self._inflight: Optional[InFlight] = None
         self.requests: dict = {}
         # seeds of unseeded requests; across hosts (jax.distributed) every process runs the same steps,
