@@ -220,8 +220,11 @@ def _both(impl, shrink_kw, expand_kw):
         kw = dict(impl=impl)
         if impl == "pallas":
             kw["interpret"] = Cfg.interpret
-        v = lora.lora_shrink(y, pool, 1, starts, ranks, a_rows, **kw, **shrink_kw)[0]
-        return lora.lora_expand(y, v, pool, 1, starts, ranks[0], b_rows, scales, **kw, **expand_kw)
+        # as the model runs it: the expand adds up the shrink's split-K partial sums
+        v = lora.lora_shrink(y, pool, 1, starts, ranks, a_rows, partials=True, **kw, **shrink_kw)
+        (out,) = lora.lora_expand_group((y,), v, pool, 1, starts, ranks, (b_rows,), scales[None], **kw,
+                                        **expand_kw)
+        return out
     return body
 
 

@@ -21,9 +21,10 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from benchmarks.bench_decode import decode_batch, fill_pool_random  # noqa: E402
+from benchmarks.bench_decode import decode_batch, fill_pool_random, pipelined_step_s  # noqa: E402
 from slora_jax import LLM  # noqa: E402
 
 KINDS = (("lora", ("lora", "shrink", "expand")), ("attention", ("attention", "paged")),
@@ -47,21 +48,39 @@ def device_events(trace_dir: str) -> list:
     device = {pid for pid, name in procs.items() if "/device:" in name and "CPU" not in name}
     if not device:  # a CPU run: keep the XLA thunks so the script can be checked there
         device = set(procs)
-    return [(e["name"], float(e.get("dur", 0.0))) for e in events if e.get("ph") == "X" and e["pid"] in device]
+    return [(e["name"], float(e.get("ts", 0.0)), float(e.get("dur", 0.0))) for e in events
+            if e.get("ph") == "X" and e["pid"] in device]
+
+
+def busy_and_span(events) -> tuple:
+    """(microseconds some device event ran, microseconds from the first event's start to the last's end)."""
+    spans = sorted((ts, ts + dur) for _, ts, dur in events)
+    if not spans:
+        return 0.0, 0.0
+    busy, (cur_lo, cur_hi) = 0.0, spans[0]
+    for lo, hi in spans[1:]:
+        if lo > cur_hi:
+            busy += cur_hi - cur_lo
+            cur_lo, cur_hi = lo, hi
+        else:
+            cur_hi = max(cur_hi, hi)
+    busy += cur_hi - cur_lo
+    return busy, max(hi for _, hi in spans) - spans[0][0]
 
 
 def profile(llm, batch, context, mode, rank, steps) -> dict:
-    with decode_batch(llm, batch, context, mode, rank) as (one, _, _):
+    with decode_batch(llm, batch, context, mode, rank) as (dispatch, _, _):
         for _ in range(3):
-            one()  # compile, warm
+            np.asarray(dispatch())  # compile, warm
         tmp = tempfile.mkdtemp()
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            for _ in range(steps):
-                one()
+            wall = pipelined_step_s(dispatch, steps)
     by_name: dict = collections.defaultdict(lambda: [0, 0.0])
-    for name, dur in device_events(tmp):
+    events = device_events(tmp)
+    for name, _, dur in events:
         by_name[name][0] += 1
         by_name[name][1] += dur
+    busy, span = busy_and_span(events)
     kinds: dict = collections.defaultdict(lambda: [0, 0.0])
     for name, (n, us) in by_name.items():
         kinds[kind_of(name)][0] += n
@@ -69,6 +88,9 @@ def profile(llm, batch, context, mode, rank, steps) -> dict:
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:30]
     return {"batch": batch, "context": context, "adapters": mode, "rank": rank if mode != "none" else 0,
             "steps": steps, "device_us_per_step": sum(us for _, us in by_name.values()) / steps,
+            # wall: the engine's one-step-behind loop, under the profiler; idle: device gaps inside it
+            "wall_us_per_step": wall * 1e6, "busy_us_per_step": busy / steps,
+            "idle_us_per_step": (span - busy) / steps,
             "kinds": {k: {"launches_per_step": n / steps, "us_per_step": us / steps} for k, (n, us) in kinds.items()},
             "top": [{"name": k, "launches_per_step": n / steps, "us_per_step": us / steps} for k, (n, us) in top]}
 
@@ -95,7 +117,8 @@ def main():
     common.write_json(os.path.join(args.out, "profile_step.json"), {"device": common.device_name(), "rows": rows})
     for r in rows:
         print(f"\nbatch {r['batch']} adapters {r['adapters']} rank {r['rank']}: "
-              f"{r['device_us_per_step']:.0f} us of device events per step")
+              f"{r['device_us_per_step']:.0f} us of device events per step, wall {r['wall_us_per_step']:.0f} us, "
+              f"device idle {r['idle_us_per_step']:.0f} us")
         for k, v in sorted(r["kinds"].items(), key=lambda kv: -kv[1]["us_per_step"]):
             print(f"  {k:10s} {v['launches_per_step']:7.1f} launches {v['us_per_step']:9.1f} us")
         for t in r["top"][:12]:

@@ -25,6 +25,9 @@ class KernelSet:
     name: str
     lora_shrink: Callable
     lora_expand: Callable
+    # the expands of modules sharing one shrink (q, k, v; gate, up) in one launch, taking the
+    # shrink's split-K partial sums (lora_shrink(..., partials=True))
+    lora_expand_group: Callable
     write_kv: Callable
     attention_decode: Callable
     attention_prefill: Callable
@@ -50,6 +53,7 @@ def kernel_set(mode: str = "auto") -> KernelSet:
             "xla",
             reference.lora_shrink,
             reference.lora_expand,
+            reference.lora_expand_group,
             reference.write_kv,
             reference.paged_attention_decode,
             reference.paged_attention_prefill,
@@ -60,6 +64,7 @@ def kernel_set(mode: str = "auto") -> KernelSet:
         "pallas",
         lora.lora_shrink,
         lora.lora_expand,
+        lora.lora_expand_group,
         reference.write_kv,  # a donated scatter: XLA already does it in place
         attention.paged_attention_decode,
         attention.paged_attention_prefill,

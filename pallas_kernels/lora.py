@@ -87,7 +87,7 @@ from . import reference
 
 log = logging.getLogger(__name__)
 
-__all__ = ["lora_shrink", "lora_expand", "shrink_defaults", "expand_defaults"]
+__all__ = ["lora_shrink", "lora_expand", "lora_expand_group", "shrink_defaults", "expand_defaults"]
 
 _SHRINK_TUNABLES = ("block_t", "block_r", "block_d", "k_splits", "num_warps", "num_stages")
 _EXPAND_TUNABLES = ("block_t", "block_r", "block_d", "num_warps", "num_stages")
@@ -318,10 +318,11 @@ def _shrink_kernel(layer_ref, starts_ref, ranks_ref, rows_ref, x_ref, pool_ref, 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("block_t", "block_r", "block_d", "k_splits", "num_warps", "num_stages", "interpret"),
+    static_argnames=("block_t", "block_r", "block_d", "k_splits", "num_warps", "num_stages", "interpret",
+                     "partials"),
 )
 def _shrink_pallas(x, pool, layer, seg_starts, seg_ranks, a_rows, *, block_t, block_r, block_d,
-                   k_splits, num_warps, num_stages, interpret):
+                   k_splits, num_warps, num_stages, interpret, partials):
     t, d = x.shape
     _, _, w = pool.shape
     m, ns, r, _ = a_rows.shape
@@ -347,6 +348,8 @@ def _shrink_pallas(x, pool, layer, seg_starts, seg_ranks, a_rows, *, block_t, bl
         interpret=interpret,
         name=f"lora_shrink_bt{bt}_br{br}_bd{bd}_ks{ks}",
     )(layer, seg_starts, seg_ranks, a_rows, x, pool)
+    if partials:
+        return out
     return out.reshape(m, t, r) if ks == 1 else out.sum(axis=0)
 
 
@@ -361,13 +364,15 @@ def _check_common(name, act_name, dim_name, act, pool, seg_starts) -> None:
 
 
 def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, impl: str = "pallas",
-                interpret: bool | None = None, **tunables) -> jax.Array:
+                interpret: bool | None = None, partials: bool = False, **tunables) -> jax.Array:
     """v[m, t, j] = x[t] . A_m(seg(t))[:, j] for j < rank, else 0 (see `reference.lora_shrink`).
 
     x: [T, D_in]; pool: [L, S, W]; layer: int32 scalar (may be traced);
     seg_starts: [NS + 1] int32; seg_ranks: [M, NS] int32;
     a_rows: [M, NS, R, K_in] int32 pool rows of A^T, K_in = ceil(D_in / W).
-    Returns float32 [M, T, R].
+    Returns float32 [M, T, R]; with ``partials=True`` float32 [KS, M, T, R]
+    whose sum over axis 0 is that (the kernel's split-K partial sums, KS >= 1,
+    left for `lora_expand_group` to add up instead of a reduction launch here).
 
     impl: "pallas" (this module's kernel; on a TPU backend `lora_tpu`'s),
     "pallas_tpu" (`lora_tpu`'s kernel on any backend) or "xla" (the reference).
@@ -394,59 +399,79 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, impl: str = "p
         raise ValueError(f"{name}: seg_ranks must have shape [M, NS] = {(m, ns)}, got {seg_ranks.shape}")
     for arg, a in (("seg_starts", seg_starts), ("seg_ranks", seg_ranks), ("a_rows", a_rows)):
         _check_int(name, arg, a)
+    def shaped(v):
+        return v[None] if partials else v
+
     if impl == "xla":
-        return reference.lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows)
+        return shaped(reference.lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows))
     if impl not in ("pallas", "pallas_tpu"):
         raise ValueError(f"{name}: impl must be 'pallas' or 'xla', got {impl!r} "
                          "(or 'pallas_tpu': the TPU kernels on any backend)")
     layer_arr = _layer_array(name, layer, n_layers)
     route = _tpu_route(name, impl, lambda lt: lt.shrink_unsupported(pool.shape, a_rows.shape))
     if route == "xla":
-        return reference.lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows)
+        return shaped(reference.lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows))
     if route == "tpu":
         from . import lora_tpu
 
-        return lora_tpu.lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, interpret=interpret,
-                                    **tunables)
+        return shaped(lora_tpu.lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows,
+                                          interpret=interpret, **tunables))
     cfg = _tunables(name, tunables, _SHRINK_TUNABLES, shrink_defaults(t, ns, m, r, d, w))
     interpret = _resolve_interpret(interpret)
     if t == 0 or r == 0 or m == 0 or ns == 0 or d == 0:
-        return jnp.zeros((m, t, r), jnp.float32)
+        return shaped(jnp.zeros((m, t, r), jnp.float32))
     return _shrink_pallas(
         x, pool, layer_arr, seg_starts.astype(jnp.int32), seg_ranks.astype(jnp.int32),
-        a_rows.astype(jnp.int32), interpret=interpret, **cfg,
+        a_rows.astype(jnp.int32), interpret=interpret, partials=partials, **cfg,
     )
 
 
 # --------------------------------------------------------------------------- expand
-def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, rows_ref, v_ref, pool_ref, y_ref,
-                   o_ref, *, n_layers, ns, nsp, t, d, w, r, bt, br, bd, nj, cdt):
-    del y_ref  # aliased to o_ref: read and written through o_ref
+def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, *refs, n_layers, ns, nsp, t, dims,
+                   ks_in, w, r, bt, br, bd, nj, cdt):
+    mods = len(dims)
+    rows_refs, (v_ref, pool_ref) = refs[:mods], refs[mods:mods + 2]
+    o_refs = refs[2 * mods + 2:]  # refs[mods + 2: 2 * mods + 2] are the ys, aliased to o_refs
     i = pl.program_id(0)
     n = pl.program_id(1)
+    # Which module owns output column block n: blocks are laid out module after module.
+    m, n_loc, d, k_m = jnp.int32(0), n, jnp.int32(dims[0]), jnp.int32(_cdiv(dims[0], w))
+    first = 0
+    for j in range(1, mods):
+        first += _cdiv(dims[j - 1], w) * nj
+        mine = n >= first
+        m = jnp.where(mine, j, m)
+        n_loc = jnp.where(mine, n - first, n_loc)
+        d = jnp.where(mine, dims[j], d)
+        k_m = jnp.where(mine, _cdiv(dims[j], w), k_m)
     seg, lo, hi = _work_item(i, starts_ref, ns=ns, nsp=nsp, t=t, bt=bt)
     real = (seg >= 0) & (seg < ns)
     segc = jnp.clip(seg, 0, ns - 1)
-    rank = jnp.where(real, jnp.clip(ranks_ref[segc], 0, r), 0)
-    scale = scales_ref[segc].astype(jnp.float32)
+    rank = jnp.where(real, jnp.clip(ranks_ref[m, segc], 0, r), 0)
+    scale = scales_ref[m, segc].astype(jnp.float32)
 
-    c = lax.div(n, nj)  # pool row (of each B row) holding this column block
-    col0 = lax.rem(n, nj) * bd
+    c = lax.div(n_loc, nj)  # pool row (of each B row) holding this column block
+    col0 = lax.rem(n_loc, nj) * bd
     cols = col0 + lax.broadcasted_iota(jnp.int32, (bd,), 0)
     cmask = (cols < w) & (cols < d - c * w)
     tmask = (lo + lax.broadcasted_iota(jnp.int32, (bt,), 0)) < hi
     active = (hi > lo) & (rank > 0) & (c * w + col0 < d)
     layer = _load_layer(layer_ref, n_layers)
     n_rb = jnp.where(active, lax.div(rank + (br - 1), br), 0)
+    ck = jnp.minimum(c, k_m - 1)
 
     def body(q, acc):
         jv = q * br + lax.broadcasted_iota(jnp.int32, (br,), 0)
         rmask = jv < rank
-        # Mask v by the static R only (vector loads), then drop columns >= rank.
-        vt = plgpu.load(v_ref.at[pl.ds(lo, bt), pl.ds(q * br, br)],
-                        mask=tmask[:, None] & (jv < r)[None, :], other=0.0)
+        # Mask v by the static R only (vector loads), then drop columns >= rank. Split-K partial sums
+        # of the shrink are added here, so the shrink needs no reduction launch of its own.
+        vmask = tmask[:, None] & (jv < r)[None, :]
+        vt = sum(plgpu.load(v_ref.at[jnp.int32(s), m, pl.ds(lo, bt), pl.ds(q * br, br)], mask=vmask, other=0.0)
+                 for s in range(ks_in))
         vt = jnp.where(rmask[None, :], vt.astype(jnp.float32) * scale, 0.0)
-        idx = plgpu.load(rows_ref.at[segc, pl.ds(q * br, br), c], mask=rmask, other=0)
+        # this module's B row indices (the other modules' loads are masked off: no memory traffic)
+        idx = sum(plgpu.load(rows_refs[j].at[segc, pl.ds(q * br, br), jnp.minimum(ck, rows_refs[j].shape[2] - 1)],
+                             mask=rmask & (m == j), other=0) for j in range(mods))
         bt_ = plgpu.load(
             pool_ref.at[layer, idx[:, None], cols[None, :]],
             mask=rmask[:, None] & cmask[None, :],
@@ -461,36 +486,124 @@ def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, rows_ref, v_ref
 
     acc = lax.fori_loop(0, n_rb, body, jnp.zeros((bt, bd), jnp.float32))
     omask = (tmask & active)[:, None] & cmask[None, :]
-    tile = o_ref.at[pl.ds(lo, bt), pl.ds(c * w + col0, bd)]
-    yt = plgpu.load(tile, mask=omask, other=0)
-    plgpu.store(tile, (yt.astype(jnp.float32) + acc).astype(o_ref.dtype), mask=omask)
+    for j, o_ref in enumerate(o_refs):  # only module m's masks are live
+        tile = o_ref.at[pl.ds(lo, bt), pl.ds(c * w + col0, bd)]
+        mask_j = omask & (m == j)
+        yt = plgpu.load(tile, mask=mask_j, other=0)
+        plgpu.store(tile, (yt.astype(jnp.float32) + acc).astype(o_ref.dtype), mask=mask_j)
 
 
 @functools.partial(
     jax.jit, static_argnames=("block_t", "block_r", "block_d", "num_warps", "num_stages", "interpret")
 )
-def _expand_pallas(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *, block_t,
+def _expand_pallas(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *, block_t,
                    block_r, block_d, num_warps, num_stages, interpret):
-    t, d = y.shape
+    mods = len(ys)
+    t = ys[0].shape[0]
+    dims = tuple(y.shape[1] for y in ys)
     _, _, w = pool.shape
-    ns, r, k = b_rows.shape
+    ks_in, _, _, r = v.shape
+    ns = seg_starts.shape[0] - 1
     bt, br, bd = block_t, block_r, block_d
     nj = _cdiv(w, bd)
     nsp = _pow2_at_least(ns + 1, 2)
     kernel = functools.partial(
-        _expand_kernel, n_layers=pool.shape[0], ns=ns, nsp=nsp, t=t, d=d, w=w, r=r, bt=bt, br=br,
-        bd=bd, nj=nj,
-        cdt=_compute_dtype(pool.dtype),
+        _expand_kernel, n_layers=pool.shape[0], ns=ns, nsp=nsp, t=t, dims=dims, ks_in=ks_in, w=w, r=r,
+        bt=bt, br=br, bd=bd, nj=nj, cdt=_compute_dtype(pool.dtype),
     )
-    return pl.pallas_call(
+    n_inputs = 4 + mods + 2
+    out = pl.pallas_call(
         kernel,
-        grid=(_num_items(t, ns, bt), k * nj),
-        out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
-        input_output_aliases={7: 0},
+        grid=(_num_items(t, ns, bt), sum(_cdiv(d, w) for d in dims) * nj),
+        out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys),
+        input_output_aliases={n_inputs + j: j for j in range(mods)},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"lora_expand_bt{bt}_br{br}_bd{bd}",
-    )(layer, seg_starts, seg_ranks, seg_scales, b_rows, v, pool, y)
+        name=f"lora_expand{mods}_bt{bt}_br{br}_bd{bd}",
+    )(layer, seg_starts, seg_ranks, seg_scales, *b_rows, v, pool, *ys)
+    return tuple(out)
+
+
+def _check_expand(name, ys, v, pool, seg_starts, seg_ranks, b_rows, seg_scales) -> None:
+    if not ys:
+        raise ValueError(f"{name}: no outputs")
+    for y in ys:
+        _check_common(name, "y", "D_out", y, pool, seg_starts)
+    t = ys[0].shape[0]
+    _, _, w = pool.shape
+    ns = seg_starts.shape[0] - 1
+    mods = len(ys)
+    if len(b_rows) != mods:
+        raise ValueError(f"{name}: {mods} outputs but {len(b_rows)} b_rows tables")
+    r = None
+    for y, rows in zip(ys, b_rows):
+        if rows.ndim != 3:
+            raise ValueError(f"{name}: b_rows must be [NS, R, K_out], got shape {rows.shape}")
+        k_want = _cdiv(y.shape[1], w)
+        if y.shape[0] != t or rows.shape[0] != ns or rows.shape[2] != k_want or rows.shape[1] != (r or rows.shape[1]):
+            raise ValueError(
+                f"{name}: b_rows must have shape [NS, R, K_out] with NS = len(seg_starts) - 1 = {ns} "
+                f"and K_out = ceil(D_out / W) = ceil({y.shape[1]} / {w}) = {k_want} (one R for all "
+                f"modules, y of T = {t} rows), got {rows.shape} for y {y.shape}"
+            )
+        r = rows.shape[1]
+        _check_int(name, "b_rows", rows)
+    if v.ndim not in (3, 4) or v.shape[-3:] != (mods, t, r):
+        raise ValueError(
+            f"{name}: v must have shape [M, T, R] = {(mods, t, r)} or [KS, M, T, R] "
+            f"(T from y, R from b_rows), got {v.shape}"
+        )
+    for arg, a in (("seg_ranks", seg_ranks), ("seg_scales", seg_scales)):
+        if a.shape != (mods, ns):
+            raise ValueError(f"{name}: {arg} must have shape [M, NS] = {(mods, ns)}, got {a.shape}")
+    _check_int(name, "seg_starts", seg_starts)
+    _check_int(name, "seg_ranks", seg_ranks)
+
+
+def lora_expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *,
+                      impl: str = "pallas", interpret: bool | None = None, **tunables) -> tuple:
+    """`lora_expand` of M modules sharing one shrink, in one launch: ys[m] + scale_m * v[m] @ B_m.
+
+    ys: M x [T, D_m] (each aliased to its output: donate to update in place);
+    v: [M, T, R] float32 or [KS, M, T, R] split-K partial sums (`lora_shrink(partials=True)`),
+    summed inside the kernel; seg_ranks, seg_scales: [M, NS]; b_rows: M x [NS, R, K_m].
+    Returns a tuple of M arrays. impl, interpret, tunables: as in `lora_expand`.
+    """
+    name = "lora_expand"
+    ys, b_rows = tuple(ys), tuple(b_rows)
+    _check_expand(name, ys, v, pool, seg_starts, seg_ranks, b_rows, seg_scales)
+    args = (ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales)
+    if impl == "xla":
+        return reference.lora_expand_group(*args)
+    if impl not in ("pallas", "pallas_tpu"):
+        raise ValueError(f"{name}: impl must be 'pallas' or 'xla', got {impl!r} "
+                         "(or 'pallas_tpu': the TPU kernels on any backend)")
+    n_layers, _, w = pool.shape
+    layer_arr = _layer_array(name, layer, n_layers)
+    route = _tpu_route(name, impl, lambda lt: next(filter(None, (lt.expand_unsupported(pool.shape, rows.shape)
+                                                                  for rows in b_rows)), None))
+    if route == "xla":
+        return reference.lora_expand_group(*args)
+    vs = v.sum(axis=0) if v.ndim == 4 else v
+    if route == "tpu":
+        from . import lora_tpu
+
+        return tuple(lora_tpu.lora_expand(y, vs[m], pool, layer, seg_starts, seg_ranks[m], b_rows[m],
+                                          seg_scales[m], interpret=interpret, **tunables)
+                     for m, y in enumerate(ys))
+    t = ys[0].shape[0]
+    ns = seg_starts.shape[0] - 1
+    r = v.shape[-1]
+    cfg = _tunables(name, tunables, _EXPAND_TUNABLES, expand_defaults(t, ns, r, w))
+    interpret = _resolve_interpret(interpret)
+    if t == 0 or r == 0 or ns == 0:
+        return ys
+    v4 = v if v.ndim == 4 else v[None]
+    return _expand_pallas(
+        ys, v4.astype(jnp.float32), pool, layer_arr, seg_starts.astype(jnp.int32), seg_ranks.astype(jnp.int32),
+        tuple(rows.astype(jnp.int32) for rows in b_rows), seg_scales.astype(jnp.float32),
+        interpret=interpret, **cfg,
+    )
 
 
 def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *,
@@ -510,45 +623,18 @@ def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *,
     if b_rows.ndim != 3:
         raise ValueError(f"{name}: b_rows must be [NS, R, K_out], got shape {b_rows.shape}")
     t, d = y.shape
-    n_layers, _, w = pool.shape
     ns = seg_starts.shape[0] - 1
-    ns_b, r, k = b_rows.shape
-    k_want = _cdiv(d, w)
-    if ns_b != ns or k != k_want:
-        raise ValueError(
-            f"{name}: b_rows must have shape [NS, R, K_out] with NS = len(seg_starts) - 1 = {ns} "
-            f"and K_out = ceil(D_out / W) = ceil({d} / {w}) = {k_want}, got {b_rows.shape}"
-        )
+    r = b_rows.shape[1]
     if v.shape != (t, r):
         raise ValueError(
             f"{name}: v must have shape [T, R] = {(t, r)} (T from y, R from b_rows), got {v.shape}"
         )
-    if seg_ranks.shape != (ns,):
-        raise ValueError(f"{name}: seg_ranks must have shape [NS] = {(ns,)}, got {seg_ranks.shape}")
-    if seg_scales.shape != (ns,):
-        raise ValueError(f"{name}: seg_scales must have shape [NS] = {(ns,)}, got {seg_scales.shape}")
-    for arg, a in (("seg_starts", seg_starts), ("seg_ranks", seg_ranks), ("b_rows", b_rows)):
-        _check_int(name, arg, a)
-    if impl == "xla":
+    for arg, a in (("seg_ranks", seg_ranks), ("seg_scales", seg_scales)):
+        if a.shape != (ns,):
+            raise ValueError(f"{name}: {arg} must have shape [NS] = {(ns,)}, got {a.shape}")
+    if impl == "xla":  # the single-module reference, which the kernels are checked against
+        _check_expand(name, (y,), v[None], pool, seg_starts, seg_ranks[None], (b_rows,), seg_scales[None])
         return reference.lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales)
-    if impl not in ("pallas", "pallas_tpu"):
-        raise ValueError(f"{name}: impl must be 'pallas' or 'xla', got {impl!r} "
-                         "(or 'pallas_tpu': the TPU kernels on any backend)")
-    layer_arr = _layer_array(name, layer, n_layers)
-    route = _tpu_route(name, impl, lambda lt: lt.expand_unsupported(pool.shape, b_rows.shape))
-    if route == "xla":
-        return reference.lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales)
-    if route == "tpu":
-        from . import lora_tpu
-
-        return lora_tpu.lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales,
-                                    interpret=interpret, **tunables)
-    cfg = _tunables(name, tunables, _EXPAND_TUNABLES, expand_defaults(t, ns, r, w))
-    interpret = _resolve_interpret(interpret)
-    if t == 0 or r == 0 or ns == 0 or d == 0:
-        return y
-    return _expand_pallas(
-        y, v.astype(jnp.float32), pool, layer_arr, seg_starts.astype(jnp.int32),
-        seg_ranks.astype(jnp.int32), b_rows.astype(jnp.int32), seg_scales.astype(jnp.float32),
-        interpret=interpret, **cfg,
-    )
+    (out,) = lora_expand_group((y,), v[None], pool, layer, seg_starts, seg_ranks[None], (b_rows,),
+                               seg_scales[None], impl=impl, interpret=interpret, **tunables)
+    return out

@@ -58,13 +58,13 @@ def _gather_rows(pool, layer, rows, width):
     return flat.reshape(s, r, k * w)[..., :width]
 
 
-def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows):
+def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, partials=False):
     """v[m, t, j] = x[t] . A_m(seg(t))[:, j] for j < rank, else 0.
 
     x: [T, D_in]; pool: [L, S, W]; layer: int32 scalar;
     seg_starts: [NS + 1] int32; seg_ranks: [M, NS] int32;
     a_rows: [M, NS, R, K_in] int32 pool rows of A^T (M modules sharing x).
-    Returns float32 [M, T, R].
+    Returns float32 [M, T, R] ([1, M, T, R] with partials=True: the kernels' split-K form).
     """
     t, d_in = x.shape
     m, ns, r, k = a_rows.shape
@@ -75,7 +75,14 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows):
     a_t = _gather_rows(pool, layer, a_rows.reshape(m * ns, r, k), d_in).reshape(m, ns, r, d_in)
     v = jnp.einsum("td,mtrd->mtr", x.astype(jnp.float32), a_t[:, seg_c].astype(jnp.float32), precision=_EXACT)
     keep = valid[None, :, None] & (jnp.arange(r)[None, None, :] < seg_ranks[:, seg_c][:, :, None])
-    return jnp.where(keep, v, 0.0)
+    v = jnp.where(keep, v, 0.0)
+    return v[None] if partials else v
+
+
+def _expand_delta(v, b, seg_c, keep, scales):
+    """scale(seg(t)) * sum_{j < rank} v[t, j] * b[seg(t), j, :] in float32."""
+    vv = jnp.where(keep, v, 0.0) * scales[seg_c][:, None]
+    return jnp.einsum("tr,trd->td", vv, b[seg_c].astype(jnp.float32), precision=_EXACT)
 
 
 def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales):
@@ -84,16 +91,36 @@ def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales):
     y: [T, D_out] (base output, returned in its dtype); v: [T, R] float32;
     seg_ranks: [NS]; b_rows: [NS, R, K_out]; seg_scales: [NS] float32.
     """
-    t, d_out = y.shape
-    ns, r, _ = b_rows.shape
+    (out,) = lora_expand_group((y,), v[None], pool, layer, seg_starts, seg_ranks[None], (b_rows,),
+                               seg_scales[None])
+    return out
+
+
+def lora_expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales):
+    """`lora_expand` of M modules that share one shrink: ys[m] + scale_m * v[m] @ B_m.
+
+    ys: M x [T, D_m]; v: [M, T, R] float32, or [KS, M, T, R] partial sums (summed here);
+    seg_ranks, seg_scales: [M, NS]; b_rows: M x [NS, R, K_m]. Returns a tuple of M arrays.
+    All modules' B rows are read by one gather, so every output depends on the same single read of
+    the pool (a model that writes K/V into the pool from some of the outputs orders that read first).
+    """
+    if v.ndim == 4:
+        v = v.sum(axis=0)
+    t = ys[0].shape[0]
+    ns, r, _ = b_rows[0].shape
+    w = pool.shape[-1]
     seg = _segment_ids(seg_starts, t)
     valid = (seg >= 0) & (seg < ns)
     seg_c = jnp.clip(seg, 0, ns - 1)
-    b = _gather_rows(pool, layer, b_rows, d_out)  # [NS, R, D_out]
-    keep = valid[:, None] & (jnp.arange(r)[None, :] < seg_ranks[seg_c][:, None])
-    vv = jnp.where(keep, v, 0.0) * seg_scales[seg_c][:, None]
-    delta = jnp.einsum("tr,trd->td", vv, b[seg_c].astype(jnp.float32), precision=_EXACT)
-    return (y.astype(jnp.float32) + delta).astype(y.dtype)
+    widths = [rows.shape[2] for rows in b_rows]
+    b_all = _gather_rows(pool, layer, jnp.concatenate(b_rows, axis=2), sum(widths) * w)  # [NS, R, sum K * W]
+    outs, col = [], 0
+    for m, (y, k) in enumerate(zip(ys, widths)):
+        keep = valid[:, None] & (jnp.arange(r)[None, :] < seg_ranks[m][seg_c][:, None])
+        delta = _expand_delta(v[m], b_all[..., col:col + y.shape[1]], seg_c, keep, seg_scales[m])
+        outs.append((y.astype(jnp.float32) + delta).astype(y.dtype))
+        col += k * w
+    return tuple(outs)
 
 
 def write_kv(pool, layer, k, v, slots):

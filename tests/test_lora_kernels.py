@@ -334,3 +334,60 @@ def test_tpu_falls_back_to_reference(monkeypatch):
     out = case.shrink(rows=case.a_good)  # interpret=None -> compiled -> no TPU kernel yet
     assert not calls
     np.testing.assert_array_equal(np.asarray(out), np.asarray(case.shrink_ref()))
+
+
+# --------------------------------------------------------------------------- fused module groups
+def _group_case(seed, name, dtype):
+    """A Case of M modules plus, per module, its own output width, B rows and scales."""
+    case = Case(seed, dtype=dtype, **CASES[name])
+    rng = np.random.default_rng(seed + 1)
+    dims = [case.d_out, case.w, case.d_out + case.w + 3][:case.m]  # K_out 1 .. 3+ pool rows, one partial
+    ys, rows = [], []
+    for d in dims:
+        ys.append(jnp.asarray(rng.standard_normal((case.t, d)).astype(np.float32), dtype))
+        k = cdiv(d, case.w)
+        full = rng.integers(0, 8, (case.ns, case.r, k))  # rows [0, 8) are finite in all W columns
+        rows.append(jnp.asarray(full, jnp.int32))
+    scales = jnp.asarray(rng.uniform(0.5, 2.0, (case.m, case.ns)).astype(np.float32))
+    return case, tuple(ys), tuple(rows), scales
+
+
+@pytest.mark.parametrize("name", ["mixed", "decode", "prefill"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_group_expand_takes_split_k_partials(name, dtype):
+    """One launch for M modules of different widths and ranks, fed the shrink's unreduced split-K
+    partial sums, equals each module's reference expand of the reduced shrink."""
+    case, ys, rows, scales = _group_case(21, name, dtype)
+    args = (case.pool, case.layer, jnp.asarray(case.seg_starts), jnp.asarray(case.ranks))
+    x_rows = jnp.asarray(case.a_good)
+    parts = lora.lora_shrink(case.x, *args, x_rows, partials=True, k_splits=4)
+    assert parts.ndim == 4 and parts.shape[1:] == (case.m, case.t, case.r)
+    if case.d_in > case.w:  # enough D chunks for the split to happen
+        assert parts.shape[0] > 1
+    v = lora.lora_shrink(case.x, *args, x_rows, k_splits=4)
+    np.testing.assert_allclose(np.nan_to_num(np.asarray(parts.sum(0))), np.nan_to_num(np.asarray(v)),
+                               rtol=1e-5, atol=1e-5)
+    out = lora.lora_expand_group(ys, parts, *args, rows, scales)
+    v_ref = jnp.nan_to_num(reference.lora_shrink(case.x, *args, x_rows))
+    for m, (y, o) in enumerate(zip(ys, out)):
+        ref = reference.lora_expand(y, v_ref[m], case.pool, case.layer, jnp.asarray(case.seg_starts),
+                                    jnp.asarray(case.ranks[m]), rows[m], scales[m])
+        assert o.dtype == y.dtype and o.shape == y.shape
+        check(o, ref, dtype)
+    # the XLA reference of the group, from the same partial sums, agrees too
+    for o, r in zip(out, reference.lora_expand_group(ys, jnp.nan_to_num(parts), *args, rows, scales)):
+        check(o, r, dtype)
+
+
+def test_group_expand_errors():
+    case, ys, rows, scales = _group_case(3, "mixed", jnp.float32)
+    args = (case.pool, case.layer, jnp.asarray(case.seg_starts), jnp.asarray(case.ranks))
+    v = jnp.zeros((case.m, case.t, case.r))
+    with pytest.raises(ValueError, match="3 outputs but 2 b_rows tables"):
+        lora.lora_expand_group(ys, v, *args, rows[:2], scales)
+    with pytest.raises(ValueError, match=r"v must have shape \[M, T, R\] = \(3, 45, 40\) or \[KS, M, T, R\]"):
+        lora.lora_expand_group(ys, v[:2], *args, rows, scales)
+    with pytest.raises(ValueError, match=r"seg_scales must have shape \[M, NS\] = \(3, 7\)"):
+        lora.lora_expand_group(ys, v, *args, rows, scales[0])
+    with pytest.raises(ValueError, match=r"K_out = ceil\(D_out / W\)"):
+        lora.lora_expand_group(ys, v, *args, (rows[1], rows[1], rows[2]), scales)

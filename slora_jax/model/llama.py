@@ -32,11 +32,14 @@ def rms_norm(x, weight, eps):
     return weight * xf.astype(x.dtype)
 
 
-def apply_rope(x, positions, inv_freq):
+def rope_tables(positions, inv_freq):
+    """cos, sin [T, 1, hd/2] of every token's position: computed once per step, shared by all layers."""
+    ang = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    return jnp.cos(ang)[:, None, :], jnp.sin(ang)[:, None, :]
+
+
+def apply_rope(x, cos, sin):
     """x [T, heads, hd]; HF's rotate-half convention."""
-    ang = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
-    cos = jnp.cos(ang)[:, None, :]
-    sin = jnp.sin(ang)[:, None, :]
     half = x.shape[-1] // 2
     x1 = x[..., :half].astype(jnp.float32)
     x2 = x[..., half:].astype(jnp.float32)
@@ -45,33 +48,33 @@ def apply_rope(x, positions, inv_freq):
 
 
 class LoraContext:
-    """Applies one step's LoRA tables at every target linear of every layer."""
+    """Applies one step's LoRA tables at every target linear of every layer.
+
+    The modules that share an input (q, k, v; gate, up) take one shrink launch and one expand launch;
+    the expand adds up the shrink's split-K partial sums itself (no reduction launch between them).
+    """
 
     def __init__(self, lora: LoraInput | None, pool, kernels: KernelSet):
         self.lora, self.pool, self.k = lora, pool, kernels
+        self._tables: dict = {}
 
-    def shrink(self, x, modules: tuple, layer):
-        """x @ A for the modules sharing input x, in one launch: [len(modules), T, R] (None without LoRA)."""
-        if self.lora is None:
-            return None
-        lo = self.lora
-        idx = [_MOD[m] for m in modules]
-        return self.k.lora_shrink(x, self.pool, layer, lo.seg_starts, jnp.stack([lo.ranks[i] for i in idx]),
-                                  jnp.stack([lo.a_rows[i] for i in idx]))
-
-    def expand(self, y, v, module: str, layer):
-        """y + scale * v @ B of one module."""
-        if self.lora is None:
-            return y
-        lo, i = self.lora, _MOD[module]
-        return self.k.lora_expand(y, v, self.pool, layer, lo.seg_starts, lo.ranks[i], lo.b_rows[i], lo.scales[i])
+    def tables(self, modules: tuple):
+        """(ranks [M, NS], scales [M, NS], a_rows [M, NS, R, K_in], b_rows M x [NS, R, K_out]) of a
+        module group, built once per step (every layer indexes the same tables)."""
+        if modules not in self._tables:
+            lo, idx = self.lora, [_MOD[m] for m in modules]
+            self._tables[modules] = (jnp.stack([lo.ranks[i] for i in idx]), jnp.stack([lo.scales[i] for i in idx]),
+                                     jnp.stack([lo.a_rows[i] for i in idx]), tuple(lo.b_rows[i] for i in idx))
+        return self._tables[modules]
 
     def __call__(self, x, base_outs: list, modules: tuple, layer):
-        """base_outs[i] = x @ W_modules[i]; returns them with LoRA added (shrink fused over modules)."""
-        v = self.shrink(x, modules, layer)
-        if v is None:
-            return base_outs
-        return [self.expand(y, v[j], m, layer) for j, (y, m) in enumerate(zip(base_outs, modules))]
+        """base_outs[i] = x @ W_modules[i]; returns them with LoRA added: one shrink, one expand."""
+        if self.lora is None:
+            return list(base_outs)
+        ranks, scales, a_rows, b_rows = self.tables(modules)
+        v = self.k.lora_shrink(x, self.pool, layer, self.lora.seg_starts, ranks, a_rows, partials=True)
+        return list(self.k.lora_expand_group(tuple(base_outs), v, self.pool, layer, self.lora.seg_starts, ranks,
+                                             b_rows, scales))
 
     def row(self, x, w, module: str, layer):
         """x @ w plus LoRA for a row-parallel linear (o, down). Under tensor parallelism one op does
@@ -93,25 +96,19 @@ class DecoderLayer(nnx.Module):
         for m in LORA_MODULES:
             setattr(self, m, _param(rngs, cfg.module_shape(m), dtype))
 
-    def __call__(self, x, inp: StepInput, pool, layer: int, lora: LoraContext, kernels: KernelSet, inv_freq):
+    def __call__(self, x, inp: StepInput, pool, layer: int, lora: LoraContext, kernels: KernelSet, rope):
         cfg = self.cfg
         t = x.shape[0]
         h = rms_norm(x, self.input_norm[...], cfg.rms_norm_eps)
-        v_qkv = lora.shrink(h, ("q_proj", "k_proj", "v_proj"), layer)
-        k = h @ self.k_proj[...]
-        v = h @ self.v_proj[...]
-        if v_qkv is not None:
-            k, v = lora.expand(k, v_qkv[1], "k_proj", layer), lora.expand(v, v_qkv[2], "v_proj", layer)
-        k = apply_rope(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), inp.positions, inv_freq)
+        # q's LoRA expand shares the launch of k's and v's, which the K/V write below consumes: so the
+        # expand's read of the pool is ordered before that in-place write (an unordered read of the
+        # pre-write pool would make XLA copy the whole pool)
+        q, k, v = lora(h, [h @ self.q_proj[...], h @ self.k_proj[...], h @ self.v_proj[...]],
+                       ("q_proj", "k_proj", "v_proj"), layer)
+        k = apply_rope(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), *rope)
         pool = kernels.write_kv(pool, layer, k.reshape(t, -1), v, inp.kv_slots)
         lora.pool = pool
-        # q's LoRA expand reads the pool after the K/V write (its adapter rows are untouched by it): a
-        # read of the pre-write pool that nothing orders before the in-place write would make XLA copy
-        # the whole pool, twice per step.
-        q = h @ self.q_proj[...]
-        if v_qkv is not None:
-            q = lora.expand(q, v_qkv[0], "q_proj", layer)
-        q = apply_rope(q.reshape(t, cfg.num_heads, cfg.head_dim), inp.positions, inv_freq)
+        q = apply_rope(q.reshape(t, cfg.num_heads, cfg.head_dim), *rope)
         page_rows = inp.page_rows
         scale = cfg.head_dim ** -0.5
         if inp.decode:
@@ -141,11 +138,11 @@ class Llama(nnx.Module):
 
     def __call__(self, inp: StepInput, pool, kernels: KernelSet):
         cfg = self.cfg
-        inv_freq = jnp.asarray(cfg.rope_inv_freq(), jnp.float32)
+        rope = rope_tables(inp.positions, jnp.asarray(cfg.rope_inv_freq(), jnp.float32))
         x = jnp.take(self.embed[...], inp.tokens, axis=0)
         lora = LoraContext(inp.lora, pool, kernels)
         for layer_idx, layer in enumerate(self.layers):
-            x, pool = layer(x, inp, pool, np.int32(layer_idx), lora, kernels, inv_freq)
+            x, pool = layer(x, inp, pool, np.int32(layer_idx), lora, kernels, rope)
             lora.pool = pool
         h = rms_norm(x[inp.logit_rows], self.norm[...], cfg.rms_norm_eps)
         head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]

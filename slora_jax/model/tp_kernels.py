@@ -31,7 +31,7 @@ def shard_kernels(ks: KernelSet, mesh: Mesh) -> KernelSet:
     tp = mesh.shape[TP]
     sm = functools.partial(shard_map, mesh=mesh)
 
-    def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows):
+    def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, partials=False):
         # x is a column-parallel input, whole on every device (row-parallel shrinks happen inside
         # row_linear). Each device contracts its 1/tp of the features against its slice of the A^T rows
         # and the partial [M, T, R] results are summed: the LoRA collective. x enters whole and is sliced
@@ -40,13 +40,20 @@ def shard_kernels(ks: KernelSet, mesh: Mesh) -> KernelSet:
             n = x.shape[1] // tp
             x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(TP) * n, n, axis=1)
             return jax.lax.psum(ks.lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows), TP)
-        return sm(body, in_specs=(REP, POOL, REP, REP, REP, REP), out_specs=REP)(
+        v = sm(body, in_specs=(REP, POOL, REP, REP, REP, REP), out_specs=REP)(
             x, pool, layer, seg_starts, seg_ranks, a_rows)
+        return v[None] if partials else v  # summed before the psum: the collective stays [M, T, R]
 
     def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales):
         # column-parallel output: device d's B-row slice is exactly its output columns; no collective
         return sm(ks.lora_expand, in_specs=(COLS, REP, POOL, REP, REP, REP, REP, REP), out_specs=COLS)(
             y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales)
+
+    def lora_expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales):
+        ys, b_rows = tuple(ys), tuple(b_rows)
+        specs = ((COLS,) * len(ys), REP, POOL, REP, REP, REP, (REP,) * len(b_rows), REP)
+        return sm(ks.lora_expand_group, in_specs=specs, out_specs=(COLS,) * len(ys))(
+            ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales)
 
     def write_kv(pool, layer, k, v, slots):
         return sm(ks.write_kv, in_specs=(POOL, REP, COLS, COLS, REP), out_specs=POOL)(pool, layer, k, v, slots)
@@ -79,5 +86,5 @@ def shard_kernels(ks: KernelSet, mesh: Mesh) -> KernelSet:
         return sm(body, in_specs=(COLS, P(TP, None), POOL, REP) + (REP,) * len(tabs), out_specs=REP)(
             x, w, pool, layer, *tabs)
 
-    return KernelSet(f"{ks.name}+tp{tp}", lora_shrink, lora_expand, write_kv, attention_decode,
-                     attention_prefill, row_linear)
+    return KernelSet(f"{ks.name}+tp{tp}", lora_shrink, lora_expand, lora_expand_group, write_kv,
+                     attention_decode, attention_prefill, row_linear)
