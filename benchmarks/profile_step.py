@@ -15,6 +15,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -68,13 +69,26 @@ def busy_and_span(events) -> tuple:
     return busy, max(hi for _, hi in spans) - spans[0][0]
 
 
+def hlo_counts(llm, step) -> dict:
+    """What the compiled step is made of: its optimized HLO's fusions, custom calls (the Pallas
+    kernels, cuBLAS) and command buffers (CUDA graphs: launches the host does not pay one by one)."""
+    eng = llm.engine
+    inp, samp, _ = eng.builder.build(step)
+    r = eng.runner
+    text = r._step.lower(r.state, eng.pool.array, inp, samp, r.no_tokens).compile().as_text()
+    ops = re.findall(r"= \S+ (fusion|custom-call|call|command-buffer)\(", text)
+    return {"fusions": ops.count("fusion"), "custom_calls": ops.count("custom-call"), "calls": ops.count("call"),
+            "command_buffer_mentions": len(re.findall(r"command.buffer", text))}
+
+
 def profile(llm, batch, context, mode, rank, steps) -> dict:
-    with decode_batch(llm, batch, context, mode, rank) as (dispatch, _, _):
+    with decode_batch(llm, batch, context, mode, rank) as (dispatch, _, step):
         for _ in range(3):
             np.asarray(dispatch())  # compile, warm
         tmp = tempfile.mkdtemp()
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             wall = pipelined_step_s(dispatch, steps)
+        hlo = hlo_counts(llm, step)
     by_name: dict = collections.defaultdict(lambda: [0, 0.0])
     events = device_events(tmp)
     for name, _, dur in events:
@@ -90,7 +104,7 @@ def profile(llm, batch, context, mode, rank, steps) -> dict:
             "steps": steps, "device_us_per_step": sum(us for _, us in by_name.values()) / steps,
             # wall: the engine's one-step-behind loop, under the profiler; idle: device gaps inside it
             "wall_us_per_step": wall * 1e6, "busy_us_per_step": busy / steps,
-            "idle_us_per_step": (span - busy) / steps,
+            "idle_us_per_step": (span - busy) / steps, "hlo": hlo,
             "kinds": {k: {"launches_per_step": n / steps, "us_per_step": us / steps} for k, (n, us) in kinds.items()},
             "top": [{"name": k, "launches_per_step": n / steps, "us_per_step": us / steps} for k, (n, us) in top]}
 
@@ -118,7 +132,7 @@ def main():
     for r in rows:
         print(f"\nbatch {r['batch']} adapters {r['adapters']} rank {r['rank']}: "
               f"{r['device_us_per_step']:.0f} us of device events per step, wall {r['wall_us_per_step']:.0f} us, "
-              f"device idle {r['idle_us_per_step']:.0f} us")
+              f"device idle {r['idle_us_per_step']:.0f} us; HLO {r['hlo']}")
         for k, v in sorted(r["kinds"].items(), key=lambda kv: -kv[1]["us_per_step"]):
             print(f"  {k:10s} {v['launches_per_step']:7.1f} launches {v['us_per_step']:9.1f} us")
         for t in r["top"][:12]:

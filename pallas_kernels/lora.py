@@ -53,20 +53,27 @@ row: chunk ``(c, jb)`` is columns ``[jb*BD, jb*BD + BD)`` of the adapter's
 (``pool[layer, rows[m, s, j, c], cols]``) are contiguous loads, multiplied on
 tensor cores (``[BT, BD] x [BD, BR]``, float32 accumulation); the block's
 pool row indices are loaded once, before the pipelined loop. ``k_splits > 1``
-splits those chunks over more programs for small batches and sums the
-partial results with one small XLA reduction (deterministic, no atomics); the
-default (`shrink_defaults`) doubles it up to 8 until there are ~256 programs.
-All ``M`` modules (q, k, v share ``x``) are one launch.
+splits those chunks over more programs for small batches; the partial results
+are summed by one small XLA reduction (deterministic, no atomics) or, with
+``partials=True``, left for the expand to add up as it loads them (no launch
+between shrink and expand). The default (`shrink_defaults`) doubles the split
+up to 8 until there are ~256 programs. All ``M`` modules (q, k, v share ``x``)
+are one launch.
 
-Expand (``y``'s dtype; ``y`` aliased to the output)
----------------------------------------------------
-Grid ``(items, K_out * ceil(W / BD))``: a program owns ``BT`` tokens x ``BD``
-output columns lying in one pool row ``c`` of the segment's ``B`` rows, loops
-over the segment's rank blocks only (dynamic trip count), and writes
-``y + delta`` in one pass. Rows of padding / rank-0 tokens are never touched
-(``y`` is aliased to the output; donate ``y`` to avoid XLA's copy). With a
-16-bit pool, ``v * scale`` is split into a 16-bit high and low part (two
-tensor-core dots), which keeps the product at about float32 accuracy.
+Expand (``y``'s dtype)
+----------------------
+One launch serves the ``M`` modules that share a shrink (`lora_expand_group`):
+grid ``(items, sum_m K_out(m) * ceil(W / BD))``, the column blocks of module 0,
+then module 1, ...; a program owns ``BT`` tokens x ``BD`` output columns lying
+in one pool row ``c`` of the segment's ``B`` rows, loops over the segment's rank
+blocks only (dynamic trip count), and writes ``delta`` (zeros for padding and
+rank-0 tokens: every element is written once). ``y + delta`` is then an XLA
+add, which fuses with whatever produced ``y``: the base GEMM's split-K
+reduction, a slice of merged GEMMs. Updating ``y`` in place inside the kernel
+instead would pin ``y`` as a materialised buffer and cost those producers a
+launch each. With a 16-bit pool, ``v * scale`` is split into a 16-bit high and
+low part (two tensor-core dots), which keeps the product at about float32
+accuracy.
 
 Block sizes are powers of two, at least 16 (Triton's ``dot`` minimum); every
 edge (T, D_in, D_out, W, R, segment ends) is masked.
@@ -430,8 +437,7 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, impl: str = "p
 def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, *refs, n_layers, ns, nsp, t, dims,
                    ks_in, w, r, bt, br, bd, nj, cdt):
     mods = len(dims)
-    rows_refs, (v_ref, pool_ref) = refs[:mods], refs[mods:mods + 2]
-    o_refs = refs[2 * mods + 2:]  # refs[mods + 2: 2 * mods + 2] are the ys, aliased to o_refs
+    rows_refs, (v_ref, pool_ref), o_refs = refs[:mods], refs[mods:mods + 2], refs[mods + 2:]
     i = pl.program_id(0)
     n = pl.program_id(1)
     # Which module owns output column block n: blocks are laid out module after module.
@@ -485,12 +491,10 @@ def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, *refs, n_layers
         return acc + _dot(v_hi, bt_, cdt) + _dot(v_lo, bt_, cdt)
 
     acc = lax.fori_loop(0, n_rb, body, jnp.zeros((bt, bd), jnp.float32))
-    omask = (tmask & active)[:, None] & cmask[None, :]
-    for j, o_ref in enumerate(o_refs):  # only module m's masks are live
-        tile = o_ref.at[pl.ds(lo, bt), pl.ds(c * w + col0, bd)]
-        mask_j = omask & (m == j)
-        yt = plgpu.load(tile, mask=mask_j, other=0)
-        plgpu.store(tile, (yt.astype(jnp.float32) + acc).astype(o_ref.dtype), mask=mask_j)
+    omask = tmask[:, None] & cmask[None, :]  # inactive tokens get their zeros too
+    for j, o_ref in enumerate(o_refs):  # only module m's store is live
+        plgpu.store(o_ref.at[pl.ds(lo, bt), pl.ds(c * w + col0, bd)], acc.astype(o_ref.dtype),
+                    mask=omask & (m == j))
 
 
 @functools.partial(
@@ -511,17 +515,15 @@ def _expand_pallas(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales
         _expand_kernel, n_layers=pool.shape[0], ns=ns, nsp=nsp, t=t, dims=dims, ks_in=ks_in, w=w, r=r,
         bt=bt, br=br, bd=bd, nj=nj, cdt=_compute_dtype(pool.dtype),
     )
-    n_inputs = 4 + mods + 2
-    out = pl.pallas_call(
+    deltas = pl.pallas_call(
         kernel,
         grid=(_num_items(t, ns, bt), sum(_cdiv(d, w) for d in dims) * nj),
         out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys),
-        input_output_aliases={n_inputs + j: j for j in range(mods)},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"lora_expand{mods}_bt{bt}_br{br}_bd{bd}",
-    )(layer, seg_starts, seg_ranks, seg_scales, *b_rows, v, pool, *ys)
-    return tuple(out)
+    )(layer, seg_starts, seg_ranks, seg_scales, *b_rows, v, pool)
+    return tuple(y + dy for y, dy in zip(ys, deltas))
 
 
 def _check_expand(name, ys, v, pool, seg_starts, seg_ranks, b_rows, seg_scales) -> None:
@@ -564,7 +566,7 @@ def lora_expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_sca
                       impl: str = "pallas", interpret: bool | None = None, **tunables) -> tuple:
     """`lora_expand` of M modules sharing one shrink, in one launch: ys[m] + scale_m * v[m] @ B_m.
 
-    ys: M x [T, D_m] (each aliased to its output: donate to update in place);
+    ys: M x [T, D_m] (the kernel writes the deltas; the adds fuse with ys' producers);
     v: [M, T, R] float32 or [KS, M, T, R] split-K partial sums (`lora_shrink(partials=True)`),
     summed inside the kernel; seg_ranks, seg_scales: [M, NS]; b_rows: M x [NS, R, K_m].
     Returns a tuple of M arrays. impl, interpret, tunables: as in `lora_expand`.
@@ -610,8 +612,7 @@ def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *,
                 impl: str = "pallas", interpret: bool | None = None, **tunables) -> jax.Array:
     """y[t] + scale(seg(t)) * sum_{j < rank} v[t, j] * B(seg(t))[j, :] (see `reference.lora_expand`).
 
-    y: [T, D_out] (returned in its dtype; aliased to the output, so donate it
-    to update in place); v: [T, R] float32; pool: [L, S, W]; layer: int32
+    y: [T, D_out] (returned in its dtype); v: [T, R] float32; pool: [L, S, W]; layer: int32
     scalar; seg_starts: [NS + 1]; seg_ranks: [NS]; b_rows: [NS, R, K_out]
     with K_out = ceil(D_out / W); seg_scales: [NS] float32.
 
