@@ -35,6 +35,10 @@ def _save(fig, ax, path, xlabel, ylabel, title):
     fig.savefig(path, dpi=110)
 
 
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
 def _load(path):
     with open(path) as f:
         return json.load(f)
@@ -88,10 +92,22 @@ def attention_section(rows, plots):
     return out + [""]
 
 
+def _peft_elsewhere(rows, peft) -> str:
+    """The ratio to PEFT as measured on this GPU by bench_decode.py in another call (peft_decode.json)."""
+    ours = [r for r in rows if r["batch"] == peft["batch"] and r["adapters"] == "distinct" and r["rank"] == peft["rank"]]
+    if not ours:
+        return ""
+    return (f" HF PEFT as measured on this GPU by the same script in an earlier call (benchmarks/results/"
+            f"peft_decode.json): {peft['distinct']:.1f} tokens/s with {peft['batch']} distinct rank-{peft['rank']} "
+            f"adapters, against which batch {peft['batch']} distinct rank {peft['rank']} here is "
+            f"{ours[0]['tokens_per_s'] / peft['distinct']:.0f}x.")
+
+
 def decode_section(rows, plots, peft=None):
     out = ["### Engine decode steps (Llama-7B shape, random bf16 weights, paged pool, Pallas kernels)", "",
-           "| batch | adapters | rank | context | tokens/s | step ms | host build ms | roofline | vs HF PEFT |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| batch | adapters | rank | context | tokens/s | step ms | step ms, synchronous | host build ms | roofline "
+           "| vs HF PEFT |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(6, 4))
     series = {}
     for r in rows:
@@ -101,7 +117,8 @@ def decode_section(rows, plots, peft=None):
             anchor = PEFT[r["adapters"]] if r["batch"] == 32 else None
             ratio = f"{r['tokens_per_s'] / anchor:.1f}x (ANCHORS)" if anchor else "-"
         out.append(f"| {r['batch']} | {r['adapters']} | {r['rank']} | {r['context']} | {r['tokens_per_s']:.0f} | "
-                   f"{r['step_ms']:.2f} | {r['host_build_ms']:.2f} | {r['roofline_fraction']:.2f} | {ratio} |")
+                   f"{r['step_ms']:.2f} | {_fmt(r.get('step_ms_sync'), '.2f')} | {r['host_build_ms']:.2f} | "
+                   f"{r['roofline_fraction']:.2f} | {ratio} |")
         key = f"{r['adapters']}" + (f" r{r['rank']}" if r["rank"] else "")
         series.setdefault(key, []).append((r["batch"], r["tokens_per_s"]))
     for key, pts in series.items():
@@ -109,8 +126,11 @@ def decode_section(rows, plots, peft=None):
     ax.set_yscale("log")
     _save(fig, ax, os.path.join(plots, "decode.png"), "batch", "tokens/s", "Llama-7B decode, H200")
     same_run = any(r.get("speedup_vs_peft") for r in rows)
-    out += ["", "Engine rows time decode steps at a fixed context (host batch building, the jitted step, reading "
-            "the sampled tokens back). " + (
+    out += ["", "Engine rows time decode steps at a fixed context as the engine's default loop runs them: step "
+            "N + 1 is built and launched before step N's sampled tokens are read back (`step ms`); `step ms, "
+            "synchronous` reads each step's tokens before building the next (`--sync-steps`). Roofline: (base "
+            "weights + the distinct adapters' rows + the K/V read) per step over the measured HBM copy bandwidth; "
+            "a decode step only reads, so it can pass 1.0. " + (
                 "The HF PEFT column divides by PEFT's generate tokens/s (batch 32, input 256, random bf16 weights, "
                 "rank-8 q,k,v,o adapters, mixed batches through adapter_names) measured in the same script on the "
                 "same GPU (benchmarks/results/peft_decode.json" + (
@@ -120,7 +140,8 @@ def decode_section(rows, plots, peft=None):
                     "cold-start costs and that ratio is too high; the one-adapter and distinct ratios stand" if peft else "")
                 + ")." if same_run else
                 "The HF PEFT column divides by PEFT's generate tokens/s at batch 32 from ANCHORS.md (1,394 / 658 / "
-                "45.5 tokens/s without LoRA / one adapter / 32 distinct adapters), not by a run in the same script."),
+                "45.5 tokens/s without LoRA / one adapter / 32 distinct adapters), not by a run in the same script."
+                + (_peft_elsewhere(rows, peft) if peft else "")),
             "", "![decode](benchmarks/plots/decode.png)", ""]
     return out
 
