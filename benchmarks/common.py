@@ -10,10 +10,13 @@ bench_attention.py): their options, the order of their phases and their output.
 from __future__ import annotations
 
 import argparse
+import glob
+import gzip
 import json
 import os
 import statistics
 import subprocess
+import tempfile
 import time
 from typing import Callable
 
@@ -55,6 +58,54 @@ def time_loop(body: Callable, args: tuple, iters: int = 20, repeats: int = 5) ->
         jax.block_until_ready(run(*args))
         times.append((time.perf_counter() - t0) / iters)
     return statistics.median(times)
+
+
+def device_events(trace_dir: str) -> list:
+    """(name, microseconds) of every complete event on a device (not host) process of the trace."""
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+    with gzip.open(path) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device = {pid for pid, name in procs.items() if "/device:" in name and "CPU" not in name}
+    if not device:  # a CPU run: keep the XLA thunks so the script can be checked there
+        device = set(procs)
+    return [(e["name"], float(e.get("ts", 0.0)), float(e.get("dur", 0.0))) for e in events
+            if e.get("ph") == "X" and e["pid"] in device]
+
+
+def busy_and_span(events) -> tuple:
+    """(microseconds some device event ran, microseconds from the first event's start to the last's end)."""
+    spans = sorted((ts, ts + dur) for _, ts, dur in events)
+    if not spans:
+        return 0.0, 0.0
+    busy, (cur_lo, cur_hi) = 0.0, spans[0]
+    for lo, hi in spans[1:]:
+        if lo > cur_hi:
+            busy += cur_hi - cur_lo
+            cur_lo, cur_hi = lo, hi
+        else:
+            cur_hi = max(cur_hi, hi)
+    busy += cur_hi - cur_lo
+    return busy, max(hi for _, hi in spans) - spans[0][0]
+
+
+def device_us_per_call(body: Callable, args: tuple, name_has: str, iters: int = 20) -> float | None:
+    """Microseconds of device time per `body(*args)` call spent in kernels whose name contains `name_has`,
+    from a jax.profiler trace of the `time_loop` program: what a CUDA-graph timing of those kernels
+    measures, without the loop's own per-iteration cost. None where the trace names no such kernel (CPU)."""
+
+    @jax.jit
+    def run(*a):
+        return jax.lax.fori_loop(0, iters, lambda _, carry: body(carry, *a[1:]), a[0])
+
+    jax.block_until_ready(run(*args))
+    tmp = tempfile.mkdtemp()
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+        jax.block_until_ready(run(*args))
+    us = [dur for name, _, dur in device_events(tmp) if name_has in name.lower()]
+    return sum(us) / iters if us else None
 
 
 def median_seconds(fn: Callable, *args, repeats: int = 5) -> float:

@@ -4,7 +4,8 @@
 #   bash benchmarks/device_run.sh STAGE...     (from the repo root, on the device machine)
 #
 # Stages: check (Pallas engine == XLA engine), decode (+ HF PEFT), swap, http, s1, s2, s4, tp (2 GPUs),
-# profile, lora and attention (kernel benchmarks). A stage starts only if its usual duration fits in what is left of BUDGET_S (default 560 s,
+# profile, lora and attention (kernel benchmarks), rate (S1 at n = 2,000 with the whole budget left to
+# the max-rate search). A stage starts only if its usual duration fits in what is left of BUDGET_S (default 560 s,
 # under the 600 s limit of one call). Logs go to $OUT/<stage>.log; JSON results to $OUT/r/ (at most 8
 # files come back from $OUT, so the stages of one call should stay few). The server stages need the
 # wheels of `bash benchmarks/fetch_wheels.sh` carried as `.whl` (the device machine has no fastapi).
@@ -29,6 +30,7 @@ declare -A STAGES=(
     [s1]="520|python3 -m slora_jax.cli bench --config configs/bench-S1.json --out $OUT/r --set time_budget_s=480"
     [s2]="520|python3 -m slora_jax.cli bench --config configs/bench-S2.json --out $OUT/r --set time_budget_s=480"
     [s4]="520|python3 -m slora_jax.cli bench --config configs/bench-S4.json --out $OUT/r --set time_budget_s=480"
+    [rate]="520|python3 -m slora_jax.cli bench --config configs/bench-S1.json --out $OUT/r --set n_adapters=[2000] --set peft.enabled=false --set base_only=false --set time_budget_s=480"
     [tp]="200|python3 benchmarks/gpu_tp_check.py --out $OUT/r"
     [profile]="90|python3 benchmarks/profile_step.py --out $OUT/r"
     [lora]="200|python3 benchmarks/bench_lora.py --out $OUT/r"

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
-import json
 import os
 import re
 import sys
@@ -38,37 +35,6 @@ def kind_of(name: str) -> str:
     return next((k for k, keys in KINDS if any(x in low for x in keys)), "other")
 
 
-def device_events(trace_dir: str) -> list:
-    """(name, microseconds) of every complete event on a device (not host) process of the trace."""
-    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
-    with gzip.open(path) as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    device = {pid for pid, name in procs.items() if "/device:" in name and "CPU" not in name}
-    if not device:  # a CPU run: keep the XLA thunks so the script can be checked there
-        device = set(procs)
-    return [(e["name"], float(e.get("ts", 0.0)), float(e.get("dur", 0.0))) for e in events
-            if e.get("ph") == "X" and e["pid"] in device]
-
-
-def busy_and_span(events) -> tuple:
-    """(microseconds some device event ran, microseconds from the first event's start to the last's end)."""
-    spans = sorted((ts, ts + dur) for _, ts, dur in events)
-    if not spans:
-        return 0.0, 0.0
-    busy, (cur_lo, cur_hi) = 0.0, spans[0]
-    for lo, hi in spans[1:]:
-        if lo > cur_hi:
-            busy += cur_hi - cur_lo
-            cur_lo, cur_hi = lo, hi
-        else:
-            cur_hi = max(cur_hi, hi)
-    busy += cur_hi - cur_lo
-    return busy, max(hi for _, hi in spans) - spans[0][0]
-
-
 def hlo_counts(llm, step) -> dict:
     """What the compiled step is made of: its optimized HLO's fusions, custom calls (the Pallas
     kernels, cuBLAS) and command buffers (CUDA graphs: launches the host does not pay one by one)."""
@@ -90,11 +56,11 @@ def profile(llm, batch, context, mode, rank, steps) -> dict:
             wall = pipelined_step_s(dispatch, steps)
         hlo = hlo_counts(llm, step)
     by_name: dict = collections.defaultdict(lambda: [0, 0.0])
-    events = device_events(tmp)
+    events = common.device_events(tmp)
     for name, _, dur in events:
         by_name[name][0] += 1
         by_name[name][1] += dur
-    busy, span = busy_and_span(events)
+    busy, span = common.busy_and_span(events)
     kinds: dict = collections.defaultdict(lambda: [0, 0.0])
     for name, (n, us) in by_name.items():
         kinds[kind_of(name)][0] += n
