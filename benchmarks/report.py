@@ -160,15 +160,17 @@ def swap_section(d, host=None):
                    f"{r['gbps']:.1f} | {r['bandwidth_fraction']:.2f} |")
     h = d.get("host_memory") or host
     out += ["", "Overlap of adapter transfers with compute: a ~30 ms HBM-bound step alone, the transfers alone, and "
-                "both dispatched together; hidden fraction = time saved over running them back to back / the shorter "
-                "of the two (1 = fully hidden).", "",
-            "| transfer path | adapters | MB | step alone ms | transfers alone ms | both ms | hidden fraction |",
-            "|---|---|---|---|---|---|---|"]
+                "both dispatched together (after a step: the transfers follow one step; between two steps: they "
+                "follow one and precede the next, as a prefetch does in the engine's loop); hidden fraction = time "
+                "saved over running them back to back / the shorter of the two (1 = fully hidden).", "",
+            "| transfer path | pattern | adapters | MB | step alone ms | transfers alone ms | both ms | hidden fraction |",
+            "|---|---|---|---|---|---|---|---|"]
     for o in d["overlap"] if isinstance(d["overlap"], list) else []:
         if "error" in o:
-            out.append(f"| {o['how']} | refused: {o['error']} | | | | | |")
+            out.append(f"| {o['how']} | | refused: {o['error']} | | | | | |")
             continue
-        out.append(f"| {o['how']} | {o['adapters']} | {o['bytes'] / 2**20:.0f} | {o['step_alone_s'] * 1e3:.1f} | "
+        out.append(f"| {o['how']} | {o.get('pattern', 'after a step')} | {o['adapters']} | {o['bytes'] / 2**20:.0f} | "
+                   f"{o['step_alone_s'] * 1e3:.1f} | "
                    f"{o['transfers_alone_s'] * 1e3:.1f} | {o['both_s'] * 1e3:.1f} | {o['hidden_fraction']:.2f} |")
     out += ["", f"Host store: {h['adapters']} Llama-7B rank-8 adapters registered in {h['seconds']:.0f} s, "
                 f"{h['store_bytes'] / 1e9:.1f} GB of pinned buffers ({h['bytes_per_adapter'] / 2**20:.0f} MiB each); "
