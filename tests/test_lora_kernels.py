@@ -337,9 +337,9 @@ def test_tpu_falls_back_to_reference(monkeypatch):
 
 
 # --------------------------------------------------------------------------- fused module groups
-def _group_case(seed, name, dtype):
+def group_case(seed, spec: dict, dtype):
     """A Case of M modules plus, per module, its own output width, B rows and scales."""
-    case = Case(seed, dtype=dtype, **CASES[name])
+    case = Case(seed, dtype=dtype, **spec)
     rng = np.random.default_rng(seed + 1)
     dims = [case.d_out, case.w, case.d_out + case.w + 3][:case.m]  # K_out 1 .. 3+ pool rows, one partial
     ys, rows = [], []
@@ -357,7 +357,7 @@ def _group_case(seed, name, dtype):
 def test_group_expand_takes_split_k_partials(name, dtype):
     """One launch for M modules of different widths and ranks, fed the shrink's unreduced split-K
     partial sums, equals each module's reference expand of the reduced shrink."""
-    case, ys, rows, scales = _group_case(21, name, dtype)
+    case, ys, rows, scales = group_case(21, CASES[name], dtype)
     args = (case.pool, case.layer, jnp.asarray(case.seg_starts), jnp.asarray(case.ranks))
     x_rows = jnp.asarray(case.a_good)
     parts = lora.lora_shrink(case.x, *args, x_rows, partials=True, k_splits=4)
@@ -380,7 +380,7 @@ def test_group_expand_takes_split_k_partials(name, dtype):
 
 
 def test_group_expand_errors():
-    case, ys, rows, scales = _group_case(3, "mixed", jnp.float32)
+    case, ys, rows, scales = group_case(3, MIXED, jnp.float32)
     args = (case.pool, case.layer, jnp.asarray(case.seg_starts), jnp.asarray(case.ranks))
     v = jnp.zeros((case.m, case.t, case.r))
     with pytest.raises(ValueError, match="3 outputs but 2 b_rows tables"):

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import lora, lora_tpu, reference
-from tests.test_lora_kernels import Case, check, check_expand, check_shrink
+from tests.test_lora_kernels import Case, check, check_expand, check_shrink, group_case
 
 TPU = dict(impl="pallas_tpu")
 
@@ -140,6 +140,19 @@ def test_random_segments(lens, ranks, start0, seed):
 
 
 # --------------------------------------------------------------------------- dispatch and errors
+def test_group_expand_on_tpu_kernels():
+    """The model's fused path (shrink partial sums -> one group expand) through the TPU kernels: the
+    group runs as one TPU expand per module on the summed partials."""
+    case, ys, rows, scales = group_case(31, MIXED, jnp.float32)
+    args = (case.pool, case.layer, jnp.asarray(case.seg_starts), jnp.asarray(case.ranks))
+    parts = lora.lora_shrink(case.x, *args, jnp.asarray(case.a_good), partials=True, **TPU)
+    assert parts.shape == (1, case.m, case.t, case.r)
+    out = lora.lora_expand_group(ys, parts, *args, rows, scales, **TPU)
+    ref = reference.lora_expand_group(ys, jnp.nan_to_num(parts), *args, rows, scales)
+    for o, r in zip(out, ref):
+        check(o, r, jnp.float32)
+
+
 def test_tpu_backend_dispatches_to_tpu_kernels(monkeypatch):
     case = Case(11, **OFFSET)  # W = 128
     calls = []
