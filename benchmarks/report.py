@@ -102,9 +102,11 @@ def _peft_elsewhere(rows, peft) -> str:
     ours = [r for r in rows if r["batch"] == peft["batch"] and r["adapters"] == "distinct" and r["rank"] == peft["rank"]]
     if not ours:
         return ""
+    how = ("decode steps only" if "none_with_prefill" in peft else
+           f"a {peft['output']}-token generate after a {peft['input']}-token prompt, prefill included")
     return (f" HF PEFT as measured on this GPU by the same script in an earlier call (benchmarks/results/"
-            f"peft_decode.json): {peft['distinct']:.1f} tokens/s with {peft['batch']} distinct rank-{peft['rank']} "
-            f"adapters, against which batch {peft['batch']} distinct rank {peft['rank']} here is "
+            f"peft_decode.json; {how}): {peft['distinct']:.1f} tokens/s with {peft['batch']} distinct "
+            f"rank-{peft['rank']} adapters, against which batch {peft['batch']} distinct rank {peft['rank']} here is "
             f"{ours[0]['tokens_per_s'] / peft['distinct']:.0f}x.")
 
 
@@ -140,9 +142,10 @@ def decode_section(rows, plots, peft=None):
                 "rank-8 q,k,v,o adapters, mixed batches through adapter_names) measured in the same script on the "
                 "same GPU (benchmarks/results/peft_decode.json" + (
                     f": {peft['none']:.0f} / {peft['one']:.0f} / {peft['distinct']:.1f} tokens/s without LoRA / one "
-                    f"adapter / {peft['batch']} distinct adapters, {peft['output']} output tokens per request, prefill "
-                    "included; that run warmed PEFT up on 8-token prompts, so its first timed call (no LoRA) paid "
-                    "cold-start costs and that ratio is too high; the one-adapter and distinct ratios stand" if peft else "")
+                    f"adapter / {peft['batch']} distinct adapters, " + (
+                        f"decode steps only: the difference of generate calls of 2 + {peft['output']} and 2 new tokens"
+                        if "none_with_prefill" in peft else
+                        f"{peft['output']} output tokens per request, prefill included") if peft else "")
                 + ")." if same_run else
                 "The HF PEFT column divides by PEFT's generate tokens/s at batch 32 from ANCHORS.md (1,394 / 658 / "
                 "45.5 tokens/s without LoRA / one adapter / 32 distinct adapters), not by a run in the same script."
