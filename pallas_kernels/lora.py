@@ -542,7 +542,8 @@ def _check_expand(name, ys, v, pool, seg_starts, seg_ranks, b_rows, seg_scales) 
         if rows.ndim != 3:
             raise ValueError(f"{name}: b_rows must be [NS, R, K_out], got shape {rows.shape}")
         k_want = _cdiv(y.shape[1], w)
-        if y.shape[0] != t or rows.shape[0] != ns or rows.shape[2] != k_want or rows.shape[1] != (r or rows.shape[1]):
+        same_r = r is None or rows.shape[1] == r
+        if y.shape[0] != t or rows.shape[0] != ns or rows.shape[2] != k_want or not same_r:
             raise ValueError(
                 f"{name}: b_rows must have shape [NS, R, K_out] with NS = len(seg_starts) - 1 = {ns} "
                 f"and K_out = ceil(D_out / W) = ceil({y.shape[1]} / {w}) = {k_want} (one R for all "
