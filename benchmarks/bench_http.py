@@ -277,7 +277,8 @@ def main(argv=None) -> int:
                 "req_s": len(ok) / gen_elapsed, "output_tok_s": sum(len(o.token_ids) for o in ok) / gen_elapsed,
                 "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
                 "ttft_note": "all requests queued at t=0, so TTFT includes queueing",
-                "engine_steps": after["steps"] - before["steps"], "preemptions": after["preemptions"] - before["preemptions"]}
+                "engine_steps": after["steps"] - before["steps"],
+                "preemptions": after["preemptions"] - before["preemptions"]}
     print(f"generate: {generate}", flush=True)
 
     closed = closed_loop(llm, items, args.clients, sp)

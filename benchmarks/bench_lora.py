@@ -262,9 +262,8 @@ def time_case(phase, seg_lens, rank, bw, device, *, batch, with_xla=True, shrink
     if not sweeping:
         tun = dict(shrink=lora.shrink_defaults(t, ns, 1, rank, d, d),
                    expand=lora.expand_defaults(t, ns, rank, d))
-        s = common.time_loop(_both("pallas", {}, {}), args)
-        # the kernels' own device time (profiler trace), the figure comparable to a CUDA-graph timing
-        dev = common.device_us_per_call(_both("pallas", {}, {}), args, "lora")
+        # with the kernels' own device time (profiler trace), the figure comparable to a CUDA-graph timing
+        s, dev = common.time_loop(_both("pallas", {}, {}), args, kernels="lora")
         rows.append(_row("pallas", phase, batch, rank, s, nbytes, bw, device, tunables=tun,
                          device_us=None if dev is None else round(dev, 2), **extra))
         if with_xla:

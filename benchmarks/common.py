@@ -37,31 +37,46 @@ def git_commit() -> str:
         return os.environ.get("GIT_COMMIT", "unknown")
 
 
-def time_loop(body: Callable, args: tuple, iters: int = 20, repeats: int = 5) -> float:
+def _looped(body: Callable, iters: int) -> Callable:
+    """One jitted program calling `body` `iters` times, its output fed back as its first argument."""
+
+    @jax.jit
+    def run(*a):
+        return jax.lax.fori_loop(0, iters, lambda _, carry: body(carry, *a[1:]), a[0])
+
+    return run
+
+
+def time_loop(body: Callable, args: tuple, iters: int = 20, repeats: int = 5,
+              kernels: str | None = None):
     """Median seconds of one `body(*args)` call, timed as `iters` calls inside one jit.
 
     `body` must return an array of the same shape/dtype as its first argument
     (it is threaded through the loop as a carry so XLA cannot hoist the work).
+    With `kernels`, returns (seconds, device_us): device_us = microseconds per call spent in device
+    kernels whose name contains `kernels`, from a jax.profiler trace of one more run of the same
+    program: what a CUDA-graph timing of those kernels measures, without the loop's own per-iteration
+    cost (None where the trace names no such kernel, e.g. interpret mode on CPU).
     """
-
-    @jax.jit
-    def run(*a):
-        def step(_, carry):
-            return body(carry, *a[1:])
-
-        return jax.lax.fori_loop(0, iters, step, a[0])
-
+    run = _looped(body, iters)
     jax.block_until_ready(run(*args))  # compile + warm up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(run(*args))
         times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times)
+    seconds = statistics.median(times)
+    if kernels is None:
+        return seconds
+    tmp = tempfile.mkdtemp()
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+        jax.block_until_ready(run(*args))
+    us = [dur for name, _, dur in device_events(tmp) if kernels in name.lower()]
+    return seconds, (sum(us) / iters if us else None)
 
 
 def device_events(trace_dir: str) -> list:
-    """(name, microseconds) of every complete event on a device (not host) process of the trace."""
+    """(name, start us, duration us) of every complete event on a device (not host) process of the trace."""
     path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
     with gzip.open(path) as f:
         data = json.load(f)
@@ -89,23 +104,6 @@ def busy_and_span(events) -> tuple:
             cur_hi = max(cur_hi, hi)
     busy += cur_hi - cur_lo
     return busy, max(hi for _, hi in spans) - spans[0][0]
-
-
-def device_us_per_call(body: Callable, args: tuple, name_has: str, iters: int = 20) -> float | None:
-    """Microseconds of device time per `body(*args)` call spent in kernels whose name contains `name_has`,
-    from a jax.profiler trace of the `time_loop` program: what a CUDA-graph timing of those kernels
-    measures, without the loop's own per-iteration cost. None where the trace names no such kernel (CPU)."""
-
-    @jax.jit
-    def run(*a):
-        return jax.lax.fori_loop(0, iters, lambda _, carry: body(carry, *a[1:]), a[0])
-
-    jax.block_until_ready(run(*args))
-    tmp = tempfile.mkdtemp()
-    with jax.profiler.trace(tmp, create_perfetto_trace=True):
-        jax.block_until_ready(run(*args))
-    us = [dur for name, _, dur in device_events(tmp) if name_has in name.lower()]
-    return sum(us) / iters if us else None
 
 
 def median_seconds(fn: Callable, *args, repeats: int = 5) -> float:

@@ -22,15 +22,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 # stage -> "usual seconds|command" (the bench settings cut themselves at time_budget_s)
+BENCH="python3 -m slora_jax.cli bench --out $OUT/r --set time_budget_s=480 --config configs"
 declare -A STAGES=(
     [check]="150|python3 benchmarks/gpu_engine_check.py"
     [decode]="220|python3 benchmarks/bench_decode.py --out $OUT/r"
     [swap]="70|python3 benchmarks/bench_swap.py --out $OUT/r --n-host 0"
     [http]="190|python3 benchmarks/bench_http.py --model configs/llama-7b.json --adapters 1000 --rank 16 --clients 64 --duration 20 --warmup 3 --out $OUT/r/bench_http.json"
-    [s1]="520|python3 -m slora_jax.cli bench --config configs/bench-S1.json --out $OUT/r --set time_budget_s=480"
-    [s2]="520|python3 -m slora_jax.cli bench --config configs/bench-S2.json --out $OUT/r --set time_budget_s=480"
-    [s4]="520|python3 -m slora_jax.cli bench --config configs/bench-S4.json --out $OUT/r --set time_budget_s=480"
-    [rate]="520|python3 -m slora_jax.cli bench --config configs/bench-S1.json --out $OUT/r --set n_adapters=[2000] --set peft.enabled=false --set base_only=false --set time_budget_s=480"
+    [s1]="520|$BENCH/bench-S1.json"
+    [s2]="520|$BENCH/bench-S2.json"
+    [s4]="520|$BENCH/bench-S4.json"
+    [rate]="520|$BENCH/bench-S1.json --set n_adapters=[2000] --set peft.enabled=false --set base_only=false"
     [tp]="200|python3 benchmarks/gpu_tp_check.py --out $OUT/r"
     [profile]="90|python3 benchmarks/profile_step.py --out $OUT/r"
     [lora]="200|python3 benchmarks/bench_lora.py --out $OUT/r"

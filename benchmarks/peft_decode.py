@@ -58,7 +58,7 @@ def main():
         print(name, res[name], "with prefill", res[f"{name}_with_prefill"], flush=True)
 
     res = {"batch": args.batch, "input": args.input, "output": args.output, "rank": args.rank,
-           "device": torch.cuda.get_device_name(), "tokens_per_s": "decode only (see run)"}
+           "device": torch.cuda.get_device_name()}
     run(model, "none")
     lcfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                       init_lora_weights=False)

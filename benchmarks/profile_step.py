@@ -40,8 +40,7 @@ def hlo_counts(llm, step) -> dict:
     kernels, cuBLAS) and command buffers (CUDA graphs: launches the host does not pay one by one)."""
     eng = llm.engine
     inp, samp, _ = eng.builder.build(step)
-    r = eng.runner
-    text = r._step.lower(r.state, eng.pool.array, inp, samp, r.no_tokens).compile().as_text()
+    text = eng.runner.lower(eng.pool.array, inp, samp).compile().as_text()
     ops = re.findall(r"= \S+ (fusion|custom-call|call|command-buffer)\(", text)
     return {"fusions": ops.count("fusion"), "custom_calls": ops.count("custom-call"), "calls": ops.count("call"),
             "command_buffer_mentions": len(re.findall(r"command.buffer", text))}

@@ -441,7 +441,7 @@ def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, *refs, n_layers
     i = pl.program_id(0)
     n = pl.program_id(1)
     # Which module owns output column block n: blocks are laid out module after module.
-    m, n_loc, d, k_m = jnp.int32(0), n, jnp.int32(dims[0]), jnp.int32(_cdiv(dims[0], w))
+    m, n_loc, d = jnp.int32(0), n, jnp.int32(dims[0])
     first = 0
     for j in range(1, mods):
         first += _cdiv(dims[j - 1], w) * nj
@@ -449,7 +449,6 @@ def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, *refs, n_layers
         m = jnp.where(mine, j, m)
         n_loc = jnp.where(mine, n - first, n_loc)
         d = jnp.where(mine, dims[j], d)
-        k_m = jnp.where(mine, _cdiv(dims[j], w), k_m)
     seg, lo, hi = _work_item(i, starts_ref, ns=ns, nsp=nsp, t=t, bt=bt)
     real = (seg >= 0) & (seg < ns)
     segc = jnp.clip(seg, 0, ns - 1)
@@ -464,7 +463,6 @@ def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, *refs, n_layers
     active = (hi > lo) & (rank > 0) & (c * w + col0 < d)
     layer = _load_layer(layer_ref, n_layers)
     n_rb = jnp.where(active, lax.div(rank + (br - 1), br), 0)
-    ck = jnp.minimum(c, k_m - 1)
 
     def body(q, acc):
         jv = q * br + lax.broadcasted_iota(jnp.int32, (br,), 0)
@@ -475,8 +473,9 @@ def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, *refs, n_layers
         vt = sum(plgpu.load(v_ref.at[jnp.int32(s), m, pl.ds(lo, bt), pl.ds(q * br, br)], mask=vmask, other=0.0)
                  for s in range(ks_in))
         vt = jnp.where(rmask[None, :], vt.astype(jnp.float32) * scale, 0.0)
-        # this module's B row indices (the other modules' loads are masked off: no memory traffic)
-        idx = sum(plgpu.load(rows_refs[j].at[segc, pl.ds(q * br, br), jnp.minimum(ck, rows_refs[j].shape[2] - 1)],
+        # this module's B row indices (c < K_m there); the other modules' loads are masked off (no memory
+        # traffic), their column index only clamped in range
+        idx = sum(plgpu.load(rows_refs[j].at[segc, pl.ds(q * br, br), jnp.minimum(c, rows_refs[j].shape[2] - 1)],
                              mask=rmask & (m == j), other=0) for j in range(mods))
         bt_ = plgpu.load(
             pool_ref.at[layer, idx[:, None], cols[None, :]],
@@ -572,9 +571,15 @@ def lora_expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_sca
     summed inside the kernel; seg_ranks, seg_scales: [M, NS]; b_rows: M x [NS, R, K_m].
     Returns a tuple of M arrays. impl, interpret, tunables: as in `lora_expand`.
     """
-    name = "lora_expand"
     ys, b_rows = tuple(ys), tuple(b_rows)
-    _check_expand(name, ys, v, pool, seg_starts, seg_ranks, b_rows, seg_scales)
+    _check_expand("lora_expand", ys, v, pool, seg_starts, seg_ranks, b_rows, seg_scales)
+    return _expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, impl, interpret,
+                         tunables)
+
+
+def _expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, impl, interpret, tunables):
+    """`lora_expand_group` on validated arguments: the route to the reference, the TPU or the Triton kernel."""
+    name = "lora_expand"
     args = (ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales)
     if impl == "xla":
         return reference.lora_expand_group(*args)
@@ -587,10 +592,10 @@ def lora_expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_sca
                                                                   for rows in b_rows)), None))
     if route == "xla":
         return reference.lora_expand_group(*args)
-    vs = v.sum(axis=0) if v.ndim == 4 else v
-    if route == "tpu":
+    if route == "tpu":  # one TPU expand per module, on the summed partials
         from . import lora_tpu
 
+        vs = v.sum(axis=0) if v.ndim == 4 else v
         return tuple(lora_tpu.lora_expand(y, vs[m], pool, layer, seg_starts, seg_ranks[m], b_rows[m],
                                           seg_scales[m], interpret=interpret, **tunables)
                      for m, y in enumerate(ys))
@@ -621,10 +626,11 @@ def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *,
     (powers of two >= 16), num_warps, num_stages; defaults from `expand_defaults`.
     """
     name = "lora_expand"
+    # the single-module shapes first, in their own terms ([T, R], [NS]); then the group's checks
     _check_common(name, "y", "D_out", y, pool, seg_starts)
     if b_rows.ndim != 3:
         raise ValueError(f"{name}: b_rows must be [NS, R, K_out], got shape {b_rows.shape}")
-    t, d = y.shape
+    t = y.shape[0]
     ns = seg_starts.shape[0] - 1
     r = b_rows.shape[1]
     if v.shape != (t, r):
@@ -634,9 +640,9 @@ def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *,
     for arg, a in (("seg_ranks", seg_ranks), ("seg_scales", seg_scales)):
         if a.shape != (ns,):
             raise ValueError(f"{name}: {arg} must have shape [NS] = {(ns,)}, got {a.shape}")
+    ys, vs, ranks, rows, scales = (y,), v[None], seg_ranks[None], (b_rows,), seg_scales[None]
+    _check_expand(name, ys, vs, pool, seg_starts, ranks, rows, scales)
     if impl == "xla":  # the single-module reference, which the kernels are checked against
-        _check_expand(name, (y,), v[None], pool, seg_starts, seg_ranks[None], (b_rows,), seg_scales[None])
         return reference.lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales)
-    (out,) = lora_expand_group((y,), v[None], pool, layer, seg_starts, seg_ranks[None], (b_rows,),
-                               seg_scales[None], impl=impl, interpret=interpret, **tunables)
+    (out,) = _expand_group(ys, vs, pool, layer, seg_starts, ranks, rows, scales, impl, interpret, tunables)
     return out

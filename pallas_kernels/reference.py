@@ -44,10 +44,13 @@ import jax.numpy as jnp
 _EXACT = jax.lax.Precision.HIGHEST
 
 
-def _segment_ids(seg_starts: jax.Array, num_tokens: int) -> jax.Array:
-    """Segment index of every token; tokens past the last segment get S (out of range)."""
+def _token_segments(starts: jax.Array, num_tokens: int) -> tuple:
+    """(valid [T], segment [T]) of every token for segment starts [S + 1]: valid is False for tokens
+    before starts[0] or at or past starts[-1], whose segment index is clipped into [0, S)."""
     t = jnp.arange(num_tokens, dtype=jnp.int32)
-    return jnp.searchsorted(seg_starts, t, side="right").astype(jnp.int32) - 1
+    seg = jnp.searchsorted(starts, t, side="right").astype(jnp.int32) - 1
+    n = starts.shape[0] - 1
+    return (seg >= 0) & (seg < n), jnp.clip(seg, 0, n - 1)
 
 
 def _gather_rows(pool, layer, rows, width):
@@ -68,9 +71,7 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, partials=False
     """
     t, d_in = x.shape
     m, ns, r, k = a_rows.shape
-    seg = _segment_ids(seg_starts, t)
-    valid = (seg >= 0) & (seg < ns)
-    seg_c = jnp.clip(seg, 0, ns - 1)
+    valid, seg_c = _token_segments(seg_starts, t)
     # one gather and one contraction for all M modules: a single op reads every module's rows
     a_t = _gather_rows(pool, layer, a_rows.reshape(m * ns, r, k), d_in).reshape(m, ns, r, d_in)
     v = jnp.einsum("td,mtrd->mtr", x.astype(jnp.float32), a_t[:, seg_c].astype(jnp.float32), precision=_EXACT)
@@ -109,9 +110,7 @@ def lora_expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_sca
     t = ys[0].shape[0]
     ns, r, _ = b_rows[0].shape
     w = pool.shape[-1]
-    seg = _segment_ids(seg_starts, t)
-    valid = (seg >= 0) & (seg < ns)
-    seg_c = jnp.clip(seg, 0, ns - 1)
+    valid, seg_c = _token_segments(seg_starts, t)
     widths = [rows.shape[2] for rows in b_rows]
     b_all = _gather_rows(pool, layer, jnp.concatenate(b_rows, axis=2), sum(widths) * w)  # [NS, R, sum K * W]
     outs, col = [], 0
@@ -192,9 +191,7 @@ def paged_attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, 
     """
     t, hq, hd = q.shape
     nb = block_tables.shape[0]
-    seq = _segment_ids(q_starts, t)
-    valid = (seq >= 0) & (seq < nb)
-    seq_c = jnp.clip(seq, 0, nb - 1)
+    valid, seq_c = _token_segments(q_starts, t)
     n_q = q_starts[1:] - q_starts[:-1]
     pos = kv_lens[seq_c] - n_q[seq_c] + (jnp.arange(t) - q_starts[seq_c])
     k, v = _gather_kv(pool, layer, block_tables, page_rows)

@@ -374,6 +374,7 @@ class Engine:
                 "pages_adapter": p["pages_adapter"], "page_rows": self.pages.page_rows,
                 "adapters_registered": len(self.store), "adapters_resident": p["adapters_resident"],
                 "swaps_in": self.residency.swaps_in, "swaps_out": self.residency.swaps_out,
-                "requests_running": len(self.scheduler.running), "requests_waiting": len(self.scheduler.waiting) + len(self._inbox),
+                "requests_running": len(self.scheduler.running),
+                "requests_waiting": len(self.scheduler.waiting) + len(self._inbox),
                 "pool_bytes": self.pool.nbytes, "kernels": self.runner.kernels.name, **self.counters,
             }

@@ -125,12 +125,16 @@ class ModelRunner:
                 inp, samp = self._place(inp), self._place(samp)
                 sig = _signature(inp, samp)
                 if sig not in self._compiled and sig not in futures:
-                    lowered = self._step.lower(self.state, pool, inp, samp, self.no_tokens)
-                    futures[sig] = compile_pool.submit(lowered.compile)
+                    futures[sig] = compile_pool.submit(self.lower(pool, inp, samp).compile)
             done = {sig: f.result() for sig, f in futures.items()}
         with self._compiled_lock:
             self._compiled.update(done)
         return len(done)
+
+    def lower(self, pool, inp: StepInput, samp: SamplingArrays):
+        """The step program for these input shapes, lowered (not compiled): `.compile()` it, or read it."""
+        inp, samp = self._place(inp), self._place(samp)
+        return self._step.lower(self.state, pool, inp, samp, self.no_tokens)
 
     def logits(self, pool, inp: StepInput):
         return self._logits(self.state, pool, self._place(inp))
