@@ -20,8 +20,11 @@ speedup_vs_xla, device, ...} go to <out>/kernels_lora.json (the sweep's rows too
 with phase "...-sweep-shrink" / "...-sweep-expand" and their tunables). bytes = x
 read + each distinct adapter row (A and B) read once + y read and written;
 roofline_fraction = (bytes / time) / common.hbm_bandwidth(). Timing:
-common.time_loop (a loop inside one jit); the loop carries y and feeds it back as x,
-so nothing is hoisted out of the loop.
+common.time_loop (20 calls unrolled inside one jit); each call takes y from the last
+as its x, so nothing is hoisted, and the calls rotate among sets of adapter rows
+(sized past the L2 cache), so none reads its rows from the cache. Rows of (b) also
+carry device_us (every kernel of a call, from a profiler trace: no host launch
+gaps, the figure comparable to a CUDA-graph timing) and device_roofline_fraction.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ class Cfg:
     budget_s = 150.0  # the sweep starts no new shape past this
     hbm_gib = 2.0
     big = True  # correctness shapes at Llama sizes
+    max_sets = 20  # rotated input sets per timing (lora_inputs)
 
     @classmethod
     def smoke(cls):
@@ -65,6 +69,7 @@ class Cfg:
         cls.sweep_prefill_rank = 8
         cls.hbm_gib = 0.125
         cls.big = False
+        cls.max_sets = 3
 
 
 def _cdiv(a, b):
@@ -193,26 +198,39 @@ def correctness() -> list[str]:
 
 
 # --------------------------------------------------------------------------- (b) timings
+L2_FLUSH_BYTES = 256 << 20  # adapter rows touched across the rotated input sets: several times the H200's L2
+
+
 def lora_inputs(seed, seg_lens, rank, d):
-    """One projection d -> d, W = d, every segment its own adapter (distinct pool rows)."""
+    """One projection d -> d, W = d, every segment its own adapter (distinct pool rows).
+
+    Returns (args, arg_sets, v, nbytes): args for common.time_loop, and further sets of the
+    non-carry args, each naming other pool rows, enough that the rows read by one call are no longer
+    in the L2 cache when its set comes round again (METHOD.md: rotate among several input sets).
+    """
     ns = len(seg_lens)
     t = int(sum(seg_lens))
     n_rows = 2 * ns * rank
+    n_sets = max(1, min(Cfg.max_sets, _cdiv(L2_FLUSH_BYTES, n_rows * d * 2)))
     key = jax.random.PRNGKey(seed)
     k1, k2, k3 = jax.random.split(key, 3)
-    pool = (jax.random.normal(k1, (2, n_rows + 8, d), jnp.float32) * 0.02).astype(jnp.bfloat16)
-    perm = np.random.default_rng(seed).permutation(n_rows + 8)[:n_rows].astype(np.int32)
-    a_rows = jnp.asarray(perm[: ns * rank].reshape(1, ns, rank, 1))
-    b_rows = jnp.asarray(perm[ns * rank:].reshape(ns, rank, 1))
+    total = n_sets * n_rows + 8
+    pool = (jax.random.normal(k1, (2, total, d), jnp.float32) * 0.02).astype(jnp.bfloat16)
+    perm = np.random.default_rng(seed).permutation(total)[: n_sets * n_rows].astype(np.int32)
     y = jax.random.normal(k2, (t, d), jnp.bfloat16)
     starts = jnp.asarray(np.concatenate([[0], np.cumsum(seg_lens)]).astype(np.int32))
     ranks = jnp.full((1, ns), rank, jnp.int32)
     scales = jnp.full((ns,), 0.01, jnp.float32)
+    sets = []
+    for rows in perm.reshape(n_sets, n_rows):
+        a_rows = jnp.asarray(rows[: ns * rank].reshape(1, ns, rank, 1))
+        b_rows = jnp.asarray(rows[ns * rank:].reshape(ns, rank, 1))
+        sets.append((pool, starts, ranks, a_rows, b_rows, scales))
     nbytes = (t * d * 2  # x read
               + 2 * ns * rank * d * 2  # A and B rows, each distinct row once
               + 2 * t * d * 2)  # y read + written
     v = jax.random.normal(k3, (t, rank), jnp.float32)
-    return (y, pool, starts, ranks, a_rows, b_rows, scales), v, nbytes
+    return (y, *sets[0]), sets[1:], v, nbytes
 
 
 def _both(impl, shrink_kw, expand_kw):
@@ -235,12 +253,15 @@ def _expand_only(expand_kw):
     return body
 
 
-def _row(kernel, phase, batch, rank, seconds, nbytes, bw, device, **extra):
+def _row(kernel, phase, batch, rank, seconds, nbytes, bw, device, device_us=None, **extra):
     gbps = nbytes / seconds / 1e9
     row = dict(kernel=kernel, phase=phase, batch=batch, rank=rank, context=0,
                time_us=round(seconds * 1e6, 2), gbps=round(gbps, 1),
                roofline_fraction=round(nbytes / seconds / bw, 4), speedup_vs_xla=None,
                device=device)
+    if device_us:  # kernels' device time per call, and the roofline fraction it reaches
+        row.update(device_us=round(device_us, 2),
+                   device_roofline_fraction=round(nbytes / (device_us * 1e-6) / bw, 4))
     row.update(extra)
     return row
 
@@ -249,12 +270,13 @@ def _print(r):
     sp = r["speedup_vs_xla"]
     print(f"{r['phase']:>22} {r['kernel']:<40} B={r['batch']:<4} r={r['rank']:<3} "
           f"{r['time_us']:>9.1f} us {r['gbps']:>7.0f} GB/s  roof {r['roofline_fraction']:.2f}  "
+          f"device {format(r['device_us'], '7.1f') + ' us' if r.get('device_us') else '-':>10}  "
           f"vs xla {'-' if sp is None else format(sp, '.2f')}", flush=True)
 
 
 def time_case(phase, seg_lens, rank, bw, device, *, batch, with_xla=True, shrink_sweep=(),
               expand_sweep=()):
-    args, v, nbytes = lora_inputs(len(seg_lens) * 1000 + rank, seg_lens, rank, Cfg.d)
+    args, arg_sets, v, nbytes = lora_inputs(len(seg_lens) * 1000 + rank, seg_lens, rank, Cfg.d)
     t, ns, d = int(sum(seg_lens)), len(seg_lens), Cfg.d
     extra = dict(tokens=t, segments=ns)
     rows = []
@@ -262,18 +284,17 @@ def time_case(phase, seg_lens, rank, bw, device, *, batch, with_xla=True, shrink
     if not sweeping:
         tun = dict(shrink=lora.shrink_defaults(t, ns, 1, rank, d, d),
                    expand=lora.expand_defaults(t, ns, rank, d))
-        # with the kernels' own device time (profiler trace), the figure comparable to a CUDA-graph timing
-        s, dev = common.time_loop(_both("pallas", {}, {}), args, kernels="lora")
-        rows.append(_row("pallas", phase, batch, rank, s, nbytes, bw, device, tunables=tun,
-                         device_us=None if dev is None else round(dev, 2), **extra))
-        if with_xla:
-            s = common.time_loop(_both("xla", {}, {}), args)
-            rows.append(_row("xla", phase, batch, rank, s, nbytes, bw, device, **extra))
-            for r in rows:
-                r["speedup_vs_xla"] = round(rows[-1]["time_us"] / r["time_us"], 3)
+        for impl in ("pallas", "xla") if with_xla else ("pallas",):
+            # with the device time of every kernel of a call (profiler trace: the LoRA kernels and
+            # XLA's y + delta, or the reference's ops), the figure comparable to a CUDA-graph timing
+            s, dev = common.time_loop(_both(impl, {}, {}), args, kernels="", arg_sets=arg_sets)
+            rows.append(_row(impl, phase, batch, rank, s, nbytes, bw, device, device_us=dev, **extra))
+        rows[0]["tunables"] = tun
+        for r in rows:
+            r["speedup_vs_xla"] = round(rows[-1]["time_us"] / r["time_us"], 3) if with_xla else None
     for tun in shrink_sweep:
         try:
-            s = common.time_loop(_both("pallas", tun, {}), args)
+            s = common.time_loop(_both("pallas", tun, {}), args, arg_sets=arg_sets)
             rows.append(_row(common.tunables_name("shrink", tun), phase + "-sweep-shrink", batch, rank, s, nbytes,
                              bw, device, tunables=tun, **extra))
         except Exception as e:
@@ -281,15 +302,16 @@ def time_case(phase, seg_lens, rank, bw, device, *, batch, with_xla=True, shrink
     if expand_sweep:
         y, pool, starts, ranks, _, b_rows, scales = args
         eargs = (y, v, pool, starts, ranks[0], b_rows, scales)
+        e_sets = [(v, pool, starts, ranks[0], b, scales) for _, _, _, _, b, _ in arg_sets]
         e_bytes = 2 * t * d * 2 + ns * rank * d * 2 + t * rank * 4
         for tun in expand_sweep:
             try:
-                s = common.time_loop(_expand_only(tun), eargs)
+                s = common.time_loop(_expand_only(tun), eargs, arg_sets=e_sets)
                 rows.append(_row(common.tunables_name("expand", tun), phase + "-sweep-expand", batch, rank, s,
                                  e_bytes, bw, device, tunables=tun, **extra))
             except Exception as e:
                 print(f"{phase} expand {tun}: {type(e).__name__}: {e}")
-    del args, v
+    del args, arg_sets, v
     gc.collect()
     return rows
 

@@ -1,7 +1,7 @@
 """Shared helpers for the GPU benchmark scripts (not imported by the package).
 
 Timing follows the device tool's METHOD.md: warm up (compile) first, run the
-work `iters` times inside one jitted `fori_loop` so that per-call dispatch is
+work `iters` times inside one jitted program (unrolled) so that per-call dispatch is
 not measured, block on the result, repeat and take the median.
 
 `kernel_bench_main` is the driver of the kernel benches (bench_lora.py,
@@ -37,40 +37,52 @@ def git_commit() -> str:
         return os.environ.get("GIT_COMMIT", "unknown")
 
 
-def _looped(body: Callable, iters: int) -> Callable:
-    """One jitted program calling `body` `iters` times, its output fed back as its first argument."""
+def _looped(body: Callable, iters: int, n_args: int, n_sets: int) -> Callable:
+    """One jitted program calling `body` `iters` times, its output fed back as its first argument.
+
+    The calls are unrolled: an XLA while loop on the GPU copies its predicate to the host every
+    iteration, a ~20 us stall that would be timed as part of each call. Iteration i takes the i % n_sets-th
+    set of the other arguments (passed flat, n_args per set).
+    """
 
     @jax.jit
-    def run(*a):
-        return jax.lax.fori_loop(0, iters, lambda _, carry: body(carry, *a[1:]), a[0])
+    def run(carry, *flat):
+        sets = [flat[k * n_args:(k + 1) * n_args] for k in range(n_sets)]
+        for i in range(iters):
+            carry = body(carry, *sets[i % n_sets])
+        return carry
 
     return run
 
 
 def time_loop(body: Callable, args: tuple, iters: int = 20, repeats: int = 5,
-              kernels: str | None = None):
+              kernels: str | None = None, arg_sets: list | None = None):
     """Median seconds of one `body(*args)` call, timed as `iters` calls inside one jit.
 
     `body` must return an array of the same shape/dtype as its first argument
-    (it is threaded through the loop as a carry so XLA cannot hoist the work).
+    (it is threaded through the calls as a carry so XLA cannot hoist the work).
+    `arg_sets`: alternatives to args[1:] (same shapes), taken in turn, so that repeated calls do not
+    find their inputs in the L2 cache (METHOD.md: rotate among several input sets).
     With `kernels`, returns (seconds, device_us): device_us = microseconds per call spent in device
-    kernels whose name contains `kernels`, from a jax.profiler trace of one more run of the same
-    program: what a CUDA-graph timing of those kernels measures, without the loop's own per-iteration
-    cost (None where the trace names no such kernel, e.g. interpret mode on CPU).
+    kernels whose name contains `kernels` ("" for every kernel), from a jax.profiler trace of one more
+    run of the same program: what a CUDA-graph timing measures, without the host's launch gaps
+    (None where the trace names no such kernel, e.g. interpret mode on CPU).
     """
-    run = _looped(body, iters)
-    jax.block_until_ready(run(*args))  # compile + warm up
+    sets = [tuple(args[1:])] + [tuple(a) for a in (arg_sets or [])]
+    flat = [a for s in sets for a in s]
+    run = _looped(body, iters, len(args) - 1, len(sets))
+    jax.block_until_ready(run(args[0], *flat))  # compile + warm up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(run(*args))
+        jax.block_until_ready(run(args[0], *flat))
         times.append((time.perf_counter() - t0) / iters)
     seconds = statistics.median(times)
     if kernels is None:
         return seconds
     tmp = tempfile.mkdtemp()
     with jax.profiler.trace(tmp, create_perfetto_trace=True):
-        jax.block_until_ready(run(*args))
+        jax.block_until_ready(run(args[0], *flat))
     us = [dur for name, _, dur in device_events(tmp) if kernels in name.lower()]
     return seconds, (sum(us) / iters if us else None)
 

@@ -4,8 +4,8 @@
 #   bash benchmarks/device_run.sh STAGE...     (from the repo root, on the device machine)
 #
 # Stages: check (Pallas engine == XLA engine), decode (+ HF PEFT), swap, http, s1, s2, s4, tp (2 GPUs),
-# profile, lora and attention (kernel benchmarks), rate (S1 at n = 2,000 with the whole budget left to
-# the max-rate search). A stage starts only if its usual duration fits in what is left of BUDGET_S (default 560 s,
+# profile, lora and attention (kernel benchmarks), rate-s1 and rate-s2 (the setting at n = 2,000 and its
+# max-rate search only). A stage starts only if its usual duration fits in what is left of BUDGET_S (default 560 s,
 # under the 600 s limit of one call). Logs go to $OUT/<stage>.log; JSON results to $OUT/r/ (at most 8
 # files come back from $OUT, so the stages of one call should stay few). The server stages need the
 # wheels of `bash benchmarks/fetch_wheels.sh` carried as `.whl` (the device machine has no fastapi).
@@ -23,6 +23,8 @@ fi
 
 # stage -> "usual seconds|command" (the bench settings cut themselves at time_budget_s)
 BENCH="python3 -m slora_jax.cli bench --out $OUT/r --set time_budget_s=480 --config configs"
+# the max-rate search alone at n = 2,000 (no base-only or PEFT runs), two of these fit one call
+RATE="python3 -m slora_jax.cli bench --out $OUT/r --set time_budget_s=250 --set n_adapters=[2000] --set peft.enabled=false --set base_only=false --config configs"
 declare -A STAGES=(
     [check]="150|python3 benchmarks/gpu_engine_check.py"
     [decode]="220|python3 benchmarks/bench_decode.py --out $OUT/r"
@@ -31,7 +33,8 @@ declare -A STAGES=(
     [s1]="520|$BENCH/bench-S1.json"
     [s2]="520|$BENCH/bench-S2.json"
     [s4]="520|$BENCH/bench-S4.json"
-    [rate]="520|$BENCH/bench-S1.json --set n_adapters=[2000] --set peft.enabled=false --set base_only=false"
+    [rate-s1]="260|$RATE/bench-S1.json"
+    [rate-s2]="260|$RATE/bench-S2.json"
     [tp]="200|python3 benchmarks/gpu_tp_check.py --out $OUT/r"
     [profile]="90|python3 benchmarks/profile_step.py --out $OUT/r"
     [lora]="200|python3 benchmarks/bench_lora.py --out $OUT/r"
