@@ -22,7 +22,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 # stage -> "usual seconds|command" (the bench settings cut themselves at time_budget_s)
-BENCH="python3 -m slora_jax.cli bench --out $OUT/r --set time_budget_s=480 --config configs"
+BENCH="python3 -m slora_jax.cli bench --out $OUT/r --set time_budget_s=${BENCH_BUDGET_S:-480} --config configs"
 # the max-rate search alone at n = 2,000 (no base-only or PEFT runs), two of these fit one call
 RATE="python3 -m slora_jax.cli bench --out $OUT/r --set time_budget_s=250 --set n_adapters=[2000] --set peft.enabled=false --set base_only=false --config configs"
 declare -A STAGES=(
