@@ -115,7 +115,10 @@ def _kv_rows(bt_ref, seq, tok, *, page_rows, num_pages, max_pages):
 def _online_softmax_step(carry, q, k, v, s_mask, scale_log2):
     """One flash step: q [R, hd], k/v [BK, hd] (compute dtype), s_mask [R, BK] bool or None."""
     acc, m, l = carry
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    # float32 tiles in full precision (Triton's default for a float32 dot would be TF32, ~3e-4)
+    prec = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
+                        preferred_element_type=jnp.float32)
     s = s * scale_log2
     if s_mask is not None:
         s = jnp.where(s_mask, s, -jnp.inf)
@@ -124,7 +127,7 @@ def _online_softmax_step(carry, q, k, v, s_mask, scale_log2):
     alpha = jnp.exp2(m - m_use)
     p = jnp.exp2(s - m_use[:, None])
     l = alpha * l + jnp.sum(p, axis=1)
-    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=prec,
                          preferred_element_type=jnp.float32)
     acc = acc * alpha[:, None] + pv
     return acc, m_new, l
