@@ -143,13 +143,15 @@ def _decode_like(t: int, ns: int) -> bool:
 def shrink_defaults(t: int, ns: int, m: int, r: int, d: int, w: int) -> dict[str, int]:
     """Default tunables of `lora_shrink` (T tokens, NS segments, M modules, max rank R, D_in, W).
 
-    Decode-like batches: 16-token blocks, 16 rank columns per program (more
-    programs for high ranks), long 512-wide D chunks. Prefill-like: 64-token
-    blocks sharing one adapter tile, the whole rank in one block. ``k_splits``
-    then splits D_in until there are about 256 programs.
+    Decode-like batches: 16-token blocks, 32 rank columns per program (16 up to
+    rank 8; more programs for high ranks), long 512-wide D chunks. Prefill-like:
+    64-token blocks sharing one adapter tile, the whole rank in one block.
+    ``k_splits`` then splits D_in until there are about 256 programs.
     """
     if _decode_like(t, ns):
-        cfg = dict(block_t=16, block_r=16, block_d=512, num_warps=4, num_stages=3)
+        # 32 rank columns beat 16 in the H200 sweep (713b36a, kernels_lora.json) at batch 32 rank 16 (23 vs
+        # 35 us), batch 128 and 512 rank 64 (69 vs 74, 206 vs 217 us), and tied at batch 512 rank 8 (77 vs 75)
+        cfg = dict(block_t=16, block_r=16 if r <= 8 else 32, block_d=512, num_warps=4, num_stages=3)
     else:
         cfg = dict(block_t=64, block_r=min(64, _pow2_at_least(r)), block_d=128, num_warps=4,
                    num_stages=3)
