@@ -5,9 +5,10 @@ donated scatter into its pages; swap-out = freeing its pages (the host copy
 stays the source of truth). `prefetch` starts the host->device transfers of
 adapters that queued requests will need before the step that needs them; the
 scatter happens when the adapter gets pages. Measured on the H200 (jax
-0.11.2, BENCHMARKS.md): those transfers run at 45-50 GB/s but queue behind
-the step in flight instead of overlapping it (hidden fraction 0.02-0.04 for
-pinned_host device_put, an identity jit and numpy device_put alike).
+0.11.2, BENCHMARKS.md): issued while one step runs and before the next is
+dispatched, as the engine's loop does, device_put transfers (to_device's path)
+are 0.93 hidden behind the steps; issued after the last step they queue behind
+it (0.04), and the identity-jit fallback never overlaps (0.02).
 
 Each resident adapter also gets a small integer slot; `tables` holds, per slot
 and module, the adapter's pool rows for the LoRA kernels ([R, K] padded), so a
