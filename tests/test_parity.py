@@ -85,3 +85,19 @@ def test_greedy_generation_matches_transformers(hf_models, adapters, llms):
         out = llm.generate([prompt], adapter=a, sampling=SamplingParams(max_tokens=12, ignore_eos=True))[0]
         assert out.token_ids == ref, a
     assert llm.stats()["pages_kv"] == 0
+
+
+def test_lora_launches_only_for_targeted_modules(hf_models, adapters):
+    """With only q/v adapters registered the step runs no LoRA for k, o or the MLP (the modules ride in
+    the step input as static metadata) and still matches PEFT; a later adapter widens the set."""
+    m = "gqa"
+    llm = LLM(hf_models[m], dtype="float32", kernels="xla", max_rank=16, num_pages=160, page_rows=4,
+              max_model_len=128, max_running=8, max_batch_tokens=64)
+    llm.load_adapter("qv_r4", adapters[(m, "qv_r4")])
+    assert llm.engine.store.target_modules() == ("q_proj", "v_proj")
+    ref = hf_fixtures.hf_logits(hf_models[m], TOKENS, adapters[(m, "qv_r4")])
+    assert rel_err(llm.logits(TOKENS, adapter="qv_r4"), ref) < 1e-4
+    llm.load_adapter("patterns", adapters[(m, "patterns")])
+    llm.engine.remove_adapter("patterns")  # the set never shrinks: no program changes on removal
+    assert llm.engine.store.target_modules() == ("q_proj", "v_proj", "o_proj", "down_proj")
+    assert rel_err(llm.logits(TOKENS, adapter="qv_r4"), ref) < 1e-4

@@ -7,6 +7,7 @@ has them (the rest of the suite keeps its single device).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -211,6 +212,12 @@ def test_collectives_are_activation_sized(model_file, tp):
         local = "f32[{},{},{}]{{".format(c.num_layers, eng.pool.shape[1], c.kv_size // tp)
         assert "input_output_alias" in hlo and local in hlo
         assert not [ln for ln in hlo.splitlines() if local in ln and re.search(r"\bcopy(-start)?\(", ln)]
+    # adapters on attention only (S-LoRA's q,k,v,o): no LoRA all-reduce for gate/up or down
+    attn_only = dataclasses.replace(inp.lora, modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    hlo = run._step.lower(run.state, eng.pool.array, run._place(dataclasses.replace(inp, lora=attn_only)),
+                          run._place(samp), run.no_tokens).compile().as_text()
+    shapes = [s for _, ss in _collectives(hlo) for s in ss]
+    assert shapes.count((t, h)) == 2 * c.num_layers and len(shapes) == 4 * c.num_layers, shapes
     data = jax.device_put(np.zeros((c.num_layers, 16, c.kv_size), np.float32), eng.pool.array.sharding)
     hlo = _scatter_rows.lower(eng.pool.array, jnp.zeros(16, jnp.int32), data).compile().as_text()
     assert _collectives(hlo) == []

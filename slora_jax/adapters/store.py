@@ -84,6 +84,7 @@ class AdapterStore:
         self.cfg, self.max_rank, self.dtype, self.tp = cfg, max_rank, jnp.dtype(dtype), tp
         self._pinned = pinned_sharding(like=pool_sharding) if pinned is not False else None
         self._entries: dict[str, AdapterEntry] = {}
+        self._targeted: set = set()  # modules any adapter ever registered targets (grows only)
         self._lock = threading.Lock()
 
     def __contains__(self, name: str) -> bool:
@@ -100,6 +101,11 @@ class AdapterStore:
 
     def names(self) -> list[str]:
         return list(self._entries)
+
+    def target_modules(self) -> tuple:
+        """The modules (config.LORA_MODULES order) that any adapter registered so far targets. It never
+        shrinks: removing an adapter must not change the step programs (each set compiles its own)."""
+        return tuple(m for m in LORA_MODULES if m in self._targeted)
 
     def host_bytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values())
@@ -120,6 +126,7 @@ class AdapterStore:
             if entry.name in self._entries and not replace:
                 raise AdapterError(f"adapter {entry.name!r} is already registered")
             self._entries[entry.name] = entry
+            self._targeted.update(m for m, r in entry.ranks.items() if r > 0)
         return entry
 
     def remove(self, name: str) -> AdapterEntry:

@@ -144,7 +144,7 @@ class BatchBuilder:
         a_rows = tuple(res.a_tab[i][safe] for i in range(len(LORA_MODULES)))
         b_rows = tuple(res.b_tab[i][safe] for i in range(len(LORA_MODULES)))
         scales = np.ones((len(LORA_MODULES), b), np.float32)  # scaling is folded into B on the host
-        return LoraInput(seg_starts, ranks, scales, a_rows, b_rows)
+        return LoraInput(seg_starts, ranks, scales, a_rows, b_rows, res.store.target_modules())
 
     @staticmethod
     def _sampling(reqs: list, b: int) -> SamplingArrays:

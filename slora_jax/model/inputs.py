@@ -11,6 +11,8 @@ from typing import Optional
 
 import jax
 
+from ..config import LORA_MODULES
+
 
 @dataclasses.dataclass
 class LoraInput:
@@ -23,6 +25,9 @@ class LoraInput:
     scales: jax.Array  # [7, NS] float32
     a_rows: tuple  # 7 x [NS, R, K_in(module)] int32
     b_rows: tuple  # 7 x [NS, R, K_out(module)] int32
+    # static: the modules any registered adapter targets; the model skips the others' LoRA launches
+    # (and under tensor parallelism their all-reduces) instead of running them at rank 0
+    modules: tuple = tuple(LORA_MODULES)
 
 
 @dataclasses.dataclass
@@ -43,7 +48,7 @@ class StepInput:
 
 
 jax.tree_util.register_dataclass(
-    LoraInput, data_fields=["seg_starts", "ranks", "scales", "a_rows", "b_rows"], meta_fields=[]
+    LoraInput, data_fields=["seg_starts", "ranks", "scales", "a_rows", "b_rows"], meta_fields=["modules"]
 )
 jax.tree_util.register_dataclass(
     StepInput,

@@ -67,9 +67,13 @@ class LoraContext:
                                      jnp.stack([lo.a_rows[i] for i in idx]), tuple(lo.b_rows[i] for i in idx))
         return self._tables[modules]
 
+    def active(self, modules: tuple) -> bool:
+        """Whether any registered adapter targets one of `modules` (static: no launch for the rest)."""
+        return self.lora is not None and any(m in self.lora.modules for m in modules)
+
     def __call__(self, x, base_outs: list, modules: tuple, layer):
         """base_outs[i] = x @ W_modules[i]; returns them with LoRA added: one shrink, one expand."""
-        if self.lora is None:
+        if not self.active(modules):
             return list(base_outs)
         ranks, scales, a_rows, b_rows = self.tables(modules)
         v = self.k.lora_shrink(x, self.pool, layer, self.lora.seg_starts, ranks, a_rows, partials=True)
@@ -83,7 +87,8 @@ class LoraContext:
             (y,) = self(x, [x @ w], (module,), layer)
             return y
         lo, i = self.lora, _MOD[module]
-        tabs = None if lo is None else (lo.seg_starts, lo.ranks[i], lo.a_rows[i], lo.b_rows[i], lo.scales[i])
+        tabs = ((lo.seg_starts, lo.ranks[i], lo.a_rows[i], lo.b_rows[i], lo.scales[i])
+                if self.active((module,)) else None)
         return self.k.row_linear(x, w, self.pool, layer, tabs)
 
 
