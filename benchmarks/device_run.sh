@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/device_run.sh STAGE...     (from the repo root, on the device machine)
 #
-# Stages: check (Pallas engine == XLA engine), decode (+ HF PEFT), swap, http, s1, s2, s4, tp (2 GPUs),
+# Stages: check (Pallas engine == XLA engine), decode (+ HF PEFT), swap, http, s1, s2, s4, tp and
+# profile-tp (2 GPUs),
 # profile, lora and attention (kernel benchmarks), rate-s1 and rate-s2 (the setting at n = 2,000 and its
 # max-rate search only). A stage starts only if its usual duration fits in what is left of BUDGET_S (default 560 s,
 # under the 600 s limit of one call). Logs go to $OUT/<stage>.log; JSON results to $OUT/r/ (at most 8
@@ -37,6 +38,7 @@ declare -A STAGES=(
     [rate-s2]="260|$RATE/bench-S2.json"
     [tp]="200|python3 benchmarks/gpu_tp_check.py --out $OUT/r"
     [profile]="90|python3 benchmarks/profile_step.py --out $OUT/r"
+    [profile-tp]="120|python3 benchmarks/profile_step.py --out $OUT/r --tp 2"
     [lora]="200|python3 benchmarks/bench_lora.py --out $OUT/r"
     [attention]="150|python3 benchmarks/bench_attention.py --out $OUT/r"
 )

@@ -5,7 +5,10 @@ LoRA; `--steps` steps are traced after warm-up. The Perfetto trace's device-side
 name and by kind (GEMM, Pallas LoRA, attention, other fusions, copies), per step. The kernel counts
 say how many launches LoRA adds per layer; their times say what each costs.
 
-    python benchmarks/profile_step.py --out $OUT [--batch 32] [--mode distinct] [--rank 8]
+    python benchmarks/profile_step.py --out $OUT [--batch 32] [--mode distinct] [--rank 8] [--tp 2]
+
+With --tp N (N GPUs), every device's events are summed: launches and us per step are over all N
+devices, and the collectives (NCCL all-reduces) get a kind of their own.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks.bench_decode import decode_batch, fill_pool_random, pipelined_step_s  # noqa: E402
 from slora_jax import LLM  # noqa: E402
 
-KINDS = (("lora", ("lora", "shrink", "expand")), ("attention", ("attention", "paged")),
+KINDS = (("collective", ("all-reduce", "allreduce", "all_reduce", "nccl")), ("lora", ("lora", "shrink", "expand")), ("attention", ("attention", "paged")),
          ("gemm", ("gemm", "cublas", "cutlass", "sm90", "dot", "matmul")),
          ("copy", ("copy", "memcpy", "memset", "transpose")))
 
@@ -83,17 +86,19 @@ def main():
     ap.add_argument("--mode", default="distinct", choices=("one", "distinct"))
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (that many devices)")
     ap.add_argument("--quick", action="store_true", help="tiny model on CPU: checks the script runs")
     args = ap.parse_args()
     extra = {"num_pages": 256, "dtype": "float32"} if args.quick else {"mem_fraction": 0.5}
     if args.quick:
         args.model, args.batch, args.context, args.rank = "tiny", 4, 32, 4
     llm = LLM(args.model, max_rank=args.rank, max_running=args.batch, max_batch_tokens=max(args.batch, 256),
-              max_model_len=args.context + 64, **extra)
+              max_model_len=args.context + 64, tp=args.tp, **extra)
     fill_pool_random(llm.engine.pool)
     rows = [profile(llm, args.batch, args.context, mode, args.rank, args.steps) for mode in ("none", args.mode)]
     os.makedirs(args.out, exist_ok=True)
-    common.write_json(os.path.join(args.out, "profile_step.json"), {"device": common.device_name(), "rows": rows})
+    name = "profile_step.json" if args.tp == 1 else f"profile_step_tp{args.tp}.json"
+    common.write_json(os.path.join(args.out, name), {"device": common.device_name(), "tp": args.tp, "rows": rows})
     for r in rows:
         print(f"\nbatch {r['batch']} adapters {r['adapters']} rank {r['rank']}: "
               f"{r['device_us_per_step']:.0f} us of device events per step, wall {r['wall_us_per_step']:.0f} us, "
