@@ -274,8 +274,8 @@ def _print(r):
           f"vs xla {'-' if sp is None else format(sp, '.2f')}", flush=True)
 
 
-def time_case(phase, seg_lens, rank, bw, device, *, batch, with_xla=True, shrink_sweep=(),
-              expand_sweep=()):
+def time_case(phase, seg_lens, rank, bw, device, *, batch, shrink_sweep=(), expand_sweep=()):
+    """Default tunables, Pallas and the XLA reference (no sweep given), or the sweep's tunables alone."""
     args, arg_sets, v, nbytes = lora_inputs(len(seg_lens) * 1000 + rank, seg_lens, rank, Cfg.d)
     t, ns, d = int(sum(seg_lens)), len(seg_lens), Cfg.d
     extra = dict(tokens=t, segments=ns)
@@ -284,14 +284,14 @@ def time_case(phase, seg_lens, rank, bw, device, *, batch, with_xla=True, shrink
     if not sweeping:
         tun = dict(shrink=lora.shrink_defaults(t, ns, 1, rank, d, d),
                    expand=lora.expand_defaults(t, ns, rank, d))
-        for impl in ("pallas", "xla") if with_xla else ("pallas",):
+        for impl in ("pallas", "xla"):
             # with the device time of every kernel of a call (profiler trace: the LoRA kernels and
             # XLA's y + delta, or the reference's ops), the figure comparable to a CUDA-graph timing
             s, dev = common.time_loop(_both(impl, {}, {}), args, kernels="", arg_sets=arg_sets)
             rows.append(_row(impl, phase, batch, rank, s, nbytes, bw, device, device_us=dev, **extra))
         rows[0]["tunables"] = tun
         for r in rows:
-            r["speedup_vs_xla"] = round(rows[-1]["time_us"] / r["time_us"], 3) if with_xla else None
+            r["speedup_vs_xla"] = round(rows[-1]["time_us"] / r["time_us"], 3)
     for tun in shrink_sweep:
         try:
             s = common.time_loop(_both("pallas", tun, {}), args, arg_sets=arg_sets)
@@ -361,7 +361,7 @@ def sweep(run: common.KernelBenchRun) -> None:
         if run.elapsed() > Cfg.budget_s:
             print(f"   sweep stopped: past the {Cfg.budget_s:.0f}s budget")
             break
-        res = run.emit(time_case(phase, lens, rank, run.bw, run.device, batch=batch, with_xla=False,
+        res = run.emit(time_case(phase, lens, rank, run.bw, run.device, batch=batch,
                                  shrink_sweep=ss, expand_sweep=es))
         for kind in ("shrink", "expand"):
             part = [r for r in res if r["phase"].endswith(kind)]

@@ -66,7 +66,8 @@ def time_loop(body: Callable, args: tuple, iters: int = 20, repeats: int = 5,
     With `kernels`, returns (seconds, device_us): device_us = microseconds per call spent in device
     kernels whose name contains `kernels` ("" for every kernel), from a jax.profiler trace of one more
     run of the same program: what a CUDA-graph timing measures, without the host's launch gaps
-    (None where the trace names no such kernel, e.g. interpret mode on CPU).
+    (None where the trace names no such kernel; on a CPU, whose trace has no device process, every
+    event counts: a check that the script runs, not a figure).
     """
     sets = [tuple(args[1:])] + [tuple(a) for a in (arg_sets or [])]
     flat = [a for s in sets for a in s]

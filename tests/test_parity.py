@@ -33,12 +33,16 @@ def adapters(hf_models, tmp_path_factory):
             for m in hf_models for i, (a, kw) in enumerate(ADAPTERS.items())}
 
 
+def new_llm(model_dir) -> LLM:
+    return LLM(model_dir, dtype="float32", kernels="xla", max_rank=16, num_pages=160, page_rows=4, max_model_len=128,
+               max_running=8, max_batch_tokens=64)
+
+
 @pytest.fixture(scope="module")
 def llms(hf_models, adapters):
     out = {}
     for m, d in hf_models.items():
-        llm = LLM(d, dtype="float32", kernels="xla", max_rank=16, num_pages=160, page_rows=4, max_model_len=128,
-                  max_running=8, max_batch_tokens=64)
+        llm = new_llm(d)
         for a in ADAPTERS:
             llm.load_adapter(a, adapters[(m, a)])
         out[m] = llm
@@ -91,8 +95,7 @@ def test_lora_launches_only_for_targeted_modules(hf_models, adapters):
     """With only q/v adapters registered the step runs no LoRA for k, o or the MLP (the modules ride in
     the step input as static metadata) and still matches PEFT; a later adapter widens the set."""
     m = "gqa"
-    llm = LLM(hf_models[m], dtype="float32", kernels="xla", max_rank=16, num_pages=160, page_rows=4,
-              max_model_len=128, max_running=8, max_batch_tokens=64)
+    llm = new_llm(hf_models[m])
     llm.load_adapter("qv_r4", adapters[(m, "qv_r4")])
     assert llm.engine.store.target_modules() == ("q_proj", "v_proj")
     ref = hf_fixtures.hf_logits(hf_models[m], TOKENS, adapters[(m, "qv_r4")])
