@@ -12,8 +12,8 @@
     pool with a random row permutation) for decode batch 32/128/512 with
     all-distinct adapters of rank 8/16/64, and prefill of 4 x 512 tokens with 4
     adapters, for impl "pallas" (default tunables) and "xla" (the reference);
-(c) sweeps a few tunables of each kernel (shrink timed with the default expand,
-    expand timed alone), within the time budget.
+(c) sweeps a few tunables of each kernel (each variant with the other kernel's defaults),
+    within the time budget; the defaults and the one-token mode (block_t = 1) among them.
 
 Rows {kernel, phase, batch, rank, context (0), time_us, gbps, roofline_fraction,
 speedup_vs_xla, device, ...} go to <out>/kernels_lora.json (the sweep's rows too,
@@ -24,7 +24,8 @@ common.time_loop (20 calls unrolled inside one jit); each call takes y from the 
 as its x, so nothing is hoisted, and the calls rotate among sets of adapter rows
 (sized past the L2 cache), so none reads its rows from the cache. Rows of (b) also
 carry device_us (every kernel of a call, from a profiler trace: no host launch
-gaps, the figure comparable to a CUDA-graph timing) and device_roofline_fraction.
+gaps, the figure comparable to a CUDA-graph timing), device_roofline_fraction, and each
+kernel's share (device_us_shrink, device_us_expand; sweep rows too).
 """
 from __future__ import annotations
 
@@ -52,9 +53,9 @@ class Cfg:
     d = 4096  # hidden size = W (Llama-7B)
     batches, ranks = (32, 128, 512), (8, 16, 64)
     prefill = (4, 512)  # sequences x tokens, one adapter each
-    sweep_decode = ((32, 16), (512, 64), (128, 64), (512, 8))  # most telling first
+    sweep_decode = ((32, 16), (512, 8), (128, 16), (32, 64), (512, 16), (128, 64))  # most telling first
     sweep_prefill_rank = 16
-    budget_s = 150.0  # the sweep starts no new shape past this
+    budget_s = 330.0  # the sweep starts no new shape past this
     hbm_gib = 2.0
     big = True  # correctness shapes at Llama sizes
     max_sets = 20  # rotated input sets per timing (lora_inputs)
@@ -163,11 +164,15 @@ def correctness() -> list[str]:
                   d_out=d, w=d)
     check("decode T37 NS33 R<=16", c, {}, {})
     check("decode T37 NS33 R<=16", c, dict(k_splits=1, block_d=256), dict(block_r=32, block_d=128))
+    one_token = (dict(block_t=1, block_r=8, block_d=512, k_splits=2), dict(block_t=1, block_r=8, block_d=512))
+    check("decode T37 NS33 R<=16", c, *one_token)
     # Decode, fused q/k/v shrink (M=3), GQA-like pool width (W = D/4, K_in = 4), k/v out = W.
     ns = 300 if Cfg.big else 20
     c = make_case(2, seg_lens=[1] * ns, t=ns + 5, ranks=rng.integers(0, 65, (3, ns)), r=64,
                   d_in=d, d_out=d // 4, w=d // 4, start0=2)
     check(f"decode M3 NS{ns} R<=64 K_in4", c, {}, {})
+    check(f"decode M3 NS{ns} R<=64 K_in4", c, dict(block_t=1, block_r=32, block_d=256, k_splits=4),
+          dict(block_t=1, block_r=64, block_d=128))
     # Prefill: long, empty and 1-token segments; D_out = 11008 (K_out = 3, partial last row).
     lens = [300, 0, 257, 1, 400] if Cfg.big else [30, 0, 25, 1, 40]
     d_ff = 11008 if Cfg.big else 344
@@ -183,6 +188,7 @@ def correctness() -> list[str]:
     c = make_case(4, seg_lens=lens, t=3 + sum(lens) + 7, ranks=[rng.integers(1, 129, 17)],
                   r=128, d_in=d_ff, d_out=d, w=d, start0=3)
     check("mixed NS17 R<=128 D_in11008", c, {}, {})
+    check("mixed NS17 R<=128 D_in11008", c, *one_token)
     if Cfg.big:
         # A pool past 4 GiB (2 x 300k rows x 4096 bf16): 64-bit offsets in the row gathers.
         c = make_case(6, seg_lens=[1] * 16, t=16, ranks=[rng.integers(1, 17, 16)], r=16, d_in=d,
@@ -194,6 +200,8 @@ def correctness() -> list[str]:
     c = make_case(5, seg_lens=[3, 0, 1, 9, 1], t=17, ranks=[[20, 3, 0, 7, 1]], r=20, d_in=50,
                   d_out=40, w=24, dtype=jnp.float32, pool_rows=64)
     check("f32 D_in50 D_out40 W24", c, {}, {}, tol=1e-4)
+    check("f32 D_in50 D_out40 W24", c, dict(block_t=1, block_r=4, block_d=16, k_splits=2),
+          dict(block_t=1, block_r=4, block_d=16), tol=1e-4)
     return failures
 
 
@@ -204,7 +212,7 @@ L2_FLUSH_BYTES = 256 << 20  # adapter rows touched across the rotated input sets
 def lora_inputs(seed, seg_lens, rank, d):
     """One projection d -> d, W = d, every segment its own adapter (distinct pool rows).
 
-    Returns (args, arg_sets, v, nbytes): args for common.time_loop, and further sets of the
+    Returns (args, arg_sets, nbytes): args for common.time_loop, and further sets of the
     non-carry args, each naming other pool rows, enough that the rows read by one call are no longer
     in the L2 cache when its set comes round again (METHOD.md: rotate among several input sets).
     """
@@ -213,7 +221,7 @@ def lora_inputs(seed, seg_lens, rank, d):
     n_rows = 2 * ns * rank
     n_sets = max(1, min(Cfg.max_sets, _cdiv(L2_FLUSH_BYTES, n_rows * d * 2)))
     key = jax.random.PRNGKey(seed)
-    k1, k2, k3 = jax.random.split(key, 3)
+    k1, k2 = jax.random.split(key)
     total = n_sets * n_rows + 8
     pool = (jax.random.normal(k1, (2, total, d), jnp.float32) * 0.02).astype(jnp.bfloat16)
     perm = np.random.default_rng(seed).permutation(total)[: n_sets * n_rows].astype(np.int32)
@@ -229,8 +237,7 @@ def lora_inputs(seed, seg_lens, rank, d):
     nbytes = (t * d * 2  # x read
               + 2 * ns * rank * d * 2  # A and B rows, each distinct row once
               + 2 * t * d * 2)  # y read + written
-    v = jax.random.normal(k3, (t, rank), jnp.float32)
-    return (y, *sets[0]), sets[1:], v, nbytes
+    return (y, *sets[0]), sets[1:], nbytes
 
 
 def _both(impl, shrink_kw, expand_kw):
@@ -246,11 +253,12 @@ def _both(impl, shrink_kw, expand_kw):
     return body
 
 
-def _expand_only(expand_kw):
-    def body(y, v, pool, starts, ranks, b_rows, scales):
-        return lora.lora_expand(y, v, pool, 1, starts, ranks, b_rows, scales,
-                                interpret=Cfg.interpret, **expand_kw)
-    return body
+KERNEL_PARTS = ("lora_shrink", "lora_expand")
+
+
+def _parts(parts: dict) -> dict:
+    """A row's per-kernel device times: device_us_shrink, device_us_expand."""
+    return {f"device_us_{k.split('_')[1]}": round(v, 2) for k, v in parts.items()}
 
 
 def _row(kernel, phase, batch, rank, seconds, nbytes, bw, device, device_us=None, **extra):
@@ -271,12 +279,14 @@ def _print(r):
     print(f"{r['phase']:>22} {r['kernel']:<40} B={r['batch']:<4} r={r['rank']:<3} "
           f"{r['time_us']:>9.1f} us {r['gbps']:>7.0f} GB/s  roof {r['roofline_fraction']:.2f}  "
           f"device {format(r['device_us'], '7.1f') + ' us' if r.get('device_us') else '-':>10}  "
-          f"vs xla {'-' if sp is None else format(sp, '.2f')}", flush=True)
+          f"vs xla {'-' if sp is None else format(sp, '.2f')}"
+          + (f"  (shrink {r['device_us_shrink']:.1f} + expand {r['device_us_expand']:.1f} us)"
+             if "device_us_shrink" in r else ""), flush=True)
 
 
 def time_case(phase, seg_lens, rank, bw, device, *, batch, shrink_sweep=(), expand_sweep=()):
     """Default tunables, Pallas and the XLA reference (no sweep given), or the sweep's tunables alone."""
-    args, arg_sets, v, nbytes = lora_inputs(len(seg_lens) * 1000 + rank, seg_lens, rank, Cfg.d)
+    args, arg_sets, nbytes = lora_inputs(len(seg_lens) * 1000 + rank, seg_lens, rank, Cfg.d)
     t, ns, d = int(sum(seg_lens)), len(seg_lens), Cfg.d
     extra = dict(tokens=t, segments=ns)
     rows = []
@@ -287,44 +297,42 @@ def time_case(phase, seg_lens, rank, bw, device, *, batch, shrink_sweep=(), expa
         for impl in ("pallas", "xla"):
             # with the device time of every kernel of a call (profiler trace: the LoRA kernels and
             # XLA's y + delta, or the reference's ops), the figure comparable to a CUDA-graph timing
-            s, dev = common.time_loop(_both(impl, {}, {}), args, kernels="", arg_sets=arg_sets)
-            rows.append(_row(impl, phase, batch, rank, s, nbytes, bw, device, device_us=dev, **extra))
+            s, dev, parts = common.time_loop(_both(impl, {}, {}), args, kernels="", arg_sets=arg_sets,
+                                             split=KERNEL_PARTS)
+            rows.append(_row(impl, phase, batch, rank, s, nbytes, bw, device, device_us=dev,
+                             **(_parts(parts) if impl == "pallas" else {}), **extra))
         rows[0]["tunables"] = tun
         for r in rows:
             r["speedup_vs_xla"] = round(rows[-1]["time_us"] / r["time_us"], 3)
-    for tun in shrink_sweep:
-        try:
-            s = common.time_loop(_both("pallas", tun, {}), args, arg_sets=arg_sets)
-            rows.append(_row(common.tunables_name("shrink", tun), phase + "-sweep-shrink", batch, rank, s, nbytes,
-                             bw, device, tunables=tun, **extra))
-        except Exception as e:
-            print(f"{phase} shrink {tun}: {type(e).__name__}: {e}")
-    if expand_sweep:
-        y, pool, starts, ranks, _, b_rows, scales = args
-        eargs = (y, v, pool, starts, ranks[0], b_rows, scales)
-        e_sets = [(v, pool, starts, ranks[0], b, scales) for _, _, _, _, b, _ in arg_sets]
-        e_bytes = 2 * t * d * 2 + ns * rank * d * 2 + t * rank * 4
-        for tun in expand_sweep:
+    # each variant of one kernel runs with the other's defaults; the trace gives each kernel's own time
+    for kind, sweep_list in (("shrink", shrink_sweep), ("expand", expand_sweep)):
+        for tun in sweep_list:
             try:
-                s = common.time_loop(_expand_only(tun), eargs, arg_sets=e_sets)
-                rows.append(_row(common.tunables_name("expand", tun), phase + "-sweep-expand", batch, rank, s,
-                                 e_bytes, bw, device, tunables=tun, **extra))
+                body = _both("pallas", tun, {}) if kind == "shrink" else _both("pallas", {}, tun)
+                s, dev, parts = common.time_loop(body, args, kernels="", arg_sets=arg_sets, split=KERNEL_PARTS)
+                rows.append(_row(common.tunables_name(kind, tun), f"{phase}-sweep-{kind}", batch, rank, s,
+                                 nbytes, bw, device, device_us=dev, tunables=tun, **_parts(parts), **extra))
             except Exception as e:
-                print(f"{phase} expand {tun}: {type(e).__name__}: {e}")
-    del args, arg_sets, v
+                print(f"{phase} {kind} {tun}: {type(e).__name__}: {e}")
+    del args, arg_sets
     gc.collect()
     return rows
 
 
+# the defaults first (the sweep's baseline), then the one-token mode (block_t = 1) at several splits
 SHRINK_SWEEP_DECODE = [
-    dict(k_splits=1), dict(k_splits=2), dict(k_splits=4), dict(k_splits=8),
-    dict(block_d=256, k_splits=4), dict(block_d=1024, k_splits=1, num_warps=8),
-    dict(block_r=32), dict(num_stages=4),
+    {}, dict(num_stages=4),
+    dict(block_t=1, block_r=16, block_d=512, k_splits=1), dict(block_t=1, block_r=16, block_d=512, k_splits=2),
+    dict(block_t=1, block_r=16, block_d=256, k_splits=4), dict(block_t=1, block_r=8, block_d=512, k_splits=2),
+    dict(block_t=1, block_r=32, block_d=256, k_splits=2), dict(block_t=1, block_r=32, block_d=512, num_warps=8),
+    dict(block_t=1, block_r=64, block_d=128, k_splits=2, num_warps=8),
+    dict(block_t=1, block_r=16, block_d=1024, k_splits=1, num_warps=8),
 ]
 EXPAND_SWEEP_DECODE = [
-    dict(block_r=16, block_d=512, num_warps=4), dict(block_r=32, block_d=256, num_warps=4),
-    dict(block_r=64, block_d=256, num_warps=8), dict(block_r=64, block_d=128, num_warps=4),
-    dict(block_r=16, block_d=1024, num_warps=8), dict(block_r=16, block_d=256, num_warps=4),
+    {}, dict(block_r=16, block_d=256, num_warps=4), dict(block_r=64, block_d=256, num_warps=8),
+    dict(block_t=1, block_r=16, block_d=512), dict(block_t=1, block_r=8, block_d=1024),
+    dict(block_t=1, block_r=32, block_d=256), dict(block_t=1, block_r=16, block_d=256, num_warps=2),
+    dict(block_t=1, block_r=64, block_d=128),
 ]
 SHRINK_SWEEP_PREFILL = [
     dict(k_splits=1), dict(k_splits=2), dict(k_splits=4), dict(k_splits=8),
@@ -351,12 +359,12 @@ def timings(run: common.KernelBenchRun) -> None:
 
 def sweep(run: common.KernelBenchRun) -> None:
     """(c): each kernel's tunables at the sweep shapes, most telling first, until the time budget is spent."""
-    print("== (c) tunables sweep (shrink: with the default expand; expand: alone)")
+    print("== (c) tunables sweep (each kernel's variants with the other's defaults; device time per kernel)")
     nseq, chunk = Cfg.prefill
     shapes = [("decode", [1] * b, r, b, SHRINK_SWEEP_DECODE, EXPAND_SWEEP_DECODE)
               for b, r in Cfg.sweep_decode]
-    shapes.insert(min(2, len(shapes)), ("prefill", [chunk] * nseq, Cfg.sweep_prefill_rank,
-                                        nseq, SHRINK_SWEEP_PREFILL, EXPAND_SWEEP_PREFILL))
+    shapes.append(("prefill", [chunk] * nseq, Cfg.sweep_prefill_rank, nseq, SHRINK_SWEEP_PREFILL,
+                   EXPAND_SWEEP_PREFILL))
     for phase, lens, rank, batch, ss, es in shapes:
         if run.elapsed() > Cfg.budget_s:
             print(f"   sweep stopped: past the {Cfg.budget_s:.0f}s budget")

@@ -15,7 +15,6 @@ import gzip
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from typing import Callable
@@ -31,10 +30,10 @@ def device_name() -> str:
 
 
 def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:  # the device machine's copy may carry no .git
-        return os.environ.get("GIT_COMMIT", "unknown")
+    """$GIT_COMMIT when set (the device machine's copy carries a stale .git), else git's (the bench's own)."""
+    from slora_jax.bench.run import git_commit as commit
+
+    return commit()
 
 
 def _looped(body: Callable, iters: int, n_args: int, n_sets: int) -> Callable:
@@ -56,7 +55,7 @@ def _looped(body: Callable, iters: int, n_args: int, n_sets: int) -> Callable:
 
 
 def time_loop(body: Callable, args: tuple, iters: int = 20, repeats: int = 5,
-              kernels: str | None = None, arg_sets: list | None = None):
+              kernels: str | None = None, arg_sets: list | None = None, split: tuple = ()):
     """Median seconds of one `body(*args)` call, timed as `iters` calls inside one jit.
 
     `body` must return an array of the same shape/dtype as its first argument
@@ -68,6 +67,8 @@ def time_loop(body: Callable, args: tuple, iters: int = 20, repeats: int = 5,
     run of the same program: what a CUDA-graph timing measures, without the host's launch gaps
     (None where the trace names no such kernel; on a CPU, whose trace has no device process, every
     event counts: a check that the script runs, not a figure).
+    With `kernels` and `split` (substrings of kernel names), returns (seconds, device_us, parts):
+    parts[key] = microseconds per call of the kernels whose name contains key.
     """
     sets = [tuple(args[1:])] + [tuple(a) for a in (arg_sets or [])]
     flat = [a for s in sets for a in s]
@@ -84,8 +85,11 @@ def time_loop(body: Callable, args: tuple, iters: int = 20, repeats: int = 5,
     tmp = tempfile.mkdtemp()
     with jax.profiler.trace(tmp, create_perfetto_trace=True):
         jax.block_until_ready(run(args[0], *flat))
-    us = [dur for name, _, dur in device_events(tmp) if kernels in name.lower()]
-    return seconds, (sum(us) / iters if us else None)
+    events = [(name.lower(), dur) for name, _, dur in device_events(tmp) if kernels in name.lower()]
+    device_us = sum(dur for _, dur in events) / iters if events else None
+    if not split:
+        return seconds, device_us
+    return seconds, device_us, {key: sum(dur for name, dur in events if key in name) / iters for key in split}
 
 
 def device_events(trace_dir: str) -> list:

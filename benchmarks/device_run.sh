@@ -38,7 +38,7 @@ declare -A STAGES=(
     [tp]="200|python3 benchmarks/gpu_tp_check.py --out $OUT/r"
     [profile]="90|python3 benchmarks/profile_step.py --out $OUT/r"
     [profile-tp]="120|python3 benchmarks/profile_step.py --out $OUT/r --tp 2"
-    [lora]="200|python3 benchmarks/bench_lora.py --out $OUT/r"
+    [lora]="420|python3 benchmarks/bench_lora.py --out $OUT/r"
     [attention]="150|python3 benchmarks/bench_attention.py --out $OUT/r"
 )
 

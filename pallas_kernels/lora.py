@@ -190,10 +190,12 @@ def _tunables(name: str, given: dict[str, Any], allowed: tuple[str, ...], defaul
         raise TypeError(f"{name}: unknown tunable(s) {unknown}; allowed: {list(allowed)}")
     cfg = dict(defaults)
     cfg.update({k: v for k, v in given.items() if v is not None})
+    vector = cfg["block_t"] == 1  # one-token mode: no tensor-core dot, so no 16-wide minimum on the rank
     for k in ("block_t", "block_r", "block_d"):
-        v = cfg[k]
-        if not isinstance(v, int) or v < 16 or v & (v - 1):
-            raise ValueError(f"{name}: {k} must be a power of two >= 16, got {v!r}")
+        v, lo = cfg[k], 1 if vector and k != "block_d" else 16
+        if not isinstance(v, int) or v < lo or v & (v - 1):
+            raise ValueError(f"{name}: {k} must be a power of two >= 16 (block_t = 1: one token per "
+                             f"program, then block_r >= 1), got {v!r}")
     if "k_splits" in cfg and (not isinstance(cfg["k_splits"], int) or cfg["k_splits"] < 1):
         raise ValueError(f"{name}: k_splits must be a positive int, got {cfg['k_splits']!r}")
     return cfg
@@ -314,6 +316,8 @@ def _shrink_kernel(layer_ref, starts_ref, ranks_ref, rows_ref, x_ref, pool_ref, 
             mask=rmask[:, None] & cmask[None, :],
             other=0,
         )
+        if bt == 1:  # one token: a matrix-vector product on the CUDA cores, in float32
+            return acc + jnp.sum(xt.astype(jnp.float32) * at.astype(jnp.float32), axis=1)[None, :]
         return acc + _dot(xt, at, cdt, trans_b=True)
 
     acc = lax.fori_loop(0, n_iter, body, jnp.zeros((bt, br), jnp.float32))
@@ -484,6 +488,8 @@ def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, *refs, n_layers
             mask=rmask[:, None] & cmask[None, :],
             other=0,
         )
+        if bt == 1:  # one token: scaled B rows summed on the CUDA cores, in float32
+            return acc + jnp.sum(vt.reshape(br, 1) * bt_.astype(jnp.float32), axis=0)[None, :]
         if cdt == jnp.float32:
             return acc + _dot(vt, bt_, cdt)
         # 16-bit tensor-core dots at about float32 accuracy: v = hi + lo.

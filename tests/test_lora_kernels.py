@@ -175,6 +175,14 @@ def test_bf16(name):
     check_expand(case)
 
 
+@pytest.mark.parametrize("name", ["mixed", "decode"])
+def test_bf16_one_token_mode(name):
+    """block_t = 1 (float32 CUDA-core products, no 16-bit split) on a bf16 pool."""
+    case = Case(17, dtype=jnp.bfloat16, **CASES[name])
+    check_shrink(case, block_t=1, block_r=8, block_d=32, k_splits=2)
+    check_expand(case, block_t=1, block_r=8, block_d=32)
+
+
 @pytest.mark.parametrize(
     "tunables",
     [
@@ -182,6 +190,9 @@ def test_bf16(name):
         dict(k_splits=8, block_d=16),
         dict(block_t=32, block_r=32, block_d=16, num_warps=8, num_stages=2),
         dict(block_t=64, block_r=64, block_d=64),
+        # one token per program (the decode mode): rank blocks below 16, split reductions
+        dict(block_t=1, block_r=4, block_d=16, k_splits=3),
+        dict(block_t=1, block_r=32, block_d=64, num_warps=2),
     ],
 )
 def test_tunables(tunables):
@@ -316,10 +327,14 @@ def test_expand_errors(field, value, match):
 
 def test_bad_tunables_and_impl():
     args, eargs = _args()
-    with pytest.raises(ValueError, match="block_d must be a power of two >= 16, got 24"):
+    with pytest.raises(ValueError, match=r"block_d must be a power of two >= 16 .*got 24"):
         lora.lora_shrink(**args, block_d=24)
-    with pytest.raises(ValueError, match="block_t must be a power of two >= 16, got 8"):
+    with pytest.raises(ValueError, match=r"block_t must be a power of two >= 16 \(block_t = 1.*got 8"):
         lora.lora_expand(**eargs, block_t=8)
+    with pytest.raises(ValueError, match=r"block_r must be a power of two >= 16 .*got 8"):
+        lora.lora_shrink(**args, block_r=8)  # below 16 only in the one-token mode
+    with pytest.raises(ValueError, match=r"block_d must be a power of two >= 16 .*got 8"):
+        lora.lora_shrink(**args, block_t=1, block_d=8)
     with pytest.raises(TypeError, match=r"unknown tunable\(s\) \['k_splits'\]"):
         lora.lora_expand(**eargs, k_splits=2)
     with pytest.raises(ValueError, match="impl must be 'pallas' or 'xla', got 'cuda'"):
