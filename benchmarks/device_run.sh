@@ -4,8 +4,9 @@
 #   bash benchmarks/device_run.sh STAGE...     (from the repo root, on the device machine)
 #
 # Stages: check (Pallas engine == XLA engine), decode (+ HF PEFT), swap, http, s1, s2, s4, tp and
-# profile-tp (2 GPUs), profile, lora and attention (kernel benchmarks), rate-s1 and rate-s2 (the setting
-# at n = 2,000 and its max-rate search only). A stage starts only if its usual duration fits in what is left of BUDGET_S (default 560 s,
+# profile-tp (2 GPUs), profile, lora and attention (kernel benchmarks; lora-table: lora without its
+# sweep), rate-s1 and rate-s2 (the setting at n = 2,000 and its max-rate search only). A stage starts only
+# if its usual duration fits in what is left of BUDGET_S (default 560 s,
 # under the 600 s limit of one call). Logs go to $OUT/<stage>.log; JSON results to $OUT/r/ (at most 8
 # files come back from $OUT, so the stages of one call should stay few). The server stages need the
 # wheels of `bash benchmarks/fetch_wheels.sh` carried as `.whl` (the device machine has no fastapi).
@@ -39,6 +40,7 @@ declare -A STAGES=(
     [profile]="90|python3 benchmarks/profile_step.py --out $OUT/r"
     [profile-tp]="120|python3 benchmarks/profile_step.py --out $OUT/r --tp 2"
     [lora]="420|python3 benchmarks/bench_lora.py --out $OUT/r"
+    [lora-table]="150|python3 benchmarks/bench_lora.py --out $OUT/r --no-sweep"
     [attention]="150|python3 benchmarks/bench_attention.py --out $OUT/r"
 )
 

@@ -48,7 +48,7 @@ def lora_section(rows, plots):
     dec = [r for r in rows if r["phase"] == "decode" and r["kernel"] in ("pallas", "xla")]
     by = {(r["kernel"], r["rank"], r["batch"]): r for r in dec}
     out = ["### Segmented LoRA kernels (shrink + expand of one 4096-wide projection, all-distinct adapters)", "",
-           "| rank | batch | Pallas us | Pallas device us | XLA us | XLA device us | Punica BGMV us (peer) | "
+           "| rank | batch | Pallas us | Pallas device us (shrink + expand) | XLA us | XLA device us | Punica BGMV us (peer) | "
            "roofline | device roofline | vs XLA | vs XLA, device | vs Punica, device |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -60,7 +60,9 @@ def lora_section(rows, plots):
                 continue
             peer = PUNICA.get((rank, b))
             pd, xd = p.get("device_us"), x.get("device_us")
-            out.append(f"| {rank} | {b} | {p['time_us']:.1f} | {_fmt(pd, '.1f')} | {x['time_us']:.1f} | "
+            split = (f" ({p['device_us_shrink']:.1f} + {p['device_us_expand']:.1f})"
+                     if "device_us_shrink" in p else "")
+            out.append(f"| {rank} | {b} | {p['time_us']:.1f} | {_fmt(pd, '.1f')}{split} | {x['time_us']:.1f} | "
                        f"{_fmt(xd, '.1f')} | {peer} | {p['roofline_fraction']:.2f} | "
                        f"{_fmt(p.get('device_roofline_fraction'), '.2f')} | {x['time_us'] / p['time_us']:.2f}x | "
                        f"{_fmt(xd / pd if pd and xd else None, '.2f')}x | {_fmt(peer / pd if pd else None, '.2f')}x |")
