@@ -53,7 +53,8 @@ class Cfg:
     d = 4096  # hidden size = W (Llama-7B)
     batches, ranks = (32, 128, 512), (8, 16, 64)
     prefill = (4, 512)  # sequences x tokens, one adapter each
-    sweep_decode = ((32, 16), (512, 8), (128, 16), (32, 64), (512, 16), (128, 64))  # most telling first
+    sweep_decode = ((32, 16), (512, 8), (128, 16), (32, 64), (512, 16), (128, 64), (32, 8), (128, 8),
+                    (512, 64))  # most telling first
     sweep_prefill_rank = 16
     budget_s = 330.0  # the sweep starts no new shape past this
     hbm_gib = 2.0
@@ -319,29 +320,21 @@ def time_case(phase, seg_lens, rank, bw, device, *, batch, shrink_sweep=(), expa
     return rows
 
 
-# the defaults first (the sweep's baseline), then the one-token mode (block_t = 1) at several splits
+# the defaults first (the sweep's baseline), then one change at a time (k_splits is re-derived unless given)
 SHRINK_SWEEP_DECODE = [
-    {}, dict(num_stages=4),
-    dict(block_t=1, block_r=16, block_d=512, k_splits=1), dict(block_t=1, block_r=16, block_d=512, k_splits=2),
-    dict(block_t=1, block_r=16, block_d=256, k_splits=4), dict(block_t=1, block_r=8, block_d=512, k_splits=2),
-    dict(block_t=1, block_r=32, block_d=256, k_splits=2), dict(block_t=1, block_r=32, block_d=512, num_warps=8),
-    dict(block_t=1, block_r=64, block_d=128, k_splits=2, num_warps=8),
-    dict(block_t=1, block_r=16, block_d=1024, k_splits=1, num_warps=8),
+    {}, dict(k_splits=1), dict(k_splits=2), dict(k_splits=4), dict(k_splits=8), dict(block_d=512),
+    dict(block_r=8), dict(block_r=32), dict(num_warps=8), dict(num_warps=2), dict(block_t=16),
 ]
 EXPAND_SWEEP_DECODE = [
-    {}, dict(block_r=16, block_d=256, num_warps=4), dict(block_r=64, block_d=256, num_warps=8),
-    dict(block_t=1, block_r=16, block_d=512), dict(block_t=1, block_r=8, block_d=1024),
-    dict(block_t=1, block_r=32, block_d=256), dict(block_t=1, block_r=16, block_d=256, num_warps=2),
-    dict(block_t=1, block_r=64, block_d=128),
+    {}, dict(block_t=1), dict(block_t=16), dict(block_d=512), dict(block_d=256), dict(block_r=16),
+    dict(num_warps=2), dict(num_warps=8), dict(block_t=1, block_r=16, block_d=256),
 ]
 SHRINK_SWEEP_PREFILL = [
-    dict(k_splits=1), dict(k_splits=2), dict(k_splits=4), dict(k_splits=8),
+    {}, dict(k_splits=1), dict(k_splits=2), dict(k_splits=4), dict(k_splits=8),
     dict(block_t=32), dict(block_t=128, num_warps=8), dict(block_d=64), dict(block_d=256),
 ]
 EXPAND_SWEEP_PREFILL = [
-    dict(block_t=64, block_d=128, num_warps=4), dict(block_t=64, block_d=128, num_warps=8),
-    dict(block_t=128, block_d=128, num_warps=8), dict(block_t=64, block_d=256, num_warps=8),
-    dict(block_t=32, block_d=128, num_warps=4),
+    {}, dict(block_t=32), dict(block_t=128), dict(block_d=256), dict(num_warps=8), dict(block_r=16),
 ]
 
 

@@ -25,8 +25,10 @@ run of at most ``BT`` tokens of one segment:
 * global item ``g`` covers tokens ``[g*BT, (g+1)*BT)`` of the segment that
   contains token ``g*BT``, cut at that segment's end.
 
-Every token is covered exactly once (``s = NS`` and ``s = -1`` stand for the
-padding tokens after ``seg_starts[-1]`` and before ``seg_starts[0]``). A
+With ``BT = 1`` every head item would be empty, so there are none: item ``i``
+is token ``i``. Every token is covered exactly once (``s = NS`` and ``s = -1``
+stand for the padding tokens after ``seg_starts[-1]`` and before
+``seg_starts[0]``). A
 program finds its item from ``seg_starts`` alone (one vector compare for
 global items), so no XLA op runs before the kernel: in a model step the only
 per-call inputs are the tables the engine already has.
@@ -75,8 +77,18 @@ launch each. With a 16-bit pool, ``v * scale`` is split into a 16-bit high and
 low part (two tensor-core dots), which keeps the product at about float32
 accuracy.
 
-Block sizes are powers of two, at least 16 (Triton's ``dot`` minimum); every
-edge (T, D_in, D_out, W, R, segment ends) is masked.
+One-token mode (``block_t = 1``, the decode default)
+--------------------------------------------------
+Each program then owns one token, so head items are empty and global items are
+the tokens. A 16-token tile would hold 1 real token and 15 masked rows (whose
+shared-memory stages still limit how many programs an SM holds); instead the
+shrink multiplies the token's ``x`` chunk into its ``A^T`` tile and sums
+along D, and the expand sums ``v``-scaled ``B`` rows, elementwise in float32 on
+the CUDA cores (no tensor-core dot, so no 16-bit split and no 16-wide
+minimum on the rank block).
+
+Block sizes are powers of two, at least 16 (Triton's ``dot`` minimum) except
+in the one-token mode; every edge (T, D_in, D_out, W, R, segment ends) is masked.
 """
 from __future__ import annotations
 
@@ -140,48 +152,66 @@ def _decode_like(t: int, ns: int) -> bool:
     return t <= 8 * max(ns, 1)
 
 
-def shrink_defaults(t: int, ns: int, m: int, r: int, d: int, w: int) -> dict[str, int]:
+def shrink_defaults(t: int, ns: int, m: int, r: int, d: int, w: int, **given) -> dict[str, int]:
     """Default tunables of `lora_shrink` (T tokens, NS segments, M modules, max rank R, D_in, W).
 
-    Decode-like batches: 16-token blocks, 32 rank columns per program (16 up to
-    rank 8; more programs for high ranks), long 512-wide D chunks. Prefill-like:
-    64-token blocks sharing one adapter tile, the whole rank in one block.
-    ``k_splits`` then splits D_in until there are about 256 programs.
+    `given` tunables override them; ``k_splits`` is then derived from the result unless given.
+    Decode-like batches: one token per program (``block_t = 1``: a matrix-vector product per token
+    instead of a 16-row dot of which 15 rows are padding), up to 16 rank columns, 256-wide D chunks; in
+    the H200 sweep (f524b11, kernels_lora.json) this mode took 7.6 vs 10.3 us at batch 128 rank 16 and
+    14-15 vs 28 us at batch 512 rank 8. Prefill-like: 64-token blocks sharing one adapter tile, the
+    whole rank in one block. ``k_splits`` then splits D_in until there are about 1,024 programs
+    (one-token mode) or 256 (token blocks), at most 8.
     """
-    if _decode_like(t, ns):
-        # 32 rank columns beat 16 in the H200 sweep (713b36a, kernels_lora.json) at batch 32 rank 16 (23 vs
-        # 35 us), batch 128 and 512 rank 64 (69 vs 74, 206 vs 217 us), and tied at batch 512 rank 8 (77 vs 75)
-        cfg = dict(block_t=16, block_r=16 if r <= 8 else 32, block_d=512, num_warps=4, num_stages=3)
+    bt = given.get("block_t") or (1 if _decode_like(t, ns) else 64)
+    if bt == 1:
+        cfg = dict(block_r=min(16, _pow2_at_least(r, 1)), block_d=256, num_warps=4, num_stages=3)
+    elif _decode_like(t, ns):
+        cfg = dict(block_r=16 if r <= 8 else 32, block_d=512, num_warps=4, num_stages=3)
     else:
-        cfg = dict(block_t=64, block_r=min(64, _pow2_at_least(r)), block_d=128, num_warps=4,
-                   num_stages=3)
+        cfg = dict(block_r=min(64, _pow2_at_least(r)), block_d=128, num_warps=4, num_stages=3)
+    cfg["block_t"] = bt
     cfg["block_d"] = min(cfg["block_d"], _pow2_at_least(w))
-    items = min(ns, t) + _cdiv(t, cfg["block_t"])
-    programs = max(1, items * m * _cdiv(max(r, 1), cfg["block_r"]))
-    chunks = _cdiv(d, w) * _cdiv(w, cfg["block_d"])
-    ks = 1
-    while ks < 8 and programs * ks < 256 and 2 * ks <= chunks:
-        ks *= 2
-    cfg["k_splits"] = ks
+    cfg.update({k: v for k, v in given.items() if v is not None})
+    if given.get("k_splits") is None:
+        bt, br, bd = cfg["block_t"], cfg["block_r"], cfg["block_d"]
+        items = _cdiv(t, bt) + (min(ns, t) if bt > 1 else 0)  # one-token mode: its head items are empty
+        programs = max(1, items * m * _cdiv(max(r, 1), br))
+        chunks = _cdiv(d, w) * _cdiv(w, bd)
+        target = 1024 if bt == 1 else 256
+        ks = 1
+        while ks < 8 and programs * ks < target and 2 * ks <= chunks:
+            ks *= 2
+        cfg["k_splits"] = ks
     return cfg
 
 
-def expand_defaults(t: int, ns: int, r: int, w: int) -> dict[str, int]:
-    """Default tunables of `lora_expand` (T tokens, NS segments, max rank R, pool width W).
+def expand_defaults(t: int, ns: int, r: int, w: int, **given) -> dict[str, int]:
+    """Default tunables of `lora_expand` (T tokens, NS segments, max rank R, pool width W); `given` override.
 
-    Decode-like: 16-token blocks, the rank in as few blocks as fit (<= 64),
-    output blocks of 8K-16K adapter elements. Prefill-like: 64 x 128 output
-    tiles, rank blocks of up to 64.
+    Decode-like batches of >= 128 tokens: one token per program, 8 rank rows x 1,024 output columns per
+    step (H200 sweep, f524b11: 14.5 vs 24.8 us at batch 512 rank 8, 22.8 vs 29.0 at batch 128 rank 64);
+    smaller decode batches: 16-token blocks x 256 columns, rank blocks of 16 (more programs: 8.6 vs 10.5 us
+    at batch 32 rank 64). Prefill-like: 64 x 128 output tiles, rank blocks of up to 64, 4 warps (13.0 vs
+    24.2 us with 8 at 4 x 512 tokens, rank 16).
     """
-    br = min(64, _pow2_at_least(r))
-    if _decode_like(t, ns):
-        bd = 512 if br <= 16 else 256
-        cfg = dict(block_t=16, block_r=br, block_d=bd, num_warps=8 if br * bd >= 16384 else 4,
-                   num_stages=3)
+    decode = _decode_like(t, ns)
+    bt = given.get("block_t") or (1 if decode and t >= 128 else 16 if decode else 64)
+    if bt == 1:
+        cfg = dict(block_r=min(8, _pow2_at_least(r, 1)), block_d=1024)
+    elif decode:
+        cfg = dict(block_r=16, block_d=256)
     else:
-        cfg = dict(block_t=64, block_r=br, block_d=128, num_warps=8, num_stages=3)
+        cfg = dict(block_r=min(64, _pow2_at_least(r)), block_d=128)
+    cfg.update(block_t=bt, num_warps=4, num_stages=3)
     cfg["block_d"] = min(cfg["block_d"], _pow2_at_least(w))
+    cfg.update({k: v for k, v in given.items() if v is not None})
     return cfg
+
+
+def _known(given: dict[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
+    """The given tunables the defaults may build on (unknown ones are `_tunables`' error to report)."""
+    return {k: v for k, v in given.items() if k in allowed}
 
 
 def _tunables(name: str, given: dict[str, Any], allowed: tuple[str, ...], defaults: dict[str, int]):
@@ -232,7 +262,7 @@ def _dot(a, b, cdt, trans_b=False):
 # --------------------------------------------------------------------------- work items
 def _work_item(i, starts_ref, *, ns: int, nsp: int, t: int, bt: int):
     """Work item i -> (segment, first token, end token); segment in [-1, NS]."""
-    n_head = ns + 1
+    n_head = 0 if bt == 1 else ns + 1  # with one token per block every head item is empty: none are made
     is_head = i < n_head
     # Head item s: from the segment's start to the next multiple of BT.
     s_h = jnp.minimum(i, ns)
@@ -254,7 +284,7 @@ def _work_item(i, starts_ref, *, ns: int, nsp: int, t: int, bt: int):
 
 
 def _num_items(t: int, ns: int, bt: int) -> int:
-    return ns + 1 + _cdiv(t, bt)
+    return (0 if bt == 1 else ns + 1) + _cdiv(t, bt)
 
 
 def _compute_dtype(*dtypes) -> jnp.dtype:
@@ -429,7 +459,8 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, impl: str = "p
 
         return shaped(lora_tpu.lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows,
                                           interpret=interpret, **tunables))
-    cfg = _tunables(name, tunables, _SHRINK_TUNABLES, shrink_defaults(t, ns, m, r, d, w))
+    defaults = shrink_defaults(t, ns, m, r, d, w, **_known(tunables, _SHRINK_TUNABLES))
+    cfg = _tunables(name, tunables, _SHRINK_TUNABLES, defaults)
     interpret = _resolve_interpret(interpret)
     if t == 0 or r == 0 or m == 0 or ns == 0 or d == 0:
         return shaped(jnp.zeros((m, t, r), jnp.float32))
@@ -610,7 +641,8 @@ def _expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales,
     t = ys[0].shape[0]
     ns = seg_starts.shape[0] - 1
     r = v.shape[-1]
-    cfg = _tunables(name, tunables, _EXPAND_TUNABLES, expand_defaults(t, ns, r, w))
+    defaults = expand_defaults(t, ns, r, w, **_known(tunables, _EXPAND_TUNABLES))
+    cfg = _tunables(name, tunables, _EXPAND_TUNABLES, defaults)
     interpret = _resolve_interpret(interpret)
     if t == 0 or r == 0 or ns == 0:
         return ys

@@ -175,6 +175,29 @@ def test_bf16(name):
     check_expand(case)
 
 
+def test_bf16_decode_token_blocks():
+    """The 16-token-block kernels on a decode batch (the default there is the one-token mode)."""
+    case = Case(19, dtype=jnp.bfloat16, **CASES["decode"])
+    check_shrink(case, block_t=16)
+    check_expand(case, block_t=16)
+
+
+def test_defaults_follow_the_batch_and_given_tunables():
+    dec = lora.shrink_defaults(512, 512, 1, 8, 4096, 4096)
+    assert (dec["block_t"], dec["block_r"], dec["k_splits"]) == (1, 8, 2)  # 512 programs -> 2 splits
+    assert lora.shrink_defaults(32, 32, 1, 64, 4096, 4096)["k_splits"] == 8  # few tokens: more splits
+    # token blocks given: a rank block a dot accepts, and splits counted for those blocks
+    blk = lora.shrink_defaults(512, 512, 1, 8, 4096, 4096, block_t=16)
+    assert blk["block_r"] >= 16 and blk["k_splits"] == 1
+    assert lora.shrink_defaults(512, 512, 1, 8, 4096, 4096, k_splits=3)["k_splits"] == 3
+    pre = lora.shrink_defaults(2048, 4, 1, 16, 4096, 4096)
+    assert pre["block_t"] == 64 and pre["block_r"] == 16
+    assert lora.expand_defaults(512, 512, 8, 4096)["block_t"] == 1
+    assert lora.expand_defaults(32, 32, 64, 4096)["block_t"] == 16  # small decode batch: token blocks
+    assert lora.expand_defaults(2048, 4, 64, 4096)["block_t"] == 64
+    assert lora.expand_defaults(512, 512, 8, 64)["block_d"] == 64  # never wider than the pool row
+
+
 @pytest.mark.parametrize("name", ["mixed", "decode"])
 def test_bf16_one_token_mode(name):
     """block_t = 1 (float32 CUDA-core products, no 16-bit split) on a bf16 pool."""
@@ -332,7 +355,7 @@ def test_bad_tunables_and_impl():
     with pytest.raises(ValueError, match=r"block_t must be a power of two >= 16 \(block_t = 1.*got 8"):
         lora.lora_expand(**eargs, block_t=8)
     with pytest.raises(ValueError, match=r"block_r must be a power of two >= 16 .*got 8"):
-        lora.lora_shrink(**args, block_r=8)  # below 16 only in the one-token mode
+        lora.lora_shrink(**args, block_t=16, block_r=8)  # below 16 only in the one-token mode
     with pytest.raises(ValueError, match=r"block_d must be a power of two >= 16 .*got 8"):
         lora.lora_shrink(**args, block_t=1, block_d=8)
     with pytest.raises(TypeError, match=r"unknown tunable\(s\) \['k_splits'\]"):
