@@ -189,16 +189,17 @@ def shrink_defaults(t: int, ns: int, m: int, r: int, d: int, w: int, **given) ->
 def expand_defaults(t: int, ns: int, r: int, w: int, **given) -> dict[str, int]:
     """Default tunables of `lora_expand` (T tokens, NS segments, max rank R, pool width W); `given` override.
 
-    Decode-like batches of >= 128 tokens: one token per program, 8 rank rows x 1,024 output columns per
-    step (H200 sweep, f524b11: 14.5 vs 24.8 us at batch 512 rank 8, 22.8 vs 29.0 at batch 128 rank 64);
-    smaller decode batches: 16-token blocks x 256 columns, rank blocks of 16 (more programs: 8.6 vs 10.5 us
-    at batch 32 rank 64). Prefill-like: 64 x 128 output tiles, rank blocks of up to 64, 4 warps (13.0 vs
-    24.2 us with 8 at 4 x 512 tokens, rank 16).
+    Decode-like batches: one token per program; from 128 tokens 8 rank rows x 1,024 output columns per
+    step, below that 16 x 256 (more programs for few tokens). H200 sweeps (f524b11, ae7d369; device us
+    vs 16-token blocks): 13.2 vs 24.8 at batch 512 rank 8, 20.6 vs 29.0 at batch 128 rank 64; 3.2 vs 4.7,
+    3.8 vs 5.2 and 8.8 vs 9.7 at batch 32 ranks 8, 16, 64. Prefill-like: 64 x 128 output tiles, rank
+    blocks of up to 64, 4 warps (13.0 vs 24.2 us with 8 at 4 x 512 tokens, rank 16).
     """
     decode = _decode_like(t, ns)
-    bt = given.get("block_t") or (1 if decode and t >= 128 else 16 if decode else 64)
+    bt = given.get("block_t") or (1 if decode else 64)
     if bt == 1:
-        cfg = dict(block_r=min(8, _pow2_at_least(r, 1)), block_d=1024)
+        wide = t >= 128
+        cfg = dict(block_r=min(8 if wide else 16, _pow2_at_least(r, 1)), block_d=1024 if wide else 256)
     elif decode:
         cfg = dict(block_r=16, block_d=256)
     else:

@@ -193,7 +193,8 @@ def test_defaults_follow_the_batch_and_given_tunables():
     pre = lora.shrink_defaults(2048, 4, 1, 16, 4096, 4096)
     assert pre["block_t"] == 64 and pre["block_r"] == 16
     assert lora.expand_defaults(512, 512, 8, 4096)["block_t"] == 1
-    assert lora.expand_defaults(32, 32, 64, 4096)["block_t"] == 16  # small decode batch: token blocks
+    small = lora.expand_defaults(32, 32, 64, 4096)  # few tokens: narrower column blocks, more programs
+    assert (small["block_t"], small["block_r"], small["block_d"]) == (1, 16, 256)
     assert lora.expand_defaults(2048, 4, 64, 4096)["block_t"] == 64
     assert lora.expand_defaults(512, 512, 8, 64)["block_d"] == 64  # never wider than the pool row
 
