@@ -179,6 +179,7 @@ class KernelBenchRun:
         self.device = device_name()
         self.bw: float = 0.0  # bytes/s, measured before the timings
         self.rows: list = []
+        self.commit = git_commit()
         self._print_row = print_row
 
     def elapsed(self) -> float:
@@ -187,6 +188,7 @@ class KernelBenchRun:
     def emit(self, rows: list) -> list:
         """Keep `rows` for the JSON file and print each as it comes; returns them."""
         for r in rows:
+            r.setdefault("git_commit", self.commit)
             self.rows.append(r)
             self._print_row(r)
         return rows
@@ -211,7 +213,7 @@ def kernel_bench_main(argv, *, doc: str, cfg, correctness: Callable[[], list],
     if args.smoke:
         cfg.smoke()
     run = KernelBenchRun(print_row)
-    print(f"device {run.device}, jax {jax.__version__}, commit {git_commit()}")
+    print(f"device {run.device}, jax {jax.__version__}, commit {run.commit}")
 
     print(f"== (a) correctness (interpret={cfg.interpret}) vs the XLA reference")
     failures = correctness()

@@ -87,6 +87,28 @@ def lora_section(rows, plots):
     return out
 
 
+def lora_sweep_section(rows):
+    """Per sweep shape and kernel: the defaults' device time and the best variant's (kernels_lora_sweep.json)."""
+    shapes = {}
+    for r in rows:
+        if "-sweep-" in r["phase"] and r.get("device_us_shrink") is not None:
+            kind = r["phase"].rsplit("-", 1)[1]
+            shapes.setdefault((r["phase"].split("-")[0], r["batch"], r["rank"], kind), []).append(r)
+    if not shapes:
+        return []
+    commit = rows[0].get("git_commit") or "see kernels_lora_sweep.log"
+    out = [f"Tunables sweep (`kernels_lora_sweep.json`, {commit}): each kernel's device time with its defaults "
+           "and with the best variant tried (each variant changes one tunable; the other kernel keeps its defaults).",
+           "", "| phase | batch | rank | kernel | defaults us | best variant | its us |", "|---|---|---|---|---|---|---|"]
+    for (phase, b, rank, kind), part in sorted(shapes.items()):
+        key = f"device_us_{kind}"
+        base = next((r[key] for r in part if r["kernel"] == kind), None)
+        best = min(part, key=lambda r: r[key])
+        out.append(f"| {phase} | {b} | {rank} | {kind} | {_fmt(base, '.1f')} | "
+                   f"{best['kernel'].partition(':')[2] or 'the defaults'} | {best[key]:.1f} |")
+    return out + [""]
+
+
 def attention_section(rows, plots):
     dec = [r for r in rows if r["phase"].startswith("decode") and "sweep" not in r["phase"]
            and r["kernel"] in ("pallas", "upstream")]
@@ -199,6 +221,8 @@ def main():
     lines = [START, "## Kernels, decode and swapping on the H200", ""]
     if os.path.exists(os.path.join(r, "kernels_lora.json")):
         lines += lora_section(_load(os.path.join(r, "kernels_lora.json")), args.plots)
+    if os.path.exists(os.path.join(r, "kernels_lora_sweep.json")):
+        lines += lora_sweep_section(_load(os.path.join(r, "kernels_lora_sweep.json")))
     if os.path.exists(os.path.join(r, "kernels_attention.json")):
         lines += attention_section(_load(os.path.join(r, "kernels_attention.json")), args.plots)
     if os.path.exists(os.path.join(r, "decode.json")):
