@@ -158,8 +158,8 @@ def shrink_defaults(t: int, ns: int, m: int, r: int, d: int, w: int, **given) ->
     `given` tunables override them; ``k_splits`` is then derived from the result unless given.
     Decode-like batches: one token per program (``block_t = 1``: a matrix-vector product per token
     instead of a 16-row dot of which 15 rows are padding), up to 16 rank columns, 256-wide D chunks; in
-    the H200 sweep (f524b11, kernels_lora.json) this mode took 7.6 vs 10.3 us at batch 128 rank 16 and
-    14-15 vs 28 us at batch 512 rank 8. Prefill-like: 64-token blocks sharing one adapter tile, the
+    the H200 sweep (f524b11, benchmarks/results/kernels_lora_sweep_f524b11.json) this mode took 7.6 vs
+    10.3 us at batch 128 rank 16 and 14-15 vs 28 us at batch 512 rank 8. Prefill-like: 64-token blocks sharing one adapter tile, the
     whole rank in one block. ``k_splits`` then splits D_in until there are about 1,024 programs
     (one-token mode) or 256 (token blocks), at most 8.
     """
@@ -190,8 +190,8 @@ def expand_defaults(t: int, ns: int, r: int, w: int, **given) -> dict[str, int]:
     """Default tunables of `lora_expand` (T tokens, NS segments, max rank R, pool width W); `given` override.
 
     Decode-like batches: one token per program; from 128 tokens 8 rank rows x 1,024 output columns per
-    step, below that 16 x 256 (more programs for few tokens). H200 sweeps (f524b11, ae7d369; device us
-    vs 16-token blocks): 13.2 vs 24.8 at batch 512 rank 8, 20.6 vs 29.0 at batch 128 rank 64; 3.2 vs 4.7,
+    step, below that 16 x 256 (more programs for few tokens). H200 sweeps (f524b11, ae7d369: the
+    kernels_lora_sweep*.json results; device us vs 16-token blocks): 13.2 vs 24.8 at batch 512 rank 8, 20.6 vs 29.0 at batch 128 rank 64; 3.2 vs 4.7,
     3.8 vs 5.2 and 8.8 vs 9.7 at batch 32 ranks 8, 16, 64. Prefill-like: 64 x 128 output tiles, rank
     blocks of up to 64, 4 warps (13.0 vs 24.2 us with 8 at 4 x 512 tokens, rank 16).
     """
