@@ -181,16 +181,8 @@ def plot(results: list[dict], plots_dir: str) -> dict:
             ax.plot(*zip(*pp), "+:", label="HF PEFT paper")
         ax.axhline(rows[0]["rate"], color="grey", lw=0.8, ls="-.", label="offered rate")
         ax.set_xscale("log")
-        ax.set_xlabel("number of adapters")
-        ax.set_ylabel("throughput (req/s)")
-        ax.set_title(SETTING_TITLES.get(setting, setting), fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(plots_dir, "throughput_vs_adapters.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    out["throughput vs number of adapters"] = path
+        _label(ax, setting, "number of adapters", "throughput (req/s)")
+    out["throughput vs number of adapters"] = _save(plt, fig, plots_dir, "throughput_vs_adapters.png")
 
     # SLO attainment vs offered rate
     fig, axes = plt.subplots(1, len(by_setting), figsize=(5 * len(by_setting), 4), squeeze=False)
@@ -203,17 +195,26 @@ def plot(results: list[dict], plots_dir: str) -> dict:
         thr = (rows[0].get("rate_search") or {}).get("threshold", 0.9)
         ax.axhline(thr, color="grey", lw=0.8, ls="--", label=f"{thr:.0%} target")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("offered rate (req/s)")
-        ax.set_ylabel(f"SLO attainment (first token < {rows[0].get('slo_ttft_s', 6):g} s)")
-        ax.set_title(SETTING_TITLES.get(setting, setting), fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, setting, "offered rate (req/s)",
+               f"SLO attainment (first token < {rows[0].get('slo_ttft_s', 6):g} s)")
+    out["SLO attainment vs rate"] = _save(plt, fig, plots_dir, "slo_vs_rate.png")
+    return out
+
+
+def _label(ax, setting: str, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(SETTING_TITLES.get(setting, setting), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save(plt, fig, plots_dir: str, name: str) -> str:
     fig.tight_layout()
-    path = os.path.join(plots_dir, "slo_vs_rate.png")
+    path = os.path.join(plots_dir, name)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    out["SLO attainment vs rate"] = path
-    return out
+    return path
 
 
 def write_report(results_dir: str, md_path: str = "BENCHMARKS.md", plots_dir: str = "benchmarks/plots",
