@@ -293,6 +293,23 @@ def test_random_segments(lens, ranks, start0, seed):
     check_expand(case)
 
 
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lens=st.lists(st.integers(0, 3), min_size=9, max_size=9),
+    ranks=st.lists(st.integers(0, 20), min_size=9, max_size=9),
+    start0=st.integers(0, 3),
+    block_r=st.sampled_from([1, 4, 8, 32]),
+    k_splits=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_segments_one_token_mode(lens, ranks, start0, block_r, k_splits, seed):
+    # Decode-like batches (1-3 tokens a segment, empty ones, padding on both sides) in the one-token mode.
+    case = Case(seed, seg_lens=lens, start0=start0, t=32, ranks=[ranks], r=20, d_in=37, d_out=29,
+                w=16, m=1)
+    check_shrink(case, block_t=1, block_r=block_r, block_d=16, k_splits=k_splits)
+    check_expand(case, block_t=1, block_r=block_r, block_d=16)
+
+
 # --------------------------------------------------------------------------- wrapper errors
 def _args():
     t, d, w, ns, r, m = 5, 20, 8, 2, 4, 2
