@@ -79,13 +79,13 @@ accuracy.
 
 One-token mode (``block_t = 1``, the decode default)
 --------------------------------------------------
-Each program then owns one token, so head items are empty and global items are
-the tokens. A 16-token tile would hold 1 real token and 15 masked rows (whose
-shared-memory stages still limit how many programs an SM holds); instead the
+Each program then owns one token (there are no head items). In a decode batch
+a 16-token tile holds 1 real token and 15 masked rows, which move no bytes but
+still take registers, shared-memory stages and a tensor-core dot; instead the
 shrink multiplies the token's ``x`` chunk into its ``A^T`` tile and sums
 along D, and the expand sums ``v``-scaled ``B`` rows, elementwise in float32 on
-the CUDA cores (no tensor-core dot, so no 16-bit split and no 16-wide
-minimum on the rank block).
+the CUDA cores (no 16-bit split, no 16-wide minimum on the rank block). On the
+H200 this halved both kernels' device time at batch 512 (BENCHMARKS.md).
 
 Block sizes are powers of two, at least 16 (Triton's ``dot`` minimum) except
 in the one-token mode; every edge (T, D_in, D_out, W, R, segment ends) is masked.
