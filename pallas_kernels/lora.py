@@ -85,7 +85,7 @@ still take registers, shared-memory stages and a tensor-core dot; instead the
 shrink multiplies the token's ``x`` chunk into its ``A^T`` tile and sums
 along D, and the expand sums ``v``-scaled ``B`` rows, elementwise in float32 on
 the CUDA cores (no 16-bit split, no 16-wide minimum on the rank block). On the
-H200 this halved both kernels' device time at batch 512 (BENCHMARKS.md).
+H200 this halved both kernels' device time at batch 512 rank 8 (BENCHMARKS.md).
 
 Block sizes are powers of two, at least 16 (Triton's ``dot`` minimum) except
 in the one-token mode; every edge (T, D_in, D_out, W, R, segment ends) is masked.
