@@ -130,7 +130,8 @@ def decode_row(llm, batch, context, mode, rank, steps, hbm):
     moved = weight_bytes + adapter_bytes + kv_bytes
     return {
         "batch": batch, "adapters": mode, "rank": rank if mode != "none" else 0, "context": context,
-        "tokens_per_s": batch / dt, "step_ms": dt * 1e3, "step_ms_sync": dt_sync * 1e3, "host_build_ms": host * 1e3,
+        "tokens_per_s": batch / dt, "step_ms": dt * 1e3, "step_ms_sync": dt_sync * 1e3,
+        "host_build_ms": host * 1e3,
         "roofline_fraction": moved / dt / hbm, "bytes_per_step": moved, "device": common.device_name(),
         "kernels": eng.runner.kernels.name, "git_commit": common.git_commit(),
     }

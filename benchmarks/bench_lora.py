@@ -298,7 +298,7 @@ def time_case(phase, seg_lens, rank, bw, device, *, batch, shrink_sweep=(), expa
         for impl in ("pallas", "xla"):
             # with the device time of every kernel of a call (profiler trace: the LoRA kernels and
             # XLA's y + delta, or the reference's ops), the figure comparable to a CUDA-graph timing
-            s, dev, parts = common.time_loop(_both(impl, {}, {}), args, kernels="", arg_sets=arg_sets,
+            s, dev, parts = common.time_loop(_both(impl, {}, {}), args, arg_sets=arg_sets,
                                              split=KERNEL_PARTS)
             rows.append(_row(impl, phase, batch, rank, s, nbytes, bw, device, device_us=dev,
                              **(_parts(parts) if impl == "pallas" else {}), **extra))
@@ -310,7 +310,7 @@ def time_case(phase, seg_lens, rank, bw, device, *, batch, shrink_sweep=(), expa
         for tun in sweep_list:
             try:
                 body = _both("pallas", tun, {}) if kind == "shrink" else _both("pallas", {}, tun)
-                s, dev, parts = common.time_loop(body, args, kernels="", arg_sets=arg_sets, split=KERNEL_PARTS)
+                s, dev, parts = common.time_loop(body, args, arg_sets=arg_sets, split=KERNEL_PARTS)
                 rows.append(_row(common.tunables_name(kind, tun), f"{phase}-sweep-{kind}", batch, rank, s,
                                  nbytes, bw, device, device_us=dev, tunables=tun, **_parts(parts), **extra))
             except Exception as e:

@@ -55,20 +55,18 @@ def _looped(body: Callable, iters: int, n_args: int, n_sets: int) -> Callable:
 
 
 def time_loop(body: Callable, args: tuple, iters: int = 20, repeats: int = 5,
-              kernels: str | None = None, arg_sets: list | None = None, split: tuple = ()):
+              arg_sets: list | None = None, split: tuple | None = None):
     """Median seconds of one `body(*args)` call, timed as `iters` calls inside one jit.
 
     `body` must return an array of the same shape/dtype as its first argument
     (it is threaded through the calls as a carry so XLA cannot hoist the work).
     `arg_sets`: alternatives to args[1:] (same shapes), taken in turn, so that repeated calls do not
     find their inputs in the L2 cache (METHOD.md: rotate among several input sets).
-    With `kernels`, returns (seconds, device_us): device_us = microseconds per call spent in device
-    kernels whose name contains `kernels` ("" for every kernel), from a jax.profiler trace of one more
-    run of the same program: what a CUDA-graph timing measures, without the host's launch gaps
-    (None where the trace names no such kernel; on a CPU, whose trace has no device process, every
-    event counts: a check that the script runs, not a figure).
-    With `kernels` and `split` (substrings of kernel names), returns (seconds, device_us, parts):
-    parts[key] = microseconds per call of the kernels whose name contains key.
+    With `split` (substrings of kernel names, possibly none), returns (seconds, device_us, parts):
+    device_us = microseconds per call spent in device kernels, from a jax.profiler trace of one more run
+    of the same program: what a CUDA-graph timing measures, without the host's launch gaps (None where
+    the trace has no event; on a CPU, whose trace has no device process, every event counts: a check
+    that the script runs, not a figure); parts[key] = the share of the kernels whose name contains key.
     """
     sets = [tuple(args[1:])] + [tuple(a) for a in (arg_sets or [])]
     flat = [a for s in sets for a in s]
@@ -80,15 +78,13 @@ def time_loop(body: Callable, args: tuple, iters: int = 20, repeats: int = 5,
         jax.block_until_ready(run(args[0], *flat))
         times.append((time.perf_counter() - t0) / iters)
     seconds = statistics.median(times)
-    if kernels is None:
+    if split is None:
         return seconds
     tmp = tempfile.mkdtemp()
     with jax.profiler.trace(tmp, create_perfetto_trace=True):
         jax.block_until_ready(run(args[0], *flat))
-    events = [(name.lower(), dur) for name, _, dur in device_events(tmp) if kernels in name.lower()]
+    events = [(name.lower(), dur) for name, _, dur in device_events(tmp)]
     device_us = sum(dur for _, dur in events) / iters if events else None
-    if not split:
-        return seconds, device_us
     return seconds, device_us, {key: sum(dur for name, dur in events if key in name) / iters for key in split}
 
 

@@ -29,8 +29,8 @@ from benchmarks.bench_decode import decode_batch, fill_pool_random, pipelined_st
 from slora_jax import LLM  # noqa: E402
 
 # XLA's GPU trace names a psum's all-reduce after the op ("psum_917_0_fusion_1")
-KINDS = (("collective", ("all-reduce", "allreduce", "all_reduce", "nccl", "psum")), ("lora", ("lora", "shrink", "expand")),
-         ("attention", ("attention", "paged")),
+KINDS = (("collective", ("all-reduce", "allreduce", "all_reduce", "nccl", "psum")),
+         ("lora", ("lora", "shrink", "expand")), ("attention", ("attention", "paged")),
          ("gemm", ("gemm", "cublas", "cutlass", "sm90", "dot", "matmul")),
          ("copy", ("copy", "memcpy", "memset", "transpose")))
 

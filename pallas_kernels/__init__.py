@@ -24,16 +24,15 @@ class KernelSet:
 
     name: str
     lora_shrink: Callable
-    lora_expand: Callable
-    # the expands of modules sharing one shrink (q, k, v; gate, up) in one launch, taking the
-    # shrink's split-K partial sums (lora_shrink(..., partials=True))
+    # the expands of the modules sharing one shrink (q, k, v; gate, up; or one module) in one launch,
+    # taking the shrink's split-K partial sums (lora_shrink(..., partials=True))
     lora_expand_group: Callable
     write_kv: Callable
     attention_decode: Callable
     attention_prefill: Callable
     # x @ W + LoRA of a row-parallel linear (o, down), reduced over devices: set only under tensor
     # parallelism (slora_jax.parallel), where the LoRA term must join the base partial sum; None = the
-    # model composes a matmul with lora_shrink/lora_expand
+    # model composes a matmul with lora_shrink/lora_expand_group
     row_linear: Optional[Callable] = None
 
 
@@ -52,7 +51,6 @@ def kernel_set(mode: str = "auto") -> KernelSet:
         return KernelSet(
             "xla",
             reference.lora_shrink,
-            reference.lora_expand,
             reference.lora_expand_group,
             reference.write_kv,
             reference.paged_attention_decode,
@@ -63,7 +61,6 @@ def kernel_set(mode: str = "auto") -> KernelSet:
     return KernelSet(
         "pallas",
         lora.lora_shrink,
-        lora.lora_expand,
         lora.lora_expand_group,
         reference.write_kv,  # a donated scatter: XLA already does it in place
         attention.paged_attention_decode,

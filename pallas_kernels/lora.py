@@ -153,29 +153,30 @@ def _decode_like(t: int, ns: int) -> bool:
 
 
 def shrink_defaults(t: int, ns: int, m: int, r: int, d: int, w: int, **given) -> dict[str, int]:
-    """Default tunables of `lora_shrink` (T tokens, NS segments, M modules, max rank R, D_in, W).
+    """Tunables of `lora_shrink` (T tokens, NS segments, M modules, max rank R, D_in, W): the defaults,
+    overridden by `given`; ``k_splits`` is then derived from the result unless given.
 
-    `given` tunables override them; ``k_splits`` is then derived from the result unless given.
     Decode-like batches: one token per program (``block_t = 1``: a matrix-vector product per token
     instead of a 16-row dot of which 15 rows are padding), up to 16 rank columns, 256-wide D chunks; in
     the H200 sweep (f524b11, benchmarks/results/kernels_lora_sweep_f524b11.json) this mode took 7.6 vs
-    10.3 us at batch 128 rank 16 and 14-15 vs 28 us at batch 512 rank 8. Prefill-like: 64-token blocks sharing one adapter tile, the
-    whole rank in one block. ``k_splits`` then splits D_in until there are about 1,024 programs
-    (one-token mode) or 256 (token blocks), at most 8.
+    10.3 us at batch 128 rank 16 and 14-15 vs 28 us at batch 512 rank 8. Prefill-like: 64-token blocks
+    sharing one adapter tile, the whole rank in one block. ``k_splits`` splits D_in until there are
+    about 1,024 programs (one-token mode) or 256 (token blocks), at most 8.
     """
-    bt = given.get("block_t") or (1 if _decode_like(t, ns) else 64)
+    decode = _decode_like(t, ns)
+    bt = given.get("block_t") or (1 if decode else 64)
     if bt == 1:
-        cfg = dict(block_r=min(16, _pow2_at_least(r, 1)), block_d=256, num_warps=4, num_stages=3)
-    elif _decode_like(t, ns):
-        cfg = dict(block_r=16 if r <= 8 else 32, block_d=512, num_warps=4, num_stages=3)
+        cfg = dict(block_r=min(16, _pow2_at_least(r, 1)), block_d=256)
+    elif decode:
+        cfg = dict(block_r=16 if r <= 8 else 32, block_d=512)
     else:
-        cfg = dict(block_r=min(64, _pow2_at_least(r)), block_d=128, num_warps=4, num_stages=3)
-    cfg["block_t"] = bt
+        cfg = dict(block_r=min(64, _pow2_at_least(r)), block_d=128)
+    cfg.update(block_t=bt, num_warps=4, num_stages=3)
     cfg["block_d"] = min(cfg["block_d"], _pow2_at_least(w))
     cfg.update({k: v for k, v in given.items() if v is not None})
-    if given.get("k_splits") is None:
+    if cfg.get("k_splits") is None:
         bt, br, bd = cfg["block_t"], cfg["block_r"], cfg["block_d"]
-        items = _cdiv(t, bt) + (min(ns, t) if bt > 1 else 0)  # one-token mode: its head items are empty
+        items = _cdiv(t, bt) + (min(ns, t) if bt > 1 else 0)  # one-token mode: no head items
         programs = max(1, items * m * _cdiv(max(r, 1), br))
         chunks = _cdiv(d, w) * _cdiv(w, bd)
         target = 1024 if bt == 1 else 256
@@ -187,13 +188,15 @@ def shrink_defaults(t: int, ns: int, m: int, r: int, d: int, w: int, **given) ->
 
 
 def expand_defaults(t: int, ns: int, r: int, w: int, **given) -> dict[str, int]:
-    """Default tunables of `lora_expand` (T tokens, NS segments, max rank R, pool width W); `given` override.
+    """Tunables of `lora_expand` (T tokens, NS segments, max rank R, pool width W): the defaults,
+    overridden by `given`.
 
     Decode-like batches: one token per program; from 128 tokens 8 rank rows x 1,024 output columns per
     step, below that 16 x 256 (more programs for few tokens). H200 sweeps (f524b11, ae7d369: the
-    kernels_lora_sweep*.json results; device us vs 16-token blocks): 13.2 vs 24.8 at batch 512 rank 8, 20.6 vs 29.0 at batch 128 rank 64; 3.2 vs 4.7,
-    3.8 vs 5.2 and 8.8 vs 9.7 at batch 32 ranks 8, 16, 64. Prefill-like: 64 x 128 output tiles, rank
-    blocks of up to 64, 4 warps (13.0 vs 24.2 us with 8 at 4 x 512 tokens, rank 16).
+    kernels_lora_sweep*.json results; device us vs 16-token blocks): 13.2 vs 24.8 at batch 512 rank 8,
+    20.6 vs 29.0 at batch 128 rank 64; 3.2 vs 4.7, 3.8 vs 5.2 and 8.8 vs 9.7 at batch 32 ranks 8, 16,
+    64. Prefill-like: 64 x 128 output tiles, rank blocks of up to 64, 4 warps (13.0 vs 24.2 us with 8
+    at 4 x 512 tokens, rank 16).
     """
     decode = _decode_like(t, ns)
     bt = given.get("block_t") or (1 if decode else 64)
@@ -210,17 +213,12 @@ def expand_defaults(t: int, ns: int, r: int, w: int, **given) -> dict[str, int]:
     return cfg
 
 
-def _known(given: dict[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
-    """The given tunables the defaults may build on (unknown ones are `_tunables`' error to report)."""
-    return {k: v for k, v in given.items() if k in allowed}
-
-
-def _tunables(name: str, given: dict[str, Any], allowed: tuple[str, ...], defaults: dict[str, int]):
+def _tunables(name: str, given: dict[str, Any], allowed: tuple[str, ...], defaults) -> dict[str, int]:
+    """`defaults(**given)` (the defaults with the given tunables in), checked; unknown names are an error."""
     unknown = sorted(set(given) - set(allowed))
     if unknown:
         raise TypeError(f"{name}: unknown tunable(s) {unknown}; allowed: {list(allowed)}")
-    cfg = dict(defaults)
-    cfg.update({k: v for k, v in given.items() if v is not None})
+    cfg = defaults(**given)
     vector = cfg["block_t"] == 1  # one-token mode: no tensor-core dot, so no 16-wide minimum on the rank
     for k in ("block_t", "block_r", "block_d"):
         v, lo = cfg[k], 1 if vector and k != "block_d" else 16
@@ -460,8 +458,7 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, impl: str = "p
 
         return shaped(lora_tpu.lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows,
                                           interpret=interpret, **tunables))
-    defaults = shrink_defaults(t, ns, m, r, d, w, **_known(tunables, _SHRINK_TUNABLES))
-    cfg = _tunables(name, tunables, _SHRINK_TUNABLES, defaults)
+    cfg = _tunables(name, tunables, _SHRINK_TUNABLES, functools.partial(shrink_defaults, t, ns, m, r, d, w))
     interpret = _resolve_interpret(interpret)
     if t == 0 or r == 0 or m == 0 or ns == 0 or d == 0:
         return shaped(jnp.zeros((m, t, r), jnp.float32))
@@ -642,8 +639,7 @@ def _expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales,
     t = ys[0].shape[0]
     ns = seg_starts.shape[0] - 1
     r = v.shape[-1]
-    defaults = expand_defaults(t, ns, r, w, **_known(tunables, _EXPAND_TUNABLES))
-    cfg = _tunables(name, tunables, _EXPAND_TUNABLES, defaults)
+    cfg = _tunables(name, tunables, _EXPAND_TUNABLES, functools.partial(expand_defaults, t, ns, r, w))
     interpret = _resolve_interpret(interpret)
     if t == 0 or r == 0 or ns == 0:
         return ys

@@ -44,12 +44,8 @@ def shard_kernels(ks: KernelSet, mesh: Mesh) -> KernelSet:
             x, pool, layer, seg_starts, seg_ranks, a_rows)
         return v[None] if partials else v  # summed before the psum: the collective stays [M, T, R]
 
-    def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales):
-        # column-parallel output: device d's B-row slice is exactly its output columns; no collective
-        return sm(ks.lora_expand, in_specs=(COLS, REP, POOL, REP, REP, REP, REP, REP), out_specs=COLS)(
-            y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales)
-
     def lora_expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales):
+        # column-parallel outputs: device d's B-row slice is exactly its output columns; no collective
         ys, b_rows = tuple(ys), tuple(b_rows)
         specs = ((COLS,) * len(ys), REP, POOL, REP, REP, REP, (REP,) * len(b_rows), REP)
         return sm(ks.lora_expand_group, in_specs=specs, out_specs=(COLS,) * len(ys))(
@@ -79,12 +75,13 @@ def shard_kernels(ks: KernelSet, mesh: Mesh) -> KernelSet:
                 n = y.shape[1] // tp
                 lo = jax.lax.axis_index(TP) * n
                 part = jax.lax.dynamic_slice_in_dim(y, lo, n, axis=1)
-                part = ks.lora_expand(part, v, pool, layer, seg_starts, ranks, b_rows, scales)
+                (part,) = ks.lora_expand_group((part,), v[None], pool, layer, seg_starts, ranks[None],
+                                               (b_rows,), scales[None])
                 y = jax.lax.dynamic_update_slice_in_dim(y, part, lo, axis=1)
             return jax.lax.psum(y, TP)
         tabs = () if lora is None else tuple(lora)
         return sm(body, in_specs=(COLS, P(TP, None), POOL, REP) + (REP,) * len(tabs), out_specs=REP)(
             x, w, pool, layer, *tabs)
 
-    return KernelSet(f"{ks.name}+tp{tp}", lora_shrink, lora_expand, lora_expand_group, write_kv,
-                     attention_decode, attention_prefill, row_linear)
+    return KernelSet(f"{ks.name}+tp{tp}", lora_shrink, lora_expand_group, write_kv, attention_decode,
+                     attention_prefill, row_linear)
