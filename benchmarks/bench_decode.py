@@ -68,10 +68,7 @@ def decode_batch(llm, batch, context, mode, rank):
     for b in range(batch):
         a = names[b % len(names)] if names else None
         r = Request(f"d{b}", 10_000_000 + b, [1] * context, a, SamplingParams(max_tokens=10_000, ignore_eos=True), b)
-        if a:
-            eng.residency.make_resident(a)
-            eng.pages.acquire(a)
-        eng.pages.extend(r.id_int, context)
+        assert eng.scheduler.admit_now(r), "the pool cannot hold the batch"
         r.num_computed = context - 1
         reqs.append(r)
     step = ScheduledStep(reqs, [1] * batch, [], [])
@@ -86,9 +83,7 @@ def decode_batch(llm, batch, context, mode, rank):
         yield dispatch, names, step
     finally:
         for r in reqs:
-            eng.pages.free_seq(r.id_int)
-            if r.adapter:
-                eng.pages.release(r.adapter)
+            eng.scheduler.release(r)
 
 
 def pipelined_step_s(dispatch, steps: int) -> float:

@@ -26,9 +26,11 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from slora_jax.adapters.store import AdapterStore, _mover, pinned_sharding, to_device  # noqa: E402
 from slora_jax.config import load_model_config  # noqa: E402
+from slora_jax.config import EngineConfig  # noqa: E402
+from slora_jax.memory.cache import AdapterCache  # noqa: E402
+from slora_jax.memory.layout import PoolLayout  # noqa: E402
 from slora_jax.memory.pages import PageTable  # noqa: E402
 from slora_jax.memory.pool import DevicePool  # noqa: E402
-from slora_jax.memory.residency import AdapterResidency  # noqa: E402
 
 
 def pinned_bandwidth(nbytes: int) -> float:
@@ -76,16 +78,19 @@ def main():
     for r in ranks:
         store.add_synthetic([f"r{r}-{i}" for i in range(count_many)], r, seed=r)
     rows_per_rank = {r: store.get(f"r{r}-0").n_rows for r in ranks}
-    need_pages = sum(-(-rows_per_rank[r] // (2 * page_rows)) * count_many for r in ranks) + 64
-    pool = DevicePool(cfg, need_pages, page_rows, dtype)
-    pages = PageTable(need_pages, page_rows)
-    res = AdapterResidency(cfg, store, pages, pool, 64)
+    lay = PoolLayout.create(cfg, EngineConfig(page_rows=page_rows, max_model_len=page_rows), 1)
+    need_pages = sum(lay.adapter_pages(rows_per_rank[r]) * count_many for r in ranks) + 64
+    lay = PoolLayout.create(cfg, EngineConfig(page_rows=page_rows, max_model_len=page_rows), need_pages)
+    pool = DevicePool(lay, dtype)
+    pages = PageTable(lay)
+    res = AdapterCache(lay, store, pages, pool, 64, capacity=len(ranks) * count_many)
     print(f"pool {pool.nbytes / 2**30:.1f} GiB for {need_pages} pages", flush=True)
 
     def swap(names):
         t0 = time.perf_counter()
         for n in names:
-            res.make_resident(n)
+            res.acquire(n)
+            res.release(n)
         jax.block_until_ready(pool.array)
         return time.perf_counter() - t0
 

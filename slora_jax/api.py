@@ -75,7 +75,7 @@ class LLM:
         eng = self.engine
         with eng._lock:
             return [{"name": e.name, "ranks": dict(e.ranks), "max_rank": e.max_rank, "source": e.source,
-                     "resident": eng.pages.is_resident(e.name)} for e in (eng.store.get(n) for n in eng.store.names())]
+                     "resident": eng.cache.is_resident(e.name)} for e in (eng.store.get(n) for n in eng.store.names())]
 
     # -- generation ------------------------------------------------------------------
     def _ids(self, prompt: Prompt) -> list:

@@ -15,10 +15,7 @@ def mixed_prefill_logits(llm, rows) -> tuple[np.ndarray, list]:
     reqs = []
     for i, (toks, a) in enumerate(rows):
         r = Request(f"m{i}", 1000 + i, toks, a, SamplingParams(), 0)
-        if a:
-            eng.residency.make_resident(a)
-            eng.pages.acquire(a)
-        eng.pages.extend(r.id_int, len(toks))
+        assert eng.scheduler.admit_now(r)
         reqs.append(r)
     try:
         inp, _, ordered = eng.builder.build(ScheduledStep(reqs, [len(t) for t, _ in rows], [], []))
@@ -28,6 +25,4 @@ def mixed_prefill_logits(llm, rows) -> tuple[np.ndarray, list]:
         return np.stack([logits[ordered.index(r)] for r in reqs]), [r.adapter for r in ordered]
     finally:
         for r in reqs:
-            eng.pages.free_seq(r.id_int)
-            if r.adapter:
-                eng.pages.release(r.adapter)
+            eng.scheduler.release(r)

@@ -178,11 +178,11 @@ def test_stop_string_helpers():
 
 
 def test_early_abort_drops_requests_past_their_slo():
-    llm = make_llm(early_abort_s=5.0, max_running=1)
+    llm = make_llm(early_abort_s=60.0, max_running=1)  # far above a CPU compile under load
     eng = llm.engine
     sp = SamplingParams(max_tokens=3, ignore_eos=True)
     reqs = [eng.add_request([256, i + 1, 2], None, sp) for i in range(3)]
-    reqs[2].arrival -= 10.0  # waited 10 s already: its first token can no longer come within 5 s
+    reqs[2].arrival -= 120.0  # waited 120 s already: its first token can no longer come within 60 s
     eng.run_until_done(reqs)
     assert [r.finish_reason for r in reqs] == ["length", "length", "abort"]
     assert len(reqs[2].output_ids) == 0

@@ -35,13 +35,14 @@ def test_swap_in_scatters_in_place_and_lands_in_the_right_rows():
     rng = np.random.default_rng(0)
     llm.add_adapter("a", ref.random_lora(llm.model_cfg, rng, 8, ("q_proj", "down_proj")), alpha=8.0)
     before = eng.pool.array
-    eng.residency.make_resident("a")
+    eng.cache.acquire("a")
     assert before.is_deleted()
-    rows = eng.pages.adapter_rows("a")
+    rows = eng.layout.adapter_pool_rows(eng.cache.adapter_pages("a"), eng.store.get("a").n_rows)
     packed = np.asarray(eng.store.get("a").buffer)
     np.testing.assert_array_equal(np.asarray(eng.pool.array)[:, rows], packed)
     assert packed.shape[1] == layout.num_rows(llm.model_cfg, {"q_proj": 8, "down_proj": 8})
     eng.pages.check_invariants()
+    eng.cache.check_invariants()
 
 
 def test_pool_sized_from_pages_and_geometry():

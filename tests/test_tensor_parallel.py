@@ -88,7 +88,7 @@ def test_pack_puts_each_devices_slice_first_in_its_columns(tp):
                      for shape in ((c.module_shape(m)[0], r), (r, c.module_shape(m)[1]))) for m, r in ranks.items()}
     packed = layout.pack(c, mods, np.float32, tp)
     assert packed.shape == (c.num_layers, layout.num_rows(c, ranks), c.kv_size)  # tp changes no geometry
-    tables = layout.module_tables(c, ranks, np.arange(packed.shape[1]))
+    tables = layout.module_tables(tuple(layout.module_rows(c, m) for m in LORA_MODULES), ranks, np.arange(packed.shape[1]))
     lw = c.kv_size // tp
     for m, (a_rows, b_rows) in tables.items():
         a, b = mods[m]
@@ -229,7 +229,7 @@ def test_pool_stays_sharded_through_swaps(model_file):
     llm = llm_tp(model_file, 2)
     swaps = llm.stats()["swaps_in"]
     for name in ADAPTERS:
-        llm.engine.residency.evict(name)
+        llm.engine.cache.evict(name)
     np.testing.assert_allclose(mixed_prefill_logits(llm, ROWS)[0], ref_logits(model_file), rtol=1e-4, atol=1e-5)
     assert llm.engine.pool.array.sharding.spec == jax.sharding.PartitionSpec(None, None, "tp")
     assert llm.stats()["swaps_in"] == swaps + len(ADAPTERS)

@@ -3,15 +3,15 @@
 Shapes are padded so that jit compiles a bounded number of programs: a decode
 step has B sequences (one token each) with B a power of two up to
 max_running; a prefill (mixed) step has T tokens, a power of two up to
-max_batch_tokens, and min(T, B_max) sequence slots. Segments NS = B, rank
+max_batch_tokens, and min(T, B_max) sequence rows. Segments NS = B, rank
 R = max_rank and the page-table width M = pages of one max_model_len sequence
 are fixed (the kernels loop only over a sequence's real length, so a wide
 table costs nothing but its few bytes). So there are log2(max_running) decode
 and log2(max_batch_tokens) prefill shapes, each with and without LoRA, all
 compiled by `Engine.warmup()`. A step's sampled tokens come back padded to
 `max_b` rows, so the next step takes them as one fixed-shape input (`feed`
-says which token rows read them). Requests are ordered by adapter slot so
-tokens of one adapter form one contiguous segment. The host work is numpy
+says which token rows read them). Requests are ordered by their adapter's
+table entry so tokens of one adapter form one contiguous segment. The host work is numpy
 over the batch; Python loops only over requests, never over tokens or pages.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ import jax
 import numpy as np
 
 from ..config import LORA_MODULES
+from ..memory.cache import AdapterCache
 from ..memory.pages import PageTable
-from ..memory.residency import AdapterResidency
 from ..model.inputs import LoraInput, StepInput
 from .scheduler import ScheduledStep
 
@@ -51,10 +51,9 @@ def max_batch_rows(max_running: int) -> int:
 
 
 class BatchBuilder:
-    def __init__(self, pages: PageTable, residency: AdapterResidency, max_rank: int, max_pages_per_seq: int,
-                 max_running: int, max_batch_tokens: int):
-        self.pages, self.residency, self.max_rank = pages, residency, max_rank
-        self.width = max_pages_per_seq
+    def __init__(self, pages: PageTable, cache: AdapterCache, max_running: int, max_batch_tokens: int):
+        self.pages, self.cache = pages, cache
+        self.width = pages.layout.pages_per_seq
         self.max_b = max_batch_rows(max_running)
         self.max_t = pow2(max_batch_tokens, 16)
 
@@ -64,7 +63,7 @@ class BatchBuilder:
     def prefill_sizes(self) -> list:
         return [1 << i for i in range(4, self.max_t.bit_length())]
 
-    def _seq_slots(self, decode: bool, n_seqs: int, n_tokens: int) -> tuple[int, int]:
+    def _bucket(self, decode: bool, n_seqs: int, n_tokens: int) -> tuple[int, int]:
         """(B, T) bucket of a step."""
         if decode:
             b = pow2(n_seqs, 4)
@@ -73,20 +72,20 @@ class BatchBuilder:
         return min(t, self.max_b), t
 
     def build(self, step: ScheduledStep) -> tuple[StepInput, SamplingArrays, list]:
-        slots = [self.residency.slot_of[r.adapter] if r.adapter else -1 for r in step.requests]
-        order = sorted(range(len(step.requests)), key=lambda i: slots[i])
+        entries = [self.cache.index_of(r.adapter) if r.adapter else -1 for r in step.requests]
+        order = sorted(range(len(step.requests)), key=lambda i: entries[i])
         reqs = [step.requests[i] for i in order]
         ntok = np.array([step.num_tokens[i] for i in order], np.int32)
-        slot_arr = np.array([slots[i] for i in order], np.int32)
+        entry_arr = np.array([entries[i] for i in order], np.int32)
         decode = step.is_decode
         nb = len(reqs)
-        b, t = self._seq_slots(decode, nb, int(ntok.sum()))
-        if nb > b:  # more sequences than slots for this token count: use the next token bucket
+        b, t = self._bucket(decode, nb, int(ntok.sum()))
+        if nb > b:  # more sequences than sequence rows for this token count: use the next token bucket
             b, t = self.max_b, pow2(max(int(ntok.sum()), self.max_b), 16)
 
         tokens = np.zeros(t, np.int32)
         positions = np.zeros(t, np.int32)
-        kv_slots = np.full(t, -1, np.int32)
+        kv_rows = np.full(t, -1, np.int32)
         q_starts = np.zeros(b + 1, np.int32)
         q_starts[1: nb + 1] = np.cumsum(ntok)
         q_starts[nb + 1:] = q_starts[nb]
@@ -102,14 +101,14 @@ class BatchBuilder:
                 assert known == n - 1 and r.pending == 1, (r.id, lo, n, len(ids), r.pending)
                 feed[s + n - 1] = r.pending_row
             positions[s: s + n] = np.arange(lo, lo + n)
-            kv_slots[s: s + n] = self.pages.kv_slots(r.id_int, lo, lo + n)
+            kv_rows[s: s + n] = self.pages.kv_rows(r.id_int, lo, lo + n)
             kv_lens[i] = lo + n
         block_tables = np.zeros((b, self.width), np.int32)
         block_tables[:nb] = self.pages.block_table([r.id_int for r in reqs], self.width)
         logit_rows = np.arange(b, dtype=np.int32) if decode else np.maximum(q_starts[1:] - 1, 0)
 
-        inp = StepInput(tokens, positions, kv_slots, block_tables, kv_lens, q_starts, logit_rows,
-                        self._lora(slot_arr, q_starts, b), feed, decode, self.pages.page_rows)
+        inp = StepInput(tokens, positions, kv_rows, block_tables, kv_lens, q_starts, logit_rows,
+                        self._lora(entry_arr, q_starts, b), feed, decode, self.pages.page_rows)
         return inp, self._sampling(reqs, b), reqs
 
     def dummy(self, decode: bool, size: int, lora: bool) -> tuple[StepInput, SamplingArrays]:
@@ -118,7 +117,6 @@ class BatchBuilder:
         q_starts = np.zeros(b + 1, np.int32)
         lo = None
         if lora:
-            self.residency.reserve_slots(1)  # the tables need one slot to take shapes from
             lo = self._lora(np.zeros(1, np.int32), q_starts, b)
             lo.ranks[:] = 0
         inp = StepInput(np.zeros(t, np.int32), np.zeros(t, np.int32), np.full(t, -1, np.int32),
@@ -127,24 +125,24 @@ class BatchBuilder:
                         np.full(t, -1, np.int32), decode, self.pages.page_rows)
         return inp, self._sampling([], b)
 
-    def _lora(self, slot_arr: np.ndarray, q_starts: np.ndarray, b: int):
-        if not (slot_arr >= 0).any():
+    def _lora(self, entry_arr: np.ndarray, q_starts: np.ndarray, b: int):
+        """Segment tables: one segment per run of requests with the same adapter table entry (-1 = none)."""
+        if not (entry_arr >= 0).any():
             return None
-        nb = len(slot_arr)
-        # one segment per run of equal slots (requests are sorted by slot)
-        starts = np.flatnonzero(np.r_[True, slot_arr[1:] != slot_arr[:-1]]) if nb else np.zeros(0, int)
-        seg_slot = np.full(b, -1, np.int32)
-        seg_slot[: len(starts)] = slot_arr[starts]
+        nb = len(entry_arr)
+        starts = np.flatnonzero(np.r_[True, entry_arr[1:] != entry_arr[:-1]]) if nb else np.zeros(0, int)
+        seg_entry = np.full(b, -1, np.int32)
+        seg_entry[: len(starts)] = entry_arr[starts]
         seg_starts = np.full(b + 1, q_starts[nb], np.int32)
         seg_starts[: len(starts)] = q_starts[starts]
-        res = self.residency
-        safe = np.maximum(seg_slot, 0)
-        has = (seg_slot >= 0)[:, None]
-        ranks = np.where(has, res.rank_tab[safe], 0).T.astype(np.int32)  # [7, NS]
-        a_rows = tuple(res.a_tab[i][safe] for i in range(len(LORA_MODULES)))
-        b_rows = tuple(res.b_tab[i][safe] for i in range(len(LORA_MODULES)))
+        tab = self.cache.tables
+        safe = np.maximum(seg_entry, 0)
+        has = (seg_entry >= 0)[:, None]
+        ranks = np.where(has, tab.ranks[safe], 0).T.astype(np.int32)  # [7, NS]
+        a_rows = tuple(t[safe] for t in tab.a_rows)
+        b_rows = tuple(t[safe] for t in tab.b_rows)
         scales = np.ones((len(LORA_MODULES), b), np.float32)  # scaling is folded into B on the host
-        return LoraInput(seg_starts, ranks, scales, a_rows, b_rows, res.store.target_modules())
+        return LoraInput(seg_starts, ranks, scales, a_rows, b_rows, self.cache.store.target_modules())
 
     @staticmethod
     def _sampling(reqs: list, b: int) -> SamplingArrays:

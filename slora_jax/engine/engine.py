@@ -40,9 +40,9 @@ from ..adapters.lora import AdapterError, LoraWeights
 from ..adapters.store import AdapterStore
 from ..config import EngineConfig, ModelConfig
 from ..memory import layout
-from ..memory.pages import OutOfPages, PageTable
+from ..memory.cache import AdapterCache, default_capacity
+from ..memory.pages import PageTable
 from ..memory.pool import DevicePool, choose_num_pages
-from ..memory.residency import AdapterResidency
 from ..model.weights import dtype_of
 from ..tokenizer import IncrementalDecoder
 from .batch import BatchBuilder, max_batch_rows
@@ -90,21 +90,19 @@ class Engine:
         self.mesh = mesh
         # first: the weights go to their devices (sharded on a mesh) before the pool takes what is left
         self.runner = ModelRunner(model, kernel_set(ecfg.kernels), max_batch_rows(ecfg.max_running), self.mesh)
-        num_pages = choose_num_pages(cfg, ecfg, dtype)
-        pages_per_seq = math.ceil(ecfg.max_model_len / ecfg.page_rows)
-        if num_pages < pages_per_seq + 1:
-            raise ValueError(f"num_pages={num_pages} cannot hold one max_model_len={ecfg.max_model_len} sequence "
-                             f"({pages_per_seq} pages of {ecfg.page_rows} tokens)")
-        self.pool = DevicePool(cfg, num_pages, ecfg.page_rows, dtype,
-                               parallel.pool_sharding(self.mesh) if self.mesh else None)
-        self.pages = PageTable(num_pages, ecfg.page_rows)
+        self.layout = lay = layout.PoolLayout.create(cfg, ecfg, choose_num_pages(cfg, ecfg, dtype))
+        if lay.num_pages < lay.pages_per_seq + 1:
+            raise ValueError(f"num_pages={lay.num_pages} cannot hold one max_model_len={ecfg.max_model_len} "
+                             f"sequence ({lay.pages_per_seq} pages of {lay.page_rows} tokens)")
+        self.pool = DevicePool(lay, dtype, parallel.pool_sharding(self.mesh) if self.mesh else None)
+        self.pages = PageTable(lay)
         self.store = AdapterStore(cfg, ecfg.max_rank, dtype, tp=ecfg.tp,
                                   pool_sharding=self.pool.array.sharding if self.mesh else None)
-        self.residency = AdapterResidency(cfg, self.store, self.pages, self.pool, ecfg.max_rank)
-        self.scheduler = Scheduler(self.pages, self.residency, ecfg.max_running, ecfg.max_batch_tokens,
+        self.cache = AdapterCache(lay, self.store, self.pages, self.pool, ecfg.max_rank,
+                                  ecfg.max_resident_adapters or default_capacity(lay, ecfg.max_running))
+        self.scheduler = Scheduler(self.pages, self.cache, ecfg.max_running, ecfg.max_batch_tokens,
                                    ecfg.early_abort_s)
-        self.builder = BatchBuilder(self.pages, self.residency, ecfg.max_rank, pages_per_seq, ecfg.max_running,
-                                    ecfg.max_batch_tokens)
+        self.builder = BatchBuilder(self.pages, self.cache, ecfg.max_running, ecfg.max_batch_tokens)
         self._inflight: Optional[InFlight] = None
         self.requests: dict = {}
         # seeds of unseeded requests; across hosts (jax.distributed) every process runs the same steps,
@@ -166,11 +164,11 @@ class Engine:
 
     # -- adapters ----------------------------------------------------------------------
     def add_adapter(self, lw: LoraWeights, replace: bool = False):
-        need = self.pages.adapter_pages_needed(layout.num_rows(self.cfg, lw.ranks))
-        seq_pages = math.ceil(self.ecfg.max_model_len / self.ecfg.page_rows)
-        if need + seq_pages > self.pages.num_pages:
+        need = self.layout.adapter_pages(layout.num_rows(self.cfg, lw.ranks))
+        seq_pages = self.layout.pages_per_seq
+        if need + seq_pages > self.layout.num_pages:
             raise AdapterError(
-                f"adapter {lw.name!r} needs {need} pool pages but the pool has {self.pages.num_pages}, of which "
+                f"adapter {lw.name!r} needs {need} pool pages but the pool has {self.layout.num_pages}, of which "
                 f"{seq_pages} must stay available for one max_model_len sequence: use a larger pool "
                 "(num_pages / mem_fraction) or a smaller rank")
         with self._lock:
@@ -188,7 +186,7 @@ class Engine:
             if users:
                 raise AdapterError(f"adapter {name!r} is in use by {len(users)} request(s); retry when they finish")
             self.store.get(name)
-            self.residency.forget(name)
+            self.cache.forget(name)
             self.store.remove(name)
 
     # -- the step ----------------------------------------------------------------------
@@ -206,7 +204,7 @@ class Engine:
                 finished = [self._finish(r, "abort") for r in sched.aborted]
                 self.counters["preemptions"] += len(sched.preempted)
                 if sched.requests:
-                    self.residency.prefetch([r.adapter for r in itertools.islice(self.scheduler.waiting, LOOKAHEAD)])
+                    self.cache.prefetch([r.adapter for r in itertools.islice(self.scheduler.waiting, LOOKAHEAD)])
                     launched = self._dispatch(sched)
                 # a schedule with nothing to run (only requests whose last token is in flight) is no step
                 self.counters["steps"] += bool(sched.requests or sched.aborted or sched.preempted)
@@ -345,35 +343,24 @@ class Engine:
             req = Request("logits", next(self._ids), token_ids, adapter, SamplingParams(), 0)
             if adapter is not None:
                 self.store.get(adapter)
+            if not self.scheduler.admit_now(req):
+                raise RequestError("the pool cannot hold this sequence now: retry when running requests finish")
             try:
-                if adapter is not None:
-                    self.residency.make_resident(adapter)
-                    self.pages.acquire(adapter)
-                need = self.pages.pages_needed(req.id_int, len(token_ids))
-                if need > self.pages.free_count:
-                    for name in self.pages.evict_for(need):
-                        self.residency.evict(name)
-                self.pages.extend(req.id_int, len(token_ids))
                 inp, _, _ = self.builder.build(ScheduledStep([req], [len(token_ids)], [], []))
                 inp.logit_rows = np.arange(len(inp.tokens), dtype=np.int32)
                 logits, self.pool.array = self.runner.logits(self.pool.array, inp)
                 return parallel.to_host(logits).astype(np.float32)[: len(token_ids)]
-            except OutOfPages as e:
-                raise RequestError(f"the pool cannot hold this sequence now: {e}") from None
             finally:
-                if self.pages.has_seq(req.id_int):
-                    self.pages.free_seq(req.id_int)
-                if adapter is not None and self.pages.is_resident(adapter) and self.pages.refcount(adapter):
-                    self.pages.release(adapter)
+                self.scheduler.release(req)
 
     def stats(self) -> dict:
         with self._lock:
-            p = self.pages.stats()
+            p, c = self.pages.stats(), self.cache.stats()
             return {
                 "pages_total": p["pages_total"], "pages_free": p["pages_free"], "pages_kv": p["pages_kv"],
-                "pages_adapter": p["pages_adapter"], "page_rows": self.pages.page_rows,
-                "adapters_registered": len(self.store), "adapters_resident": p["adapters_resident"],
-                "swaps_in": self.residency.swaps_in, "swaps_out": self.residency.swaps_out,
+                "pages_adapter": p["pages_adapter"], "page_rows": p["page_rows"],
+                "adapters_registered": len(self.store), "adapters_resident": c["adapters_resident"],
+                "adapter_entries": c["adapter_entries"], "swaps_in": c["swaps_in"], "swaps_out": c["swaps_out"],
                 "requests_running": len(self.scheduler.running),
                 "requests_waiting": len(self.scheduler.waiting) + len(self._inbox),
                 "pool_bytes": self.pool.nbytes, "kernels": self.runner.kernels.name, **self.counters,

@@ -23,8 +23,8 @@ import dataclasses
 import time
 from typing import Optional
 
+from ..memory.cache import AdapterCache
 from ..memory.pages import OutOfPages, PageTable
-from ..memory.residency import AdapterResidency
 from .request import Request, Status
 
 LOOKAHEAD = 8
@@ -43,9 +43,9 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, pages: PageTable, residency: AdapterResidency, max_running: int, max_batch_tokens: int,
+    def __init__(self, pages: PageTable, cache: AdapterCache, max_running: int, max_batch_tokens: int,
                  early_abort_s: Optional[float] = None):
-        self.pages, self.residency = pages, residency
+        self.pages, self.cache = pages, cache
         self.max_running, self.max_batch_tokens = max_running, max_batch_tokens
         self.early_abort_s = early_abort_s
         self.waiting: collections.deque = collections.deque()
@@ -90,21 +90,12 @@ class Scheduler:
         for r in list(self.running):
             if r.remaining_prefill != 1 or r.complete or r not in self.running:
                 continue
-            while True:
-                try:
-                    self.pages.extend(r.id_int, r.num_computed + 1)
+            while not self._reserve(r, 1):  # no room even with idle adapters evicted: preempt the newest
+                victim = self.running[-1]
+                self.preempt(victim)
+                preempted.append(victim)
+                if victim is r:
                     break
-                except OutOfPages:
-                    need = self.pages.pages_needed(r.id_int, r.num_computed + 1)
-                    if self.pages.evictable_pages() >= need - self.pages.free_count:
-                        for name in self.pages.evict_for(need):
-                            self.residency.evict(name)
-                        continue
-                    victim = self.running[-1]
-                    self.preempt(victim)
-                    preempted.append(victim)
-                    if victim is r:
-                        break
         return preempted
 
     def _continue_prefills(self, budget: int) -> int:
@@ -137,41 +128,44 @@ class Scheduler:
             i += 1
 
     def _resident(self, r: Request) -> bool:
-        return r.adapter is None or self.pages.is_resident(r.adapter)
+        return r.adapter is None or self.cache.is_resident(r.adapter)
 
-    def _try_admit(self, r: Request, n: int) -> bool:
-        adapter_pages = self.residency.pages_needed(r.adapter) if r.adapter else 0
+    def _try_admit(self, r: Request, n: int, watermark: Optional[int] = None) -> bool:
+        """Make r's adapter resident and reserve KV for its next n tokens, or change nothing and say no."""
+        adapter_pages = self.cache.pages_needed(r.adapter) if r.adapter else 0
         kv_pages = self.pages.pages_needed(r.id_int, r.num_computed + n)
-        watermark = len(self.running)  # keep a page per running request for its next decode token
-        free = self.pages.free_count + self.pages.evictable_pages()
-        if kv_pages + adapter_pages + watermark > free:
+        if watermark is None:
+            watermark = len(self.running)  # keep a page per running request for its next decode token
+        free = self.pages.free_count + self.cache.evictable_pages()
+        if kv_pages + adapter_pages + watermark > free or (r.adapter and not self.cache.can_take(r.adapter)):
             return False
         if r.adapter:
-            self.residency.make_resident(r.adapter)
-            self.pages.acquire(r.adapter)
-        if not self._reserve(r, n):  # evictions made room above; this cannot fail, but stay safe
+            self.cache.acquire(r.adapter)
+        if not self._reserve(r, n):  # the check above left room; stay safe if a resident adapter's pages were counted
             if r.adapter:
-                self.pages.release(r.adapter)
+                self.cache.release(r.adapter)
             return False
         r.status = Status.RUNNING
         return True
 
     def _reserve(self, r: Request, n: int) -> bool:
-        need = self.pages.pages_needed(r.id_int, r.num_computed + n)
-        if need > self.pages.free_count:
-            for name in self.pages.evict_for(need):
-                self.residency.evict(name)
+        """KV pages for r's next n tokens (the page table evicts idle adapters for them if it must)."""
         try:
             self.pages.extend(r.id_int, r.num_computed + n)
             return True
         except OutOfPages:
             return False
 
+    def admit_now(self, r: Request) -> bool:
+        """Admit r for one forward over all its tokens, outside the queue (Engine.logits): the same checks
+        as admission, without a decode watermark. Release it with `release`."""
+        return self._try_admit(r, r.num_tokens - r.num_computed, watermark=0)
+
     # -- finishing ---------------------------------------------------------------------
     def preempt(self, r: Request) -> None:
         """Free r's pages and put it back at the head of the queue (recomputed later)."""
         self.running.remove(r)
-        self._release(r)
+        self.release(r)
         r.num_computed = 0
         r.status = Status.WAITING
         r.preemptions += 1
@@ -180,13 +174,15 @@ class Scheduler:
     def finish(self, r: Request) -> None:
         if r in self.running:
             self.running.remove(r)
-            self._release(r)
+            self.release(r)
         elif r in self.waiting:
             self.waiting.remove(r)
         r.status = Status.FINISHED
 
-    def _release(self, r: Request) -> None:
+    def release(self, r: Request) -> None:
+        """Give back r's KV pages and its hold on its adapter."""
         if self.pages.has_seq(r.id_int):
             self.pages.free_seq(r.id_int)
-        if r.adapter and self.pages.is_resident(r.adapter):
-            self.pages.release(r.adapter)
+        if r.adapter and r.status == Status.RUNNING:
+            self.cache.release(r.adapter)
+            r.status = Status.WAITING

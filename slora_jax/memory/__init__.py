@@ -1,4 +1,5 @@
-"""Host-side memory management of the unified pool."""
-from .pages import ADAPTER, FREE, KV, AdapterLoad, OutOfPages, PageTable
+"""Device memory: the pool's geometry, the pool, its page table and the adapter cache."""
+from .layout import PoolLayout
+from .pages import ADAPTER, FREE, KV, OutOfPages, PageTable
 
-__all__ = ["PageTable", "OutOfPages", "AdapterLoad", "FREE", "KV", "ADAPTER"]
+__all__ = ["ADAPTER", "FREE", "KV", "OutOfPages", "PageTable", "PoolLayout"]

@@ -1,4 +1,16 @@
-"""Where an adapter's rows go in the unified pool, and the waste of that geometry.
+"""The unified pool's geometry (`PoolLayout`), where an adapter's rows go in it, and the waste.
+
+`PoolLayout` is computed once from the model and engine configs and handed to
+everything that indexes the pool (the pool array, the page table, the adapter
+cache, the batch builder; kernels get its ints through the step input), so the
+geometry is decided here and nowhere else.
+
+The pool is ``pool[L, S, W]`` with ``S = 2 * N * page_rows`` rows of width W.
+Page ``p`` (``0 <= p < N``) owns two blocks of ``page_rows`` rows: its K block,
+rows ``[p * pr, (p + 1) * pr)``, and its V block, rows ``[(N + p) * pr, ...)``.
+A page holds either ``page_rows`` tokens of one sequence (token ``i``'s K at
+row ``pages[i // pr] * pr + i % pr``, its V ``N * pr`` rows further) or
+``2 * page_rows`` rows of one adapter (K block first, then V block).
 
 Pool rows are W = num_kv_heads * head_dim wide: one token's K (or V) for one
 layer fills exactly one row, so GQA models waste no KV memory (S-LoRA's page
@@ -21,29 +33,91 @@ Pages add at most one partly filled page per resident adapter.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 
-from ..config import LORA_MODULES, ModelConfig
+from ..config import LORA_MODULES, EngineConfig, ModelConfig
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
 
 
 def row_width(cfg: ModelConfig) -> int:
     return cfg.kv_size
 
 
-def slots(cfg: ModelConfig, width: int) -> int:
-    """Pool rows one matrix row of `width` elements takes."""
-    return math.ceil(width / row_width(cfg))
+def rows_per_vector(cfg: ModelConfig, width: int) -> int:
+    """Pool rows one matrix row (a column of A, a row of B) of `width` elements takes."""
+    return cdiv(width, row_width(cfg))
 
 
-def module_slots(cfg: ModelConfig, module: str) -> tuple[int, int]:
+def module_rows(cfg: ModelConfig, module: str) -> tuple[int, int]:
+    """(pool rows per A^T row, pool rows per B row) of one target module."""
     d_in, d_out = cfg.module_shape(module)
-    return slots(cfg, d_in), slots(cfg, d_out)
+    return rows_per_vector(cfg, d_in), rows_per_vector(cfg, d_out)
 
 
 def num_rows(cfg: ModelConfig, ranks: dict) -> int:
-    return sum(r * sum(module_slots(cfg, m)) for m, r in ranks.items())
+    """Flat pool rows of an adapter with these {module: rank}."""
+    return sum(r * sum(module_rows(cfg, m)) for m, r in ranks.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolLayout:
+    """The pool's geometry, fixed at start-up (see the module docstring)."""
+
+    num_layers: int
+    num_pages: int
+    page_rows: int
+    row_width: int
+    pages_per_seq: int  # pages of one max_model_len sequence: the width of a block table
+    module_rows: tuple  # per config.LORA_MODULES: (pool rows per A^T row, per B row)
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, ecfg: EngineConfig, num_pages: int) -> "PoolLayout":
+        num_pages, page_rows = int(num_pages), int(ecfg.page_rows)
+        if num_pages < 1 or page_rows < 1:
+            raise ValueError(f"num_pages and page_rows must be >= 1, got {num_pages} and {page_rows}")
+        if 2 * num_pages * page_rows > np.iinfo(np.int32).max:
+            raise ValueError(f"pool of 2 * {num_pages} * {page_rows} rows does not fit int32 row indices")
+        return cls(cfg.num_layers, num_pages, page_rows, row_width(cfg), cdiv(ecfg.max_model_len, page_rows),
+                   tuple(module_rows(cfg, m) for m in LORA_MODULES))
+
+    @property
+    def pool_rows(self) -> int:
+        """S = 2 * num_pages * page_rows."""
+        return 2 * self.num_pages * self.page_rows
+
+    @property
+    def shape(self) -> tuple:
+        return (self.num_layers, self.pool_rows, self.row_width)
+
+    @property
+    def v_row_offset(self) -> int:
+        """Add to a K row index to get the V row of the same token."""
+        return self.num_pages * self.page_rows
+
+    def kv_pages(self, n_tokens: int) -> int:
+        return cdiv(n_tokens, self.page_rows)
+
+    def adapter_pages(self, n_rows: int) -> int:
+        return cdiv(n_rows, 2 * self.page_rows)
+
+    def kv_rows(self, pages: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """int32 pool K row of each token position of a sequence holding `pages`."""
+        pr = self.page_rows
+        return (pages[positions // pr].astype(np.int64) * pr + positions % pr).astype(np.int32)
+
+    def adapter_pool_rows(self, pages: np.ndarray, n_rows: int) -> np.ndarray:
+        """int32 [n_rows]: the pool row of each flat adapter row held in `pages` (K block, then V block)."""
+        pr = self.page_rows
+        i = np.arange(n_rows, dtype=np.int64)
+        page = pages[i // (2 * pr)].astype(np.int64)
+        w = i % (2 * pr)
+        return np.where(w < pr, page * pr + w, (self.num_pages + page) * pr + (w - pr)).astype(np.int32)
 
 
 def pack(cfg: ModelConfig, modules: dict, dtype, tp: int = 1) -> np.ndarray:
@@ -64,7 +138,7 @@ def pack(cfg: ModelConfig, modules: dict, dtype, tp: int = 1) -> np.ndarray:
         a, b = modules[m]  # [L, in, r], [L, r, out]
         for mat in (np.swapaxes(a, 1, 2), b):  # rows of A^T, rows of B: [L, r, D]
             n = mat.shape[2]
-            k = slots(cfg, n)
+            k = rows_per_vector(cfg, n)
             local = np.zeros((cfg.num_layers, r, tp, k * lw), np.float32)  # [..., device d, its local row]
             local[..., : n // tp] = mat.reshape(cfg.num_layers, r, tp, n // tp)
             # local element c*lw + e of device d sits at pool row c, column d*lw + e
@@ -74,24 +148,24 @@ def pack(cfg: ModelConfig, modules: dict, dtype, tp: int = 1) -> np.ndarray:
     return out
 
 
-def module_tables(cfg: ModelConfig, ranks: dict, rows: np.ndarray) -> dict:
-    """Pool rows of one adapter (flat, from the page table) -> {module: (a_rows [r, K_in], b_rows [r, K_out])}."""
+def module_tables(module_rows: tuple, ranks: dict, rows: np.ndarray) -> dict:
+    """An adapter's flat pool rows -> {module: (a_rows [r, K_in], b_rows [r, K_out])}, in `pack`'s order.
+
+    module_rows: per config.LORA_MODULES, (pool rows per A^T row, per B row) (`PoolLayout.module_rows`)."""
     out, at = {}, 0
-    for m in LORA_MODULES:
+    for m, (k_in, k_out) in zip(LORA_MODULES, module_rows):
         if m not in ranks:
             continue
         r = ranks[m]
-        k_in, k_out = module_slots(cfg, m)
         a = rows[at: at + r * k_in].reshape(r, k_in)
         at += r * k_in
-        b = rows[at: at + r * k_out].reshape(r, k_out)
+        out[m] = (a, rows[at: at + r * k_out].reshape(r, k_out))
         at += r * k_out
-        out[m] = (a, b)
     return out
 
 
 def waste_report(cfg: ModelConfig, modules=LORA_MODULES) -> dict:
     """Fraction of an adapter's pool rows that is padding, for a given target set."""
     used = sum(sum(cfg.module_shape(m)) for m in modules)
-    stored = sum(sum(module_slots(cfg, m)) for m in modules) * row_width(cfg)
+    stored = sum(sum(module_rows(cfg, m)) for m in modules) * row_width(cfg)
     return {"row_width": row_width(cfg), "adapter_waste": 1 - used / stored, "kv_waste": 0.0}

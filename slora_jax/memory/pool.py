@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..config import EngineConfig, ModelConfig
-from .layout import row_width
+from .layout import PoolLayout, cdiv, row_width
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ def choose_num_pages(cfg: ModelConfig, ecfg: EngineConfig, dtype) -> int:
         return int(ecfg.num_pages)
     free = free_device_bytes()
     if free is None:  # CPU: no memory stats; a pool for a few full-length sequences
-        pages = 8 * math.ceil(ecfg.max_model_len / ecfg.page_rows)
+        pages = 8 * cdiv(ecfg.max_model_len, ecfg.page_rows)
         log.info("no device memory stats; using num_pages=%d", pages)
         return pages
     # free memory is per device, and under tensor parallelism each device holds 1/tp of every page
@@ -60,9 +59,9 @@ def _scatter_rows(pool, rows, data):
 class DevicePool:
     """Owns the pool array; the host page table (pages.py) decides what goes where."""
 
-    def __init__(self, cfg: ModelConfig, num_pages: int, page_rows: int, dtype, sharding=None):
-        self.num_pages, self.page_rows, self.dtype = num_pages, page_rows, dtype
-        self.shape = (cfg.num_layers, 2 * num_pages * page_rows, row_width(cfg))
+    def __init__(self, layout: PoolLayout, dtype, sharding=None):
+        self.layout, self.dtype = layout, dtype
+        self.shape = layout.shape
         # committed to its device(s) from the start, as every later (donated) update returns it: an
         # uncommitted first pool would give each step program a second cache entry
         sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
