@@ -162,7 +162,6 @@ class EngineConfig:
     max_running: int = 64
     max_batch_tokens: int = 2048
     max_model_len: int = 2048
-    max_adapters_per_step: Optional[int] = None  # segments per step; default max_running
     early_abort_s: Optional[float] = None  # drop waiting requests older than this (S-LoRA's early abort)
     kernels: str = "auto"  # auto | pallas | xla
     dtype: str = "bfloat16"

@@ -109,7 +109,8 @@ class BatchBuilder:
         logit_rows = np.arange(b, dtype=np.int32) if decode else np.maximum(q_starts[1:] - 1, 0)
 
         inp = StepInput(tokens, positions, kv_slots, block_tables, kv_lens, q_starts, logit_rows,
-                        self._lora(slot_arr, q_starts, b), feed, decode, self.pages.page_rows)
+                        self._lora(slot_arr, q_starts, b), feed, decode, self.pages.page_rows,
+                        num_pages=self.pages.num_pages)
         return inp, self._sampling(reqs, b), reqs
 
     def dummy(self, decode: bool, size: int, lora: bool) -> tuple[StepInput, SamplingArrays]:
@@ -124,7 +125,7 @@ class BatchBuilder:
         inp = StepInput(np.zeros(t, np.int32), np.zeros(t, np.int32), np.full(t, -1, np.int32),
                         np.zeros((b, self.width), np.int32), np.zeros(b, np.int32), q_starts,
                         np.arange(b, dtype=np.int32) if decode else np.zeros(b, np.int32), lo,
-                        np.full(t, -1, np.int32), decode, self.pages.page_rows)
+                        np.full(t, -1, np.int32), decode, self.pages.page_rows, num_pages=self.pages.num_pages)
         return inp, self._sampling([], b)
 
     def _lora(self, slot_arr: np.ndarray, q_starts: np.ndarray, b: int):
@@ -143,8 +144,7 @@ class BatchBuilder:
         ranks = np.where(has, res.rank_tab[safe], 0).T.astype(np.int32)  # [7, NS]
         a_rows = tuple(res.a_tab[i][safe] for i in range(len(LORA_MODULES)))
         b_rows = tuple(res.b_tab[i][safe] for i in range(len(LORA_MODULES)))
-        scales = np.ones((len(LORA_MODULES), b), np.float32)  # scaling is folded into B on the host
-        return LoraInput(seg_starts, ranks, scales, a_rows, b_rows, res.store.target_modules())
+        return LoraInput(seg_starts, ranks, a_rows, b_rows, res.store.target_modules())
 
     @staticmethod
     def _sampling(reqs: list, b: int) -> SamplingArrays:
