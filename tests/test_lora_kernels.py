@@ -87,9 +87,9 @@ class Case:
         self.v = jnp.asarray(v)
         self.y = jnp.asarray(rng.standard_normal((t, d_out)).astype(np.float32), dtype)
 
-    # -- calls
-    def shrink(self, rows=None, **kw):
-        return lora.lora_shrink(self.x, self.pool, self.layer, jnp.asarray(self.seg_starts),
+    # -- calls (module: the kernel module under test, pallas_kernels.gpu.lora or pallas_kernels.tpu.lora)
+    def shrink(self, rows=None, *, module=lora, **kw):
+        return module.lora_shrink(self.x, self.pool, self.layer, jnp.asarray(self.seg_starts),
                                 jnp.asarray(self.ranks), jnp.asarray(self.a_junk if rows is None else rows),
                                 **kw)
 
@@ -97,9 +97,9 @@ class Case:
         return reference.lora_shrink(self.x, self.pool, self.layer, jnp.asarray(self.seg_starts),
                                      jnp.asarray(self.ranks), jnp.asarray(self.a_good))
 
-    def expand(self, rows=None, **kw):
+    def expand(self, rows=None, *, module=lora, **kw):
         rows = self.b_junk if rows is None else rows
-        return lora.lora_expand(self.y, self.v, self.pool, self.layer, jnp.asarray(self.seg_starts),
+        return module.lora_expand(self.y, self.v, self.pool, self.layer, jnp.asarray(self.seg_starts),
                                 jnp.asarray(self.ranks[0]), jnp.asarray(rows), **kw)
 
     def expand_ref(self):
