@@ -301,3 +301,21 @@ def test_prefill_errors(change, message):
     kw.update(change.get("tun", {}))
     with pytest.raises(ValueError, match=message):
         attention.paged_attention_prefill(q, pool, 0, bt, q_starts, kv_lens, **kw)
+
+
+def test_lowers_for_a_gpu_target():
+    """The compiled (non-interpret) kernels pass Pallas' Triton lowering for a CUDA target (on CPU: the
+    lowering to Triton IR only; Triton's own compiler runs on the GPU)."""
+    sds, i32, bf16 = jax.ShapeDtypeStruct, jnp.int32, jnp.bfloat16
+    hq, hkv, hd, page_rows, num_pages = 8, 2, 64, 16, 12
+    pool = sds((2, 2 * num_pages * page_rows, hkv * hd), bf16)
+    kw = dict(page_rows=page_rows, num_pages=num_pages, scale=hd ** -0.5, interpret=False)
+    dec = jax.jit(lambda q, pool, layer, bt, n: attention.paged_attention_decode(q, pool, layer, bt, n, **kw))
+    txt = dec.trace(sds((4, hq, hd), bf16), pool, sds((), i32), sds((4, 3), i32), sds((4,), i32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "triton" in txt.lower()
+    pre = jax.jit(lambda q, pool, layer, bt, qs, kv: attention.paged_attention_prefill(
+        q, pool, layer, bt, qs, kv, **kw))
+    txt = pre.trace(sds((40, hq, hd), bf16), pool, sds((), i32), sds((4, 3), i32), sds((5,), i32),
+                    sds((4,), i32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in txt.lower()

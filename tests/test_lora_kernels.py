@@ -447,3 +447,41 @@ def test_group_expand_errors():
         lora.lora_expand_group(ys, v, *args[:3], jnp.asarray(case.ranks)[0], rows)
     with pytest.raises(ValueError, match=r"K_out = ceil\(D_out / W\)"):
         lora.lora_expand_group(ys, v, *args, (rows[1], rows[1], rows[2]))
+
+
+# --------------------------------------------------------------------------- backend choice and lowering
+@pytest.mark.parametrize("device, backend, interpret, resolved", [
+    ("cpu", "auto", None, ("xla", False)),
+    ("cpu", "pallas", None, ("triton", True)),
+    ("cpu", "mosaic", None, ("mosaic", True)),
+    ("gpu", "auto", None, ("triton", False)),
+    ("gpu", "pallas", None, ("triton", False)),
+    ("gpu", "triton-interpret", None, ("triton", True)),
+    ("gpu", "xla", True, ("xla", False)),
+    ("tpu", "auto", None, ("mosaic", False)),
+    ("tpu", "pallas", None, ("mosaic", False)),
+    ("tpu", "mosaic", True, ("mosaic", True)),
+])
+def test_kernel_set_resolves_backends(monkeypatch, device, backend, interpret, resolved):
+    monkeypatch.setattr(jax, "default_backend", lambda: device)
+    assert pallas_kernels.resolve_backend(backend, interpret) == resolved
+    ks = pallas_kernels.kernel_set(backend, interpret)
+    assert ks.name == resolved[0] + ("-interpret" if resolved[1] else "")
+    assert ks is pallas_kernels.kernel_set(*resolved)  # one object per choice: a stable static jit argument
+
+
+def test_lowers_for_a_gpu_target():
+    """The compiled (non-interpret) kernels pass Pallas' Triton lowering for a CUDA target (on CPU: the
+    lowering to Triton IR only; Triton's own compiler runs on the GPU)."""
+    sds, i32, bf16 = jax.ShapeDtypeStruct, jnp.int32, jnp.bfloat16
+    t, d, ns, r, m = 37, 256, 33, 16, 3
+    pool, tables = sds((2, 64, d), bf16), (sds((), i32), sds((ns + 1,), i32), sds((m, ns), i32))
+    for tun in ({}, dict(block_t=16)):  # the one-token mode (decode default) and token blocks
+        shrink = jax.jit(lambda *a, tun=tun: lora.lora_shrink(*a, interpret=False, partials=True, **tun))
+        txt = shrink.trace(sds((t, d), bf16), pool, *tables, sds((m, ns, r, 1), i32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "triton" in txt.lower()
+        expand = jax.jit(lambda *a, tun=tun: lora.lora_expand_group(*a, interpret=False, **tun))
+        txt = expand.trace((sds((t, d), bf16),) * m, sds((2, m, t, r), jnp.float32), pool, *tables,
+                           (sds((ns, r, 1), i32),) * m).lower(lowering_platforms=("cuda",)).as_text()
+        assert "triton" in txt.lower()
