@@ -3,9 +3,10 @@
 Every target linear computes y = x W + (x A) B for a batch in which
 each token may use a different adapter of a different rank, or none: the LoRA
 term is the segmented shrink/expand kernels reading A/B rows from the unified
-pool (each adapter's scaling is folded into its B rows). Attention reads K/V from the same pool through page tables. The forward
-is a pure function of (params, pool, StepInput) -> (logits, pool); the pool
-is donated by the caller so K/V writes happen in place.
+pool (each adapter's scaling is folded into its B rows). Attention reads K/V
+from the same pool through page tables. The forward is a pure function of
+(params, pool, StepInput) -> (logits, pool); the pool is donated by the caller
+so K/V writes happen in place.
 """
 from __future__ import annotations
 
