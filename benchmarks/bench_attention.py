@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from pallas_kernels import attention, reference
+from pallas_kernels import reference
+from pallas_kernels.gpu import attention
 
 GATHER_LIMIT = 10e9  # skip the XLA reference where its gathered K/V would pass this
 LLAMA7B = dict(hq=32, hkv=32, hd=128)
@@ -156,7 +157,7 @@ def correctness() -> list[str]:
         ctx = max(lengths)
         q, pool, bt, n = decode_inputs(jax.random.fold_in(key, i), len(lengths), ctx, **heads,
                                        page_rows=pr, dtype=dtype, lengths=lengths, layers=3)
-        kw = dict(page_rows=pr, scale=heads["hd"] ** -0.5)
+        kw = dict(page_rows=pr, num_pages=pool.shape[1] // (2 * pr), scale=heads["hd"] ** -0.5)
         f = jax.jit(lambda q, pool, layer, bt, n, tun=tun, kw=kw: attention.paged_attention_decode(
             q, pool, layer, bt, n, interpret=Cfg.interpret, **kw, **tun))
         check(name, lambda: f(q, pool, jnp.int32(2), bt, n),
@@ -178,7 +179,7 @@ def correctness() -> list[str]:
         q, pool, bt, qs, kv = prefill_inputs(jax.random.fold_in(key, 100 + i), chunks, prefixes,
                                              **heads, page_rows=pr, dtype=dtype, lead=lead,
                                              pad=pad, layers=2)
-        kw = dict(page_rows=pr, scale=heads["hd"] ** -0.5)
+        kw = dict(page_rows=pr, num_pages=pool.shape[1] // (2 * pr), scale=heads["hd"] ** -0.5)
         f = jax.jit(lambda q, pool, layer, bt, qs, kv, tun=tun, kw=kw:
                     attention.paged_attention_prefill(q, pool, layer, bt, qs, kv,
                                                       interpret=Cfg.interpret, **kw, **tun))
@@ -225,7 +226,7 @@ def time_decode(batch, ctx, heads, bw, device, upstream, *, tunables=(), with_ba
     q, pool, bt, n = decode_inputs(jax.random.PRNGKey(batch * 7 + ctx), batch, ctx, **heads,
                                    page_rows=page_rows)
     layer = jnp.int32(0)
-    kw = dict(page_rows=page_rows, scale=hd ** -0.5)
+    kw = dict(page_rows=page_rows, num_pages=pool.shape[1] // (2 * page_rows), scale=hd ** -0.5)
     nbytes = 2 * batch * ctx * hkv * hd * 2 + 2 * q.size * 2
     rows = []
     for tun in tunables or ({},):  # the default tunables unless sweeping
@@ -271,7 +272,7 @@ def time_prefill(chunk, nseq, prefix, heads, bw, device, *, tunables=(), phase="
     q, pool, bt, qs, kv = prefill_inputs(jax.random.PRNGKey(3), [chunk] * nseq, [prefix] * nseq,
                                          **heads, page_rows=16)
     layer = jnp.int32(0)
-    kw = dict(page_rows=16, scale=hd ** -0.5)
+    kw = dict(page_rows=16, num_pages=pool.shape[1] // (2 * 16), scale=hd ** -0.5)
     ctx = chunk + prefix
     nbytes = 2 * nseq * ctx * hkv * hd * 2 + 2 * q.size * 2
     # causal FLOPs: 4 * hd * Hq * sum over queries of keys seen

@@ -11,7 +11,7 @@
 (b) times shrink + expand of one 4096-wide projection (Llama-7B, W = 4096, bf16
     pool with a random row permutation) for decode batch 32/128/512 with
     all-distinct adapters of rank 8/16/64, and prefill of 4 x 512 tokens with 4
-    adapters, for impl "pallas" (default tunables) and "xla" (the reference);
+    adapters, for "pallas" (pallas_kernels.gpu.lora, default tunables) and "xla" (the reference);
 (c) sweeps a few tunables of each kernel (each variant with the other kernel's defaults),
     within the time budget; the defaults and the one-token mode (block_t = 1) among them.
 
@@ -29,6 +29,7 @@ kernel's share (device_us_shrink, device_us_expand; sweep rows too).
 """
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import sys
@@ -43,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from pallas_kernels import lora, reference
+from pallas_kernels import reference
+from pallas_kernels.gpu import lora
 
 
 class Cfg:
@@ -98,7 +100,6 @@ def make_case(seed, *, seg_lens, t, ranks, r, d_in, d_out, w, start0=0, dtype=jn
         v=jnp.asarray(rng.standard_normal((t, r)).astype(np.float32)),
         pool=pool, seg_starts=jnp.asarray(starts), ranks=jnp.asarray(ranks),
         a_rows=jnp.asarray(a_rows), b_rows=jnp.asarray(b_rows),
-        scales=jnp.asarray(rng.uniform(0.5, 2.0, ns).astype(np.float32)),
     )
 
 
@@ -136,10 +137,10 @@ def correctness() -> list[str]:
                     extra_ok = not np.asarray(out)[dead].any()
                     extra = "" if extra_ok else "; dead rows not 0"
                 else:
-                    f = jax.jit(lambda y, v, pool, layer, ss, rk, rows, sc, kw=kw: lora.lora_expand(
-                        y, v, pool, layer, ss, rk, rows, sc, interpret=Cfg.interpret, **kw))
+                    f = jax.jit(lambda y, v, pool, layer, ss, rk, rows, kw=kw: lora.lora_expand(
+                        y, v, pool, layer, ss, rk, rows, interpret=Cfg.interpret, **kw))
                     args = (c["y"], c["v"], c["pool"], jnp.int32(layer), c["seg_starts"],
-                            c["ranks"][0], c["b_rows"], c["scales"])
+                            c["ranks"][0], c["b_rows"])
                     out = jax.block_until_ready(f(*args))
                     with jax.default_matmul_precision("highest"):
                         ref = reference.lora_expand(*args)
@@ -229,12 +230,11 @@ def lora_inputs(seed, seg_lens, rank, d):
     y = jax.random.normal(k2, (t, d), jnp.bfloat16)
     starts = jnp.asarray(np.concatenate([[0], np.cumsum(seg_lens)]).astype(np.int32))
     ranks = jnp.full((1, ns), rank, jnp.int32)
-    scales = jnp.full((ns,), 0.01, jnp.float32)
     sets = []
     for rows in perm.reshape(n_sets, n_rows):
         a_rows = jnp.asarray(rows[: ns * rank].reshape(1, ns, rank, 1))
         b_rows = jnp.asarray(rows[ns * rank:].reshape(ns, rank, 1))
-        sets.append((pool, starts, ranks, a_rows, b_rows, scales))
+        sets.append((pool, starts, ranks, a_rows, b_rows))
     nbytes = (t * d * 2  # x read
               + 2 * ns * rank * d * 2  # A and B rows, each distinct row once
               + 2 * t * d * 2)  # y read + written
@@ -242,14 +242,17 @@ def lora_inputs(seed, seg_lens, rank, d):
 
 
 def _both(impl, shrink_kw, expand_kw):
-    def body(y, pool, starts, ranks, a_rows, b_rows, scales):
-        kw = dict(impl=impl)
-        if impl == "pallas":
-            kw["interpret"] = Cfg.interpret
+    """One call of shrink + expand: "pallas" (the Triton kernels, with these tunables) or "xla"."""
+    if impl == "pallas":
+        shrink = functools.partial(lora.lora_shrink, interpret=Cfg.interpret, **shrink_kw)
+        expand = functools.partial(lora.lora_expand_group, interpret=Cfg.interpret, **expand_kw)
+    else:
+        shrink, expand = reference.lora_shrink, reference.lora_expand_group
+
+    def body(y, pool, starts, ranks, a_rows, b_rows):
         # as the model runs it: the expand adds up the shrink's split-K partial sums
-        v = lora.lora_shrink(y, pool, 1, starts, ranks, a_rows, partials=True, **kw, **shrink_kw)
-        (out,) = lora.lora_expand_group((y,), v, pool, 1, starts, ranks, (b_rows,), scales[None], **kw,
-                                        **expand_kw)
+        v = shrink(y, pool, 1, starts, ranks, a_rows, partials=True)
+        (out,) = expand((y,), v, pool, 1, starts, ranks, (b_rows,))
         return out
     return body
 

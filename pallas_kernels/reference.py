@@ -9,10 +9,12 @@ Pool layout (shared by all kernels)
 ``pool`` has shape ``[L, S, W]``: for every layer, ``S`` rows of width ``W``,
 where ``W`` is the width of one token's K (or V) vector in one layer
 (``num_kv_heads * head_dim``). Rows are grouped in pages of ``page_rows`` rows;
-a page index ``p`` (``0 <= p < N``, ``S = 2 * N * page_rows``) owns the K block
-of rows ``[p * page_rows, (p + 1) * page_rows)`` and the V block
+a page index ``p`` (``0 <= p < N``, ``N = num_pages``, ``S = 2 * N * page_rows``)
+owns the K block of rows ``[p * page_rows, (p + 1) * page_rows)`` and the V block
 ``[(N + p) * page_rows, (N + p + 1) * page_rows)``. In block units (blocks of
-``page_rows`` rows) the V block of page ``p`` is ``p + N``.
+``page_rows`` rows) the V block of page ``p`` is ``p + N``. Every function that
+indexes pages takes ``page_rows`` and ``num_pages`` from the caller (the pool's
+geometry is given, not derived from its shape) and checks them against the pool.
 
 A page either holds ``page_rows`` tokens of one sequence's K and V (token
 ``i`` of a sequence sits at offset ``i % page_rows`` of the page
@@ -39,6 +41,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from . import common
 
 # References are exact: float32 products in full precision (XLA's GPU default for a float32 GEMM is TF32).
 _EXACT = jax.lax.Precision.HIGHEST
@@ -69,6 +73,7 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, partials=False
     a_rows: [M, NS, R, K_in] int32 pool rows of A^T (M modules sharing x).
     Returns float32 [M, T, R] ([1, M, T, R] with partials=True: the kernels' split-K form).
     """
+    common.check_lora_shrink("lora_shrink", x, pool, layer, seg_starts, seg_ranks, a_rows)
     t, d_in = x.shape
     m, ns, r, k = a_rows.shape
     valid, seg_c = _token_segments(seg_starts, t)
@@ -80,31 +85,34 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, partials=False
     return v[None] if partials else v
 
 
-def _expand_delta(v, b, seg_c, keep, scales):
-    """scale(seg(t)) * sum_{j < rank} v[t, j] * b[seg(t), j, :] in float32."""
-    vv = jnp.where(keep, v, 0.0) * scales[seg_c][:, None]
+def _expand_delta(v, b, seg_c, keep):
+    """sum_{j < rank} v[t, j] * b[seg(t), j, :] in float32."""
+    vv = jnp.where(keep, v, 0.0)
     return jnp.einsum("tr,trd->td", vv, b[seg_c].astype(jnp.float32), precision=_EXACT)
 
 
-def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales):
-    """y[t] + scale(seg(t)) * sum_{j < rank} v[t, j] * B(seg(t))[j, :].
+def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows):
+    """y[t] + sum_{j < rank} v[t, j] * B(seg(t))[j, :].
 
     y: [T, D_out] (base output, returned in its dtype); v: [T, R] float32;
-    seg_ranks: [NS]; b_rows: [NS, R, K_out]; seg_scales: [NS] float32.
+    seg_ranks: [NS]; b_rows: [NS, R, K_out]. An adapter's scaling (alpha / r) is folded into its
+    B rows by whoever writes them into the pool.
     """
-    (out,) = lora_expand_group((y,), v[None], pool, layer, seg_starts, seg_ranks[None], (b_rows,),
-                               seg_scales[None])
+    common.check_lora_expand("lora_expand", y, v, pool, layer, seg_starts, seg_ranks, b_rows)
+    (out,) = lora_expand_group((y,), v[None], pool, layer, seg_starts, seg_ranks[None], (b_rows,))
     return out
 
 
-def lora_expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales):
-    """`lora_expand` of M modules that share one shrink: ys[m] + scale_m * v[m] @ B_m.
+def lora_expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows):
+    """`lora_expand` of M modules that share one shrink: ys[m] + v[m] @ B_m.
 
     ys: M x [T, D_m]; v: [M, T, R] float32, or [KS, M, T, R] partial sums (summed here);
-    seg_ranks, seg_scales: [M, NS]; b_rows: M x [NS, R, K_m]. Returns a tuple of M arrays.
+    seg_ranks: [M, NS]; b_rows: M x [NS, R, K_m]. Returns a tuple of M arrays.
     All modules' B rows are read by one gather, so every output depends on the same single read of
     the pool (a model that writes K/V into the pool from some of the outputs orders that read first).
     """
+    ys, b_rows = tuple(ys), tuple(b_rows)
+    common.check_lora_expand_group("lora_expand", ys, v, pool, layer, seg_starts, seg_ranks, b_rows)
     if v.ndim == 4:
         v = v.sum(axis=0)
     t = ys[0].shape[0]
@@ -116,34 +124,33 @@ def lora_expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_sca
     outs, col = [], 0
     for m, (y, k) in enumerate(zip(ys, widths)):
         keep = valid[:, None] & (jnp.arange(r)[None, :] < seg_ranks[m][seg_c][:, None])
-        delta = _expand_delta(v[m], b_all[..., col:col + y.shape[1]], seg_c, keep, seg_scales[m])
+        delta = _expand_delta(v[m], b_all[..., col:col + y.shape[1]], seg_c, keep)
         outs.append((y.astype(jnp.float32) + delta).astype(y.dtype))
         col += k * w
     return tuple(outs)
 
 
-def write_kv(pool, layer, k, v, slots):
-    """Write new K/V rows: token t's K to row slots[t], its V to slots[t] + S/2.
+def write_kv(pool, layer, k, v, slots, *, page_rows, num_pages):
+    """Write new K/V rows: token t's K to row slots[t], its V to slots[t] + num_pages * page_rows.
 
     k, v: [T, W]; slots: [T] int32 K rows (block * page_rows + offset), -1 = skip.
     Returns the updated pool (in place under jit when the pool is donated).
     """
+    common.check_write_kv("write_kv", pool, layer, k, v, slots, page_rows, num_pages)
     s = pool.shape[1]
     k_rows = jnp.where(slots < 0, s, slots)  # out of range -> dropped
-    v_rows = jnp.where(slots < 0, s, slots + s // 2)
+    v_rows = jnp.where(slots < 0, s, slots + num_pages * page_rows)
     # One scatter for K and V: it depends on both, so every read of the pool that produced k or v is
     # ordered before it and XLA updates the pool in place (two scatters made XLA copy the whole pool).
     rows = jnp.concatenate([k_rows, v_rows])
     return pool.at[layer, rows].set(jnp.concatenate([k, v]).astype(pool.dtype), mode="drop")
 
 
-def _gather_kv(pool, layer, block_tables, page_rows):
+def _gather_kv(pool, layer, block_tables, page_rows, num_pages):
     """block_tables [B, M] -> K, V of shape [B, M * page_rows, W]."""
-    s = pool.shape[1]
-    n_pages = s // (2 * page_rows)
     offs = jnp.arange(page_rows, dtype=jnp.int32)
     k_rows = (block_tables[..., None] * page_rows + offs).reshape(block_tables.shape[0], -1)
-    v_rows = k_rows + n_pages * page_rows
+    v_rows = k_rows + num_pages * page_rows
     return pool[layer][k_rows], pool[layer][v_rows]
 
 
@@ -164,14 +171,16 @@ def _attend(q, k, v, mask, scale):
     return o.reshape(b, nq, hq, hd).astype(q.dtype)
 
 
-def paged_attention_decode(q, pool, layer, block_tables, lengths, *, page_rows, scale):
+def paged_attention_decode(q, pool, layer, block_tables, lengths, *, page_rows, num_pages, scale):
     """One query per sequence over its first lengths[b] tokens (GQA-aware).
 
     q: [B, Hq, hd]; block_tables: [B, M] int32 page indices; lengths: [B] int32
     (0: inactive row, output 0). Returns [B, Hq, hd] in q's dtype.
     """
+    common.check_decode("paged_attention_decode", q, pool, layer, block_tables, lengths, page_rows=page_rows,
+                        num_pages=num_pages, scale=scale)
     b, hq, hd = q.shape
-    k, v = _gather_kv(pool, layer, block_tables, page_rows)
+    k, v = _gather_kv(pool, layer, block_tables, page_rows, num_pages)
     hkv = pool.shape[-1] // hd
     c = k.shape[1]
     k = k.reshape(b, c, hkv, hd)
@@ -180,7 +189,7 @@ def paged_attention_decode(q, pool, layer, block_tables, lengths, *, page_rows, 
     return _attend(q[:, None], k, v, mask, scale)[:, 0]
 
 
-def paged_attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, page_rows, scale):
+def paged_attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, page_rows, num_pages, scale):
     """Causal attention of packed query chunks over their sequences' pages.
 
     q: [T, Hq, hd], sequence b's queries are rows q_starts[b]:q_starts[b+1] and
@@ -189,12 +198,14 @@ def paged_attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, 
     kv_lens[b] - n_b + i and sees keys 0..that position. Rows at or past
     q_starts[-1] are padding (output 0). Returns [T, Hq, hd].
     """
+    common.check_prefill("paged_attention_prefill", q, pool, layer, block_tables, q_starts, kv_lens,
+                         page_rows=page_rows, num_pages=num_pages, scale=scale)
     t, hq, hd = q.shape
     nb = block_tables.shape[0]
     valid, seq_c = _token_segments(q_starts, t)
     n_q = q_starts[1:] - q_starts[:-1]
     pos = kv_lens[seq_c] - n_q[seq_c] + (jnp.arange(t) - q_starts[seq_c])
-    k, v = _gather_kv(pool, layer, block_tables, page_rows)
+    k, v = _gather_kv(pool, layer, block_tables, page_rows, num_pages)
     hkv = pool.shape[-1] // hd
     c = k.shape[1]
     k = k.reshape(nb, c, hkv, hd)[seq_c]

@@ -162,7 +162,6 @@ class EngineConfig:
     max_running: int = 64
     max_batch_tokens: int = 2048
     max_model_len: int = 2048
-    max_adapters_per_step: Optional[int] = None  # segments per step; default max_running
     early_abort_s: Optional[float] = None  # drop waiting requests older than this (S-LoRA's early abort)
     # entries of the LoRA kernels' adapter tables: the most adapters resident at once (None: what the pool
     # could hold, capped; memory/cache.py default_capacity). Fixed at start-up so churn never recompiles.

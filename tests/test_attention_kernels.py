@@ -1,4 +1,4 @@
-"""Paged attention kernels (pallas_kernels/attention.py) against the references.
+"""Paged attention kernels (pallas_kernels/gpu/attention.py) against the references.
 
 CPU, Pallas interpret mode: the same kernel code the GPU compiles, run on fresh
 random inputs of awkward sizes (several seeds per shape; a seed changes data,
@@ -12,7 +12,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import attention, reference
+import pallas_kernels
+from pallas_kernels import reference
+from pallas_kernels.gpu import attention
 
 SEEDS = (0, 1, 2)
 
@@ -94,7 +96,7 @@ def test_decode_matches_reference(hq, hkv, hd, page_rows, batch, max_pages, dtyp
                          pad="garbage" if seed % 2 else "minus_one")
         q = jnp.asarray(rng.standard_normal((batch, hq, hd), dtype=np.float32), dtype)
         lengths = jnp.asarray(lengths)
-        kw = dict(page_rows=page_rows, scale=hd ** -0.5)
+        kw = dict(page_rows=page_rows, num_pages=num_pages, scale=hd ** -0.5)
         out = attention.paged_attention_decode(q, pool, layer, bt, lengths, **kw, **tun)
         ref = reference.paged_attention_decode(q, pool, layer, bt, lengths, **kw)
         assert_close(out, ref, dtype)
@@ -120,7 +122,7 @@ def test_decode_reads_only_the_context():
     dirty = np.asarray(pool).copy()
     dirty[0, : live.size][~live] = np.nan
     dirty[0, live.size:][~live] = np.nan
-    kw = dict(page_rows=page_rows, scale=0.3)
+    kw = dict(page_rows=page_rows, num_pages=num_pages, scale=0.3)
     ref = reference.paged_attention_decode(q, pool, 0, jnp.maximum(bt, 0), lengths, **kw)
     out = attention.paged_attention_decode(q, jnp.asarray(dirty), 0, bt, lengths, **kw,
                                            num_splits=2, block_kv=16)
@@ -136,7 +138,7 @@ def test_decode_traced_layer_under_jit():
     pool = make_pool(rng, 3, num_pages, page_rows, hkv * hd, jnp.float32)
     bt = make_tables(rng, needed, max_pages, num_pages)
     q = jnp.asarray(rng.standard_normal((batch, hq, hd), dtype=np.float32))
-    kw = dict(page_rows=page_rows, scale=hd ** -0.5)
+    kw = dict(page_rows=page_rows, num_pages=num_pages, scale=hd ** -0.5)
     f = jax.jit(lambda q, pool, layer, bt, n: attention.paged_attention_decode(
         q, pool, layer, bt, n, **kw))
     for layer in (0, 2):
@@ -190,7 +192,7 @@ def test_prefill_matches_reference(hq, hkv, hd, page_rows, tokens, nseq, max_pag
         bt = make_tables(rng, needed, max_pages, num_pages,
                          pad="garbage" if seed % 2 else "minus_one")
         q = jnp.asarray(rng.standard_normal((tokens, hq, hd), dtype=np.float32), dtype)
-        kw = dict(page_rows=page_rows, scale=hd ** -0.5)
+        kw = dict(page_rows=page_rows, num_pages=num_pages, scale=hd ** -0.5)
         kvs = jnp.asarray(kvs)
         out = attention.paged_attention_prefill(q, pool, layer, bt, q_starts, kvs, **kw, **tun)
         ref = reference.paged_attention_prefill(q, pool, layer, bt, q_starts, kvs, **kw)
@@ -210,7 +212,7 @@ def test_prefill_chunked_equals_whole():
     pool = make_pool(rng, 2, num_pages, page_rows, hkv * hd, jnp.float32)
     bt = make_tables(rng, needed, 8, num_pages)
     q = jnp.asarray(rng.standard_normal((n, hq, hd), dtype=np.float32))
-    kw = dict(page_rows=page_rows, scale=hd ** -0.5, block_q=16, block_kv=16)
+    kw = dict(page_rows=page_rows, num_pages=num_pages, scale=hd ** -0.5, block_q=16, block_kv=16)
     whole = attention.paged_attention_prefill(
         q, pool, 1, bt, jnp.array([0, n], jnp.int32), jnp.array([n], jnp.int32), **kw)
     parts, start = [], 0
@@ -223,23 +225,25 @@ def test_prefill_chunked_equals_whole():
         start = end
     np.testing.assert_allclose(np.concatenate(parts), whole, rtol=1e-5, atol=1e-5)
     dec = attention.paged_attention_decode(q[-1:], pool, 1, bt, jnp.array([n], jnp.int32),
-                                           page_rows=page_rows, scale=hd ** -0.5, block_kv=16)
+                                           page_rows=page_rows, num_pages=num_pages, scale=hd ** -0.5,
+                                           block_kv=16)
     np.testing.assert_allclose(dec[0], whole[-1], rtol=1e-5, atol=1e-5)
 
 
-def test_impl_xla_is_the_reference():
+def test_xla_backend_is_the_reference():
     rng = np.random.default_rng(5)
     pool = make_pool(rng, 2, 6, 4, 32, jnp.float32)
     bt = make_tables(rng, [2, 3], 3, 6)
     q = jnp.asarray(rng.standard_normal((2, 4, 16), dtype=np.float32))
     n = jnp.array([5, 12], jnp.int32)
-    kw = dict(page_rows=4, scale=0.25)
+    kw = dict(page_rows=4, num_pages=6, scale=0.25)
+    ks = pallas_kernels.kernel_set("xla")
     np.testing.assert_array_equal(
-        attention.paged_attention_decode(q, pool, 1, bt, n, impl="xla", **kw),
+        ks.attention_decode(q, pool, 1, bt, n, **kw),
         reference.paged_attention_decode(q, pool, 1, bt, n, **kw))
     qs = jnp.array([0, 1, 2], jnp.int32)
     np.testing.assert_array_equal(
-        attention.paged_attention_prefill(q[:, :, :], pool, 1, bt, qs, n, impl="xla", **kw),
+        ks.attention_prefill(q[:, :, :], pool, 1, bt, qs, n, **kw),
         reference.paged_attention_prefill(q, pool, 1, bt, qs, n, **kw))
 
 
@@ -263,7 +267,7 @@ def _decode_args(hq=4, hd=16, width=32, rows=48, batch=2, pages=3):
      "head_dim a power of two >= 16, got 12"),
     (dict(tun=dict(block_kv=48)), "block_kv must be a power of two >= 16"),
     (dict(tun=dict(num_splits=0)), "num_splits must be None or an int >= 1"),
-    (dict(tun=dict(impl="cuda")), "impl must be 'pallas' or 'xla'"),
+    (dict(tun=dict(num_pages=5)), r"pool rows S=48 must be 2 \* num_pages \* page_rows = 2 \* 5 \* 4 = 40"),
     (dict(tun=dict(page_rows=0)), "page_rows must be a positive int"),
 ])
 def test_decode_errors(change, message):
@@ -273,7 +277,7 @@ def test_decode_errors(change, message):
     layer = change.get("layer", layer)
     bt = change.get("bt", bt)
     lengths = change.get("lengths", lengths)
-    kw = dict(page_rows=4, scale=0.25)
+    kw = dict(page_rows=4, num_pages=6, scale=0.25)
     kw.update(change.get("tun", {}))
     with pytest.raises(ValueError, match=message):
         attention.paged_attention_decode(q, pool, layer, bt, lengths, **kw)
@@ -293,7 +297,25 @@ def test_prefill_errors(change, message):
     bt = jnp.zeros((2, 3), jnp.int32)
     q_starts = change.get("q_starts", jnp.array([0, 2, 5], jnp.int32))
     kv_lens = change.get("kv_lens", jnp.array([2, 3], jnp.int32))
-    kw = dict(page_rows=4, scale=0.25)
+    kw = dict(page_rows=4, num_pages=6, scale=0.25)
     kw.update(change.get("tun", {}))
     with pytest.raises(ValueError, match=message):
         attention.paged_attention_prefill(q, pool, 0, bt, q_starts, kv_lens, **kw)
+
+
+def test_lowers_for_a_gpu_target():
+    """The compiled (non-interpret) kernels pass Pallas' Triton lowering for a CUDA target (on CPU: the
+    lowering to Triton IR only; Triton's own compiler runs on the GPU)."""
+    sds, i32, bf16 = jax.ShapeDtypeStruct, jnp.int32, jnp.bfloat16
+    hq, hkv, hd, page_rows, num_pages = 8, 2, 64, 16, 12
+    pool = sds((2, 2 * num_pages * page_rows, hkv * hd), bf16)
+    kw = dict(page_rows=page_rows, num_pages=num_pages, scale=hd ** -0.5, interpret=False)
+    dec = jax.jit(lambda q, pool, layer, bt, n: attention.paged_attention_decode(q, pool, layer, bt, n, **kw))
+    txt = dec.trace(sds((4, hq, hd), bf16), pool, sds((), i32), sds((4, 3), i32), sds((4,), i32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "triton" in txt.lower()
+    pre = jax.jit(lambda q, pool, layer, bt, qs, kv: attention.paged_attention_prefill(
+        q, pool, layer, bt, qs, kv, **kw))
+    txt = pre.trace(sds((40, hq, hd), bf16), pool, sds((), i32), sds((4, 3), i32), sds((5,), i32),
+                    sds((4,), i32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in txt.lower()

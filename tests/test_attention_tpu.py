@@ -1,5 +1,5 @@
-"""TPU (Mosaic) paged attention against the reference: decode (pallas_kernels/attention_tpu.py)
-and (chunked) prefill (pallas_kernels/attention_tpu_prefill.py).
+"""TPU (Mosaic) paged attention against the reference: decode and (chunked) prefill
+(pallas_kernels/tpu/attention.py), and kernel_set's routing to them.
 
 No TPU here: the kernel runs in Pallas' TPU interpret mode on the CPU
 (``interpret=pltpu.InterpretParams()``), which simulates HBM, VMEM, the async
@@ -18,7 +18,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import attention, reference
+import pallas_kernels
+from pallas_kernels import reference
 from tests import test_attention_kernels as _helpers
 
 pltpu = pytest.importorskip("jax.experimental.pallas.tpu")
@@ -26,7 +27,7 @@ if not hasattr(pltpu, "InterpretParams"):  # pragma: no cover - older/newer jax
     pytest.skip(f"jax {jax.__version__} has no TPU interpret mode "
                 "(jax.experimental.pallas.tpu.InterpretParams)", allow_module_level=True)
 
-from pallas_kernels import attention_tpu, attention_tpu_prefill  # noqa: E402
+from pallas_kernels.tpu import attention as attention_tpu  # noqa: E402
 
 make_pool, make_tables = _helpers.make_pool, _helpers.make_tables
 awkward_lengths, assert_close, cdiv = _helpers.awkward_lengths, _helpers.assert_close, _helpers.cdiv
@@ -72,7 +73,7 @@ def test_decode_matches_reference(hq, hkv, page_rows, batch, max_pages, dtype, p
                          pad="garbage" if seed % 2 else "minus_one")
         q = jnp.asarray(rng.standard_normal((batch, hq, HD), dtype=np.float32), dtype)
         lengths = jnp.asarray(lengths)
-        kw = dict(page_rows=page_rows, scale=HD ** -0.5)
+        kw = dict(page_rows=page_rows, num_pages=num_pages, scale=HD ** -0.5)
         out = _run(q, pool, jnp.int32(layer), bt, lengths, pages_per_block=ppb, **kw)
         ref = reference.paged_attention_decode(q, pool, layer, bt, lengths, **kw)
         assert_close(out, ref, dtype)
@@ -91,7 +92,7 @@ def test_decode_lengths_special_values():
     pool = make_pool(rng, 2, num_pages, page_rows, hkv * HD, jnp.float32)
     bt = make_tables(rng, needed, max_pages, num_pages)
     q = jnp.asarray(rng.standard_normal((batch, hq, HD), dtype=np.float32))
-    kw = dict(page_rows=page_rows, scale=0.2)
+    kw = dict(page_rows=page_rows, num_pages=num_pages, scale=0.2)
     out = _run(q, pool, 1, bt, jnp.asarray(lengths), pages_per_block=2, **kw)
     ref = reference.paged_attention_decode(q, pool, 1, bt, jnp.asarray(lengths), **kw)
     assert_close(out, ref, jnp.float32)
@@ -119,7 +120,7 @@ def test_decode_reads_only_the_context():
     dirty[:layer] = np.nan
     dirty[layer, : live.size][~live] = np.nan
     dirty[layer, live.size:][~live] = np.nan
-    kw = dict(page_rows=page_rows, scale=0.3)
+    kw = dict(page_rows=page_rows, num_pages=num_pages, scale=0.3)
     ref = reference.paged_attention_decode(q, pool, layer, jnp.maximum(bt, 0), lengths, **kw)
     for ppb in (1, 3):
         out = _run(q, jnp.asarray(dirty), layer, bt, jnp.asarray(lengths),
@@ -137,7 +138,7 @@ def test_decode_traced_layer_under_jit_and_mixed_dtypes():
     pool = make_pool(rng, 3, num_pages, page_rows, hkv * HD, jnp.bfloat16)
     bt = make_tables(rng, needed, max_pages, num_pages)
     q = jnp.asarray(rng.standard_normal((batch, hq, HD), dtype=np.float32))
-    kw = dict(page_rows=page_rows, scale=HD ** -0.5)
+    kw = dict(page_rows=page_rows, num_pages=num_pages, scale=HD ** -0.5)
     f = jax.jit(lambda q, pool, layer, bt, n: _run(q, pool, layer, bt, n, **kw))
     for layer in (0, 2):
         # traced: the wrapper cannot block, so block here (see attention_tpu's eager path)
@@ -147,9 +148,12 @@ def test_decode_traced_layer_under_jit_and_mixed_dtypes():
 
 
 # --------------------------------------------------------------------------- errors
+NP = 4  # pages in the pools of _inputs
+
+
 def _inputs(hd=HD, page_rows=8, dtype=jnp.float32, hq=4, hkv=2):
     q = jnp.zeros((2, hq, hd), dtype)
-    pool = jnp.zeros((1, 2 * 4 * page_rows, hkv * hd), dtype)
+    pool = jnp.zeros((1, 2 * NP * page_rows, hkv * hd), dtype)
     return q, pool, jnp.zeros((2, 2), jnp.int32), jnp.zeros((2,), jnp.int32)
 
 
@@ -160,25 +164,27 @@ def _inputs(hd=HD, page_rows=8, dtype=jnp.float32, hq=4, hkv=2):
 ])
 def test_decode_unsupported_shapes_raise(hd, page_rows, dtype, match):
     q, pool, bt, n = _inputs(hd, page_rows, dtype)
+    kw = dict(page_rows=page_rows, num_pages=NP, scale=1.0)
     with pytest.raises(ValueError, match=match):
-        attention_tpu.paged_attention_decode(q, pool, 0, bt, n, page_rows=page_rows, scale=1.0)
-    with pytest.raises(ValueError, match=match):  # explicit impl: raises too
-        attention.paged_attention_decode(q, pool, 0, bt, n, page_rows=page_rows, scale=1.0,
-                                         impl="pallas_tpu")
+        attention_tpu.paged_attention_decode(q, pool, 0, bt, n, **kw)
+    # the mosaic backend routes these shapes to the reference instead
+    out = pallas_kernels.kernel_set("mosaic").attention_decode(q, pool, 0, bt, n, **kw)
+    np.testing.assert_array_equal(out, reference.paged_attention_decode(q, pool, 0, bt, n, **kw))
 
 
 def test_decode_bad_arguments_raise():
     q, pool, bt, n = _inputs()
+    kw = dict(page_rows=8, num_pages=NP, scale=1.0)
     with pytest.raises(ValueError, match="pages_per_block"):
-        attention_tpu.paged_attention_decode(q, pool, 0, bt, n, page_rows=8, scale=1.0,
-                                             pages_per_block=0)
+        attention_tpu.paged_attention_decode(q, pool, 0, bt, n, **kw, pages_per_block=0)
     with pytest.raises(ValueError, match="lengths must have shape"):
-        attention_tpu.paged_attention_decode(q, pool, 0, bt, n[:1], page_rows=8, scale=1.0)
+        attention_tpu.paged_attention_decode(q, pool, 0, bt, n[:1], **kw)
     with pytest.raises(ValueError, match="multiple of the 2 kv heads"):
-        attention_tpu.paged_attention_decode(q[:, :3], pool, 0, bt, n, page_rows=8, scale=1.0)
-    with pytest.raises(ValueError, match="impl must be"):
-        attention.paged_attention_decode(q, pool, 0, bt, n, page_rows=8, scale=1.0,
-                                         impl="mosaic")
+        attention_tpu.paged_attention_decode(q[:, :3], pool, 0, bt, n, **kw)
+    with pytest.raises(ValueError, match=r"num_pages \* page_rows = 2 \* 3 \* 8 = 48"):
+        attention_tpu.paged_attention_decode(q, pool, 0, bt, n, **{**kw, "num_pages": 3})
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        pallas_kernels.kernel_set("tpu")
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -189,14 +195,14 @@ def test_dispatch_pallas_tpu_on_cpu_runs_the_kernel():
     pool = make_pool(rng, 2, batch * max_pages, page_rows, hkv * HD, jnp.float32)
     bt = make_tables(rng, [max_pages] * batch, max_pages, batch * max_pages)
     q = jnp.asarray(rng.standard_normal((batch, hq, HD), dtype=np.float32))
-    kw = dict(page_rows=page_rows, scale=0.1)
-    out = attention.paged_attention_decode(q, pool, 1, bt, lengths, impl="pallas_tpu", **kw)
+    kw = dict(page_rows=page_rows, num_pages=batch * max_pages, scale=0.1)
+    out = pallas_kernels.kernel_set("mosaic").attention_decode(q, pool, 1, bt, lengths, **kw)
     ref = reference.paged_attention_decode(q, pool, 1, bt, lengths, **kw)
     assert_close(out, ref, jnp.float32)
 
 
 def test_dispatch_on_a_tpu_backend(monkeypatch, caplog):
-    """With the backend reported as TPU: impl='pallas' decode and prefill go to the Mosaic
+    """With the backend reported as TPU: kernel_set('pallas') decode and prefill go to the Mosaic
     kernels (compiled: interpret=False), unsupported shapes to the reference."""
     calls = []
 
@@ -206,39 +212,37 @@ def test_dispatch_on_a_tpu_backend(monkeypatch, caplog):
 
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     monkeypatch.setattr(attention_tpu, "paged_attention_decode", spy)
-    monkeypatch.setattr(attention_tpu_prefill, "paged_attention_prefill", spy)
+    monkeypatch.setattr(attention_tpu, "paged_attention_prefill", spy)
+    ks = pallas_kernels.kernel_set("pallas")
+    kw = dict(page_rows=8, num_pages=NP, scale=1.0)
     q, pool, bt, n = _inputs()
-    assert attention.paged_attention_decode(q, pool, 0, bt, n, page_rows=8, scale=1.0) == "mosaic"
+    assert ks.attention_decode(q, pool, 0, bt, n, **kw) == "mosaic"
     assert calls[-1]["interpret"] is False
-    assert attention.paged_attention_decode(q, pool, 0, bt, n, page_rows=8, scale=1.0,
-                                            impl="pallas_tpu", interpret=True) == "mosaic"
+    assert pallas_kernels.kernel_set("mosaic", interpret=True).attention_decode(q, pool, 0, bt, n,
+                                                                                **kw) == "mosaic"
     assert calls[-1]["interpret"] is True
     qs, kv = jnp.asarray([0, 1, 2], jnp.int32), jnp.asarray([1, 1], jnp.int32)
-    assert attention.paged_attention_prefill(q[:2], pool, 0, bt, qs, kv, page_rows=8,
-                                             scale=1.0) == "mosaic"
+    assert ks.attention_prefill(q[:2], pool, 0, bt, qs, kv, **kw) == "mosaic"
     assert calls[-1]["interpret"] is False
     ncalls = len(calls)
-    with caplog.at_level(logging.WARNING, logger=attention.__name__):
+    with caplog.at_level(logging.WARNING, logger=pallas_kernels.__name__):
         q64, pool64, bt, n = _inputs(hd=64)
-        out = attention.paged_attention_decode(q64, pool64, 0, bt, n, page_rows=8, scale=1.0)
+        out = ks.attention_decode(q64, pool64, 0, bt, n, **kw)
         assert out.shape == q64.shape and len(calls) == ncalls
         assert "head_dim=64" in caplog.text
         caplog.clear()
-        out = attention.paged_attention_prefill(q64[:2], pool64, 0, bt, qs, kv, page_rows=8,
-                                                scale=1.0)
+        out = ks.attention_prefill(q64[:2], pool64, 0, bt, qs, kv, **kw)
         assert out.shape == (2, 4, 64) and len(calls) == ncalls
         assert "prefill" in caplog.text and "head_dim=64" in caplog.text
 
 
 def test_kernel_set_pallas_on_tpu_uses_the_mosaic_prefill(monkeypatch):
-    import pallas_kernels
-
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    monkeypatch.setattr(attention_tpu_prefill, "paged_attention_prefill", lambda *a, **kw: "mosaic")
+    monkeypatch.setattr(attention_tpu, "paged_attention_prefill", lambda *a, **kw: "mosaic")
     ks = pallas_kernels.kernel_set("pallas")
     q, pool, bt, _ = _inputs()
     qs, kv = jnp.asarray([0, 1, 2], jnp.int32), jnp.asarray([1, 1], jnp.int32)
-    assert ks.attention_prefill(q[:2], pool, 0, bt, qs, kv, page_rows=8, scale=1.0) == "mosaic"
+    assert ks.attention_prefill(q[:2], pool, 0, bt, qs, kv, page_rows=8, num_pages=NP, scale=1.0) == "mosaic"
 
 
 # --------------------------------------------------------------------------- prefill
@@ -265,7 +269,7 @@ def prefill_case(rng, nseq, max_pages, max_chunk, lead=2, tail=3):
 
 
 def _prefill(q, pool, layer, bt, q_starts, kvs, **kw):
-    return attention_tpu_prefill.paged_attention_prefill(
+    return attention_tpu.paged_attention_prefill(
         q, pool, layer, bt, q_starts, kvs, interpret=pltpu.InterpretParams(), **kw)
 
 
@@ -294,7 +298,7 @@ def test_prefill_matches_reference(hq, hkv, nseq, max_pages, max_chunk, dtype, t
         bt = make_tables(rng, needed, max_pages, num_pages,
                          pad="garbage" if seed % 2 else "minus_one")
         q = jnp.asarray(rng.standard_normal((tokens, hq, HD), dtype=np.float32), dtype)
-        kw = dict(page_rows=PR, scale=HD ** -0.5)
+        kw = dict(page_rows=PR, num_pages=nseq * max_pages + 2, scale=HD ** -0.5)
         args = (q, pool, jnp.int32(layer), bt, jnp.asarray(q_starts), jnp.asarray(kvs))
         out = _prefill(*args, **kw, **tun)
         ref = reference.paged_attention_prefill(*args, **kw)
@@ -323,7 +327,7 @@ def test_prefill_chunked_equals_whole_and_reads_only_the_context():
     pool = jnp.asarray(pool)
     q = jnp.asarray(rng.standard_normal((n, hq, HD), dtype=np.float32))
     q2 = jnp.asarray(rng.standard_normal((3, hq, HD), dtype=np.float32))
-    kw = dict(page_rows=PR, scale=HD ** -0.5)
+    kw = dict(page_rows=PR, num_pages=num_pages, scale=HD ** -0.5)
     # the whole prompt of sequence 0, and 3 queries of sequence 1 at positions 17..19
     whole = _prefill(jnp.concatenate([q, q2]), pool, 1, bt, jnp.asarray([0, n, n + 3]),
                      jnp.asarray([n, 20], jnp.int32), **kw)
@@ -354,7 +358,7 @@ def test_prefill_empty_sequences_and_traced_layer():
     pool = make_pool(rng, 2, 4, PR, hkv * HD, jnp.float32)
     bt = jnp.asarray([[0, 1], [2, 3], [-1, -1]], jnp.int32)
     q = jnp.asarray(rng.standard_normal((16, hq, HD), dtype=np.float32))
-    kw = dict(page_rows=PR, scale=0.1)
+    kw = dict(page_rows=PR, num_pages=4, scale=0.1)
     f = jax.jit(lambda q, layer, qs, kv: _prefill(q, pool, layer, bt, qs, kv, **kw))
     for qs, kv in (([3, 3, 3, 3], [0, 20, 0]), ([0, 0, 0, 0], [0, 0, 0])):
         out = f(q, jnp.int32(1), jnp.asarray(qs, jnp.int32),
@@ -375,27 +379,25 @@ def test_prefill_empty_sequences_and_traced_layer():
 def test_prefill_unsupported_shapes_raise(hd, page_rows, dtype, match):
     q, pool, bt, _ = _inputs(hd, page_rows, dtype)
     qs, kv = jnp.asarray([0, 1, 2], jnp.int32), jnp.asarray([1, 1], jnp.int32)
+    kw = dict(page_rows=page_rows, num_pages=NP, scale=1.0)
     with pytest.raises(ValueError, match=match):
-        attention_tpu_prefill.paged_attention_prefill(q, pool, 0, bt, qs, kv,
-                                                      page_rows=page_rows, scale=1.0)
-    with pytest.raises(ValueError, match=match):  # explicit impl: raises too
-        attention.paged_attention_prefill(q, pool, 0, bt, qs, kv, page_rows=page_rows,
-                                          scale=1.0, impl="pallas_tpu")
+        attention_tpu.paged_attention_prefill(q, pool, 0, bt, qs, kv, **kw)
+    # the mosaic backend routes these shapes to the reference instead
+    out = pallas_kernels.kernel_set("mosaic").attention_prefill(q, pool, 0, bt, qs, kv, **kw)
+    np.testing.assert_array_equal(out, reference.paged_attention_prefill(q, pool, 0, bt, qs, kv, **kw))
 
 
 def test_prefill_bad_arguments_raise():
     q, pool, bt, _ = _inputs()
     qs, kv = jnp.asarray([0, 1, 2], jnp.int32), jnp.asarray([1, 1], jnp.int32)
+    kw = dict(page_rows=8, num_pages=NP, scale=1.0)
     for bad in (8, 24, 0):
         with pytest.raises(ValueError, match="block_q"):
-            attention_tpu_prefill.paged_attention_prefill(q, pool, 0, bt, qs, kv, page_rows=8,
-                                                          scale=1.0, block_q=bad)
+            attention_tpu.paged_attention_prefill(q, pool, 0, bt, qs, kv, **kw, block_q=bad)
     with pytest.raises(ValueError, match="pages_per_block"):
-        attention_tpu_prefill.paged_attention_prefill(q, pool, 0, bt, qs, kv, page_rows=8,
-                                                      scale=1.0, pages_per_block=0)
+        attention_tpu.paged_attention_prefill(q, pool, 0, bt, qs, kv, **kw, pages_per_block=0)
     with pytest.raises(ValueError, match="q_starts must have shape"):
-        attention_tpu_prefill.paged_attention_prefill(q, pool, 0, bt, qs[:2], kv, page_rows=8,
-                                                      scale=1.0)
+        attention_tpu.paged_attention_prefill(q, pool, 0, bt, qs[:2], kv, **kw)
 
 
 def test_prefill_dispatch_pallas_tpu_on_cpu_runs_the_kernel(monkeypatch):
@@ -404,12 +406,12 @@ def test_prefill_dispatch_pallas_tpu_on_cpu_runs_the_kernel(monkeypatch):
     bt = jnp.asarray([[0, 1], [2, 3]], jnp.int32)
     q = jnp.asarray(rng.standard_normal((5, 4, HD), dtype=np.float32))
     qs, kv = jnp.asarray([0, 3, 5], jnp.int32), jnp.asarray([10, 2], jnp.int32)
-    kw = dict(page_rows=8, scale=0.1)
+    kw = dict(page_rows=8, num_pages=4, scale=0.1)
     ran = []
-    real = attention_tpu_prefill.paged_attention_prefill
-    monkeypatch.setattr(attention_tpu_prefill, "paged_attention_prefill",
+    real = attention_tpu.paged_attention_prefill
+    monkeypatch.setattr(attention_tpu, "paged_attention_prefill",
                         lambda *a, **k: ran.append(1) or real(*a, **k))
-    out = attention.paged_attention_prefill(q, pool, 0, bt, qs, kv, impl="pallas_tpu", **kw)
+    out = pallas_kernels.kernel_set("mosaic").attention_prefill(q, pool, 0, bt, qs, kv, **kw)
     ref = reference.paged_attention_prefill(q, pool, 0, bt, qs, kv, **kw)
     assert ran and out.shape == ref.shape
     assert_close(out, ref, jnp.float32)

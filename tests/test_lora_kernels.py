@@ -1,4 +1,4 @@
-"""Segmented multi-LoRA kernels (pallas_kernels/lora.py) against the references, in interpret mode.
+"""Segmented multi-LoRA kernels (pallas_kernels/gpu/lora.py) against the references, in interpret mode.
 
 Every case draws fresh random inputs and poisons with NaN everything the kernels
 must never read: the pool's other layer, the pool columns past D in an adapter
@@ -19,7 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import lora, reference
+import pallas_kernels
+from pallas_kernels import reference
+from pallas_kernels.gpu import lora
 
 NAN = np.float32("nan")
 
@@ -68,7 +70,6 @@ class Case:
 
         self.a_good, self.a_junk = rows((m, ns), k_in, 8, self.ranks)
         self.b_good, self.b_junk = rows((ns,), k_out, 16, self.ranks[0])
-        self.scales = rng.uniform(0.5, 2.0, ns).astype(np.float32)
 
         # Which tokens get a LoRA term (module 0's ranks for v/expand poisoning).
         seg = np.searchsorted(starts, np.arange(t), side="right") - 1
@@ -86,9 +87,9 @@ class Case:
         self.v = jnp.asarray(v)
         self.y = jnp.asarray(rng.standard_normal((t, d_out)).astype(np.float32), dtype)
 
-    # -- calls
-    def shrink(self, rows=None, **kw):
-        return lora.lora_shrink(self.x, self.pool, self.layer, jnp.asarray(self.seg_starts),
+    # -- calls (module: the kernel module under test, pallas_kernels.gpu.lora or pallas_kernels.tpu.lora)
+    def shrink(self, rows=None, *, module=lora, **kw):
+        return module.lora_shrink(self.x, self.pool, self.layer, jnp.asarray(self.seg_starts),
                                 jnp.asarray(self.ranks), jnp.asarray(self.a_junk if rows is None else rows),
                                 **kw)
 
@@ -96,18 +97,16 @@ class Case:
         return reference.lora_shrink(self.x, self.pool, self.layer, jnp.asarray(self.seg_starts),
                                      jnp.asarray(self.ranks), jnp.asarray(self.a_good))
 
-    def expand(self, rows=None, **kw):
+    def expand(self, rows=None, *, module=lora, **kw):
         rows = self.b_junk if rows is None else rows
-        return lora.lora_expand(self.y, self.v, self.pool, self.layer, jnp.asarray(self.seg_starts),
-                                jnp.asarray(self.ranks[0]), jnp.asarray(rows), jnp.asarray(self.scales),
-                                **kw)
+        return module.lora_expand(self.y, self.v, self.pool, self.layer, jnp.asarray(self.seg_starts),
+                                jnp.asarray(self.ranks[0]), jnp.asarray(rows), **kw)
 
     def expand_ref(self):
         # The reference multiplies masked v (0) by the gathered B rows, so give it finite v.
         v = jnp.nan_to_num(self.v, nan=0.0)
         return reference.lora_expand(self.y, v, self.pool, self.layer, jnp.asarray(self.seg_starts),
-                                     jnp.asarray(self.ranks[0]), jnp.asarray(self.b_good),
-                                     jnp.asarray(self.scales))
+                                     jnp.asarray(self.ranks[0]), jnp.asarray(self.b_good))
 
 
 def check(out, ref, dtype):
@@ -251,14 +250,13 @@ def test_traced_layer_and_jit():
     case = Case(8, **DECODE)
 
     @jax.jit
-    def step(x, y, v, pool, layer, seg_starts, ranks, a_rows, b_rows, scales):
+    def step(x, y, v, pool, layer, seg_starts, ranks, a_rows, b_rows):
         s = lora.lora_shrink(x, pool, layer, seg_starts, ranks, a_rows)
-        e = lora.lora_expand(y, v, pool, layer, seg_starts, ranks[0], b_rows, scales)
+        e = lora.lora_expand(y, v, pool, layer, seg_starts, ranks[0], b_rows)
         return s, e
 
     s, e = step(case.x, case.y, case.v, case.pool, jnp.int32(case.layer), jnp.asarray(case.seg_starts),
-                jnp.asarray(case.ranks), jnp.asarray(case.a_junk), jnp.asarray(case.b_junk),
-                jnp.asarray(case.scales))
+                jnp.asarray(case.ranks), jnp.asarray(case.a_junk), jnp.asarray(case.b_junk))
     check(s, case.shrink_ref(), jnp.float32)
     check(e, case.expand_ref(), jnp.float32)
     # A negative layer indexes from the end, as in the reference.
@@ -267,14 +265,16 @@ def test_traced_layer_and_jit():
     check_expand(neg)
 
 
-def test_impl_xla_is_reference():
+def test_xla_backend_is_reference():
     case = Case(10, **OFFSET)
-    np.testing.assert_array_equal(np.asarray(case.shrink(rows=case.a_good, impl="xla")),
-                                  np.asarray(case.shrink_ref()))
+    ks = pallas_kernels.kernel_set("xla")
+    starts, ranks = jnp.asarray(case.seg_starts), jnp.asarray(case.ranks)
+    np.testing.assert_array_equal(
+        np.asarray(ks.lora_shrink(case.x, case.pool, case.layer, starts, ranks, jnp.asarray(case.a_good))),
+        np.asarray(case.shrink_ref()))
     v = jnp.nan_to_num(case.v, nan=0.0)
-    out = lora.lora_expand(case.y, v, case.pool, case.layer, jnp.asarray(case.seg_starts),
-                           jnp.asarray(case.ranks[0]), jnp.asarray(case.b_good), jnp.asarray(case.scales),
-                           impl="xla")
+    (out,) = ks.lora_expand_group((case.y,), v[None], case.pool, case.layer, starts, ranks[:1],
+                                  (jnp.asarray(case.b_good),))
     np.testing.assert_array_equal(np.asarray(out), np.asarray(case.expand_ref()))
 
 
@@ -321,7 +321,7 @@ def _args():
     ), dict(
         y=jnp.zeros((t, d)), v=jnp.zeros((t, r)), pool=jnp.zeros((1, 10, w)), layer=0,
         seg_starts=jnp.array([0, 2, 5], jnp.int32), seg_ranks=jnp.zeros((ns,), jnp.int32),
-        b_rows=jnp.zeros((ns, r, k), jnp.int32), seg_scales=jnp.ones((ns,)),
+        b_rows=jnp.zeros((ns, r, k), jnp.int32),
     )
 
 
@@ -355,7 +355,6 @@ def test_shrink_errors(field, value, match):
         ("v", jnp.zeros((5, 3)), r"v must have shape \[T, R\] = \(5, 4\)"),
         ("b_rows", jnp.zeros((2, 4, 2), jnp.int32), r"K_out = ceil\(D_out / W\) = ceil\(20 / 8\) = 3"),
         ("seg_ranks", jnp.zeros((2, 2), jnp.int32), r"seg_ranks must have shape \[NS\] = \(2,\)"),
-        ("seg_scales", jnp.ones((3,)), r"seg_scales must have shape \[NS\] = \(2,\)"),
         ("b_rows", jnp.zeros((4, 3), jnp.int32), r"b_rows must be \[NS, R, K_out\]"),
     ],
 )
@@ -378,23 +377,25 @@ def test_bad_tunables_and_impl():
         lora.lora_shrink(**args, block_t=1, block_d=8)
     with pytest.raises(TypeError, match=r"unknown tunable\(s\) \['k_splits'\]"):
         lora.lora_expand(**eargs, k_splits=2)
-    with pytest.raises(ValueError, match="impl must be 'pallas' or 'xla', got 'cuda'"):
-        lora.lora_shrink(**args, impl="cuda")
+    with pytest.raises(ValueError, match=r"kernels must be one of \[.*\], got 'cuda'"):
+        pallas_kernels.kernel_set("cuda")
 
 
 def test_tpu_falls_back_to_reference(monkeypatch):
-    case = Case(11, **OFFSET)
+    case = Case(11, **OFFSET)  # W = 32: not a multiple of 128, which the TPU kernels need
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     calls = []
     monkeypatch.setattr(lora, "_shrink_pallas", lambda *a, **k: calls.append(a))
-    out = case.shrink(rows=case.a_good)  # interpret=None -> compiled -> no TPU kernel yet
+    ks = pallas_kernels.kernel_set("pallas")  # on a TPU backend: the compiled Mosaic kernels
+    out = ks.lora_shrink(case.x, case.pool, case.layer, jnp.asarray(case.seg_starts), jnp.asarray(case.ranks),
+                         jnp.asarray(case.a_good))
     assert not calls
     np.testing.assert_array_equal(np.asarray(out), np.asarray(case.shrink_ref()))
 
 
 # --------------------------------------------------------------------------- fused module groups
 def group_case(seed, spec: dict, dtype):
-    """A Case of M modules plus, per module, its own output width, B rows and scales."""
+    """A Case of M modules plus, per module, its own output width and B rows."""
     case = Case(seed, dtype=dtype, **spec)
     rng = np.random.default_rng(seed + 1)
     dims = [case.d_out, case.w, case.d_out + case.w + 3][:case.m]  # K_out 1 .. 3+ pool rows, one partial
@@ -404,8 +405,7 @@ def group_case(seed, spec: dict, dtype):
         k = cdiv(d, case.w)
         full = rng.integers(0, 8, (case.ns, case.r, k))  # rows [0, 8) are finite in all W columns
         rows.append(jnp.asarray(full, jnp.int32))
-    scales = jnp.asarray(rng.uniform(0.5, 2.0, (case.m, case.ns)).astype(np.float32))
-    return case, tuple(ys), tuple(rows), scales
+    return case, tuple(ys), tuple(rows)
 
 
 @pytest.mark.parametrize("name", ["mixed", "decode", "prefill"])
@@ -413,7 +413,7 @@ def group_case(seed, spec: dict, dtype):
 def test_group_expand_takes_split_k_partials(name, dtype):
     """One launch for M modules of different widths and ranks, fed the shrink's unreduced split-K
     partial sums, equals each module's reference expand of the reduced shrink."""
-    case, ys, rows, scales = group_case(21, CASES[name], dtype)
+    case, ys, rows = group_case(21, CASES[name], dtype)
     args = (case.pool, case.layer, jnp.asarray(case.seg_starts), jnp.asarray(case.ranks))
     x_rows = jnp.asarray(case.a_good)
     parts = lora.lora_shrink(case.x, *args, x_rows, partials=True, k_splits=4)
@@ -423,27 +423,65 @@ def test_group_expand_takes_split_k_partials(name, dtype):
     v = lora.lora_shrink(case.x, *args, x_rows, k_splits=4)
     np.testing.assert_allclose(np.nan_to_num(np.asarray(parts.sum(0))), np.nan_to_num(np.asarray(v)),
                                rtol=1e-5, atol=1e-5)
-    out = lora.lora_expand_group(ys, parts, *args, rows, scales)
+    out = lora.lora_expand_group(ys, parts, *args, rows)
     v_ref = jnp.nan_to_num(reference.lora_shrink(case.x, *args, x_rows))
     for m, (y, o) in enumerate(zip(ys, out)):
         ref = reference.lora_expand(y, v_ref[m], case.pool, case.layer, jnp.asarray(case.seg_starts),
-                                    jnp.asarray(case.ranks[m]), rows[m], scales[m])
+                                    jnp.asarray(case.ranks[m]), rows[m])
         assert o.dtype == y.dtype and o.shape == y.shape
         check(o, ref, dtype)
     # the XLA reference of the group, from the same partial sums, agrees too
-    for o, r in zip(out, reference.lora_expand_group(ys, jnp.nan_to_num(parts), *args, rows, scales)):
+    for o, r in zip(out, reference.lora_expand_group(ys, jnp.nan_to_num(parts), *args, rows)):
         check(o, r, dtype)
 
 
 def test_group_expand_errors():
-    case, ys, rows, scales = group_case(3, MIXED, jnp.float32)
+    case, ys, rows = group_case(3, MIXED, jnp.float32)
     args = (case.pool, case.layer, jnp.asarray(case.seg_starts), jnp.asarray(case.ranks))
     v = jnp.zeros((case.m, case.t, case.r))
     with pytest.raises(ValueError, match="3 outputs but 2 b_rows tables"):
-        lora.lora_expand_group(ys, v, *args, rows[:2], scales)
+        lora.lora_expand_group(ys, v, *args, rows[:2])
     with pytest.raises(ValueError, match=r"v must have shape \[M, T, R\] = \(3, 45, 40\) or \[KS, M, T, R\]"):
-        lora.lora_expand_group(ys, v[:2], *args, rows, scales)
-    with pytest.raises(ValueError, match=r"seg_scales must have shape \[M, NS\] = \(3, 7\)"):
-        lora.lora_expand_group(ys, v, *args, rows, scales[0])
+        lora.lora_expand_group(ys, v[:2], *args, rows)
+    with pytest.raises(ValueError, match=r"seg_ranks must have shape \[M, NS\] = \(3, 7\)"):
+        lora.lora_expand_group(ys, v, *args[:3], jnp.asarray(case.ranks)[0], rows)
     with pytest.raises(ValueError, match=r"K_out = ceil\(D_out / W\)"):
-        lora.lora_expand_group(ys, v, *args, (rows[1], rows[1], rows[2]), scales)
+        lora.lora_expand_group(ys, v, *args, (rows[1], rows[1], rows[2]))
+
+
+# --------------------------------------------------------------------------- backend choice and lowering
+@pytest.mark.parametrize("device, backend, interpret, resolved", [
+    ("cpu", "auto", None, ("xla", False)),
+    ("cpu", "pallas", None, ("triton", True)),
+    ("cpu", "mosaic", None, ("mosaic", True)),
+    ("gpu", "auto", None, ("triton", False)),
+    ("gpu", "pallas", None, ("triton", False)),
+    ("gpu", "triton-interpret", None, ("triton", True)),
+    ("gpu", "xla", True, ("xla", False)),
+    ("tpu", "auto", None, ("mosaic", False)),
+    ("tpu", "pallas", None, ("mosaic", False)),
+    ("tpu", "mosaic", True, ("mosaic", True)),
+])
+def test_kernel_set_resolves_backends(monkeypatch, device, backend, interpret, resolved):
+    monkeypatch.setattr(jax, "default_backend", lambda: device)
+    assert pallas_kernels.resolve_backend(backend, interpret) == resolved
+    ks = pallas_kernels.kernel_set(backend, interpret)
+    assert ks.name == resolved[0] + ("-interpret" if resolved[1] else "")
+    assert ks is pallas_kernels.kernel_set(*resolved)  # one object per choice: a stable static jit argument
+
+
+def test_lowers_for_a_gpu_target():
+    """The compiled (non-interpret) kernels pass Pallas' Triton lowering for a CUDA target (on CPU: the
+    lowering to Triton IR only; Triton's own compiler runs on the GPU)."""
+    sds, i32, bf16 = jax.ShapeDtypeStruct, jnp.int32, jnp.bfloat16
+    t, d, ns, r, m = 37, 256, 33, 16, 3
+    pool, tables = sds((2, 64, d), bf16), (sds((), i32), sds((ns + 1,), i32), sds((m, ns), i32))
+    for tun in ({}, dict(block_t=16)):  # the one-token mode (decode default) and token blocks
+        shrink = jax.jit(lambda *a, tun=tun: lora.lora_shrink(*a, interpret=False, partials=True, **tun))
+        txt = shrink.trace(sds((t, d), bf16), pool, *tables, sds((m, ns, r, 1), i32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "triton" in txt.lower()
+        expand = jax.jit(lambda *a, tun=tun: lora.lora_expand_group(*a, interpret=False, **tun))
+        txt = expand.trace((sds((t, d), bf16),) * m, sds((2, m, t, r), jnp.float32), pool, *tables,
+                           (sds((ns, r, 1), i32),) * m).lower(lowering_platforms=("cuda",)).as_text()
+        assert "triton" in txt.lower()

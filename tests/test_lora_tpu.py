@@ -1,6 +1,6 @@
-"""TPU (Mosaic) LoRA kernels (pallas_kernels/lora_tpu.py) against the references, in TPU interpret mode.
+"""TPU (Mosaic) LoRA kernels (pallas_kernels/tpu/lora.py) against the references, in TPU interpret mode.
 
-Off TPU, ``impl="pallas_tpu"`` runs the kernels under ``pltpu.InterpretParams()``:
+Off TPU, the kernels run under ``pltpu.InterpretParams()``:
 Pallas simulates HBM / VMEM / SMEM, the DMAs and their semaphores on CPU, and
 fills uninitialised memory (scratch buffers, shrink outputs) with NaN. The cases
 come from `test_lora_kernels.Case`, which poisons with NaN everything a kernel must
@@ -19,10 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import lora, lora_tpu, reference
+import pallas_kernels
+from pallas_kernels import common, reference
+from pallas_kernels.gpu import lora
+from pallas_kernels.tpu import lora as lora_tpu
 from tests.test_lora_kernels import Case, check, check_expand, check_shrink, group_case
 
-TPU = dict(impl="pallas_tpu")
+TPU = dict(module=lora_tpu)
 
 # seg_lens, t, ranks (M x NS), r, d_in, d_out, w, start0, m
 # K_in = 2 and K_out = 3 with partial last pool rows (D not a multiple of W or of 128); empty,
@@ -109,14 +112,13 @@ def test_traced_layer_and_jit():
     case = Case(8, **DECODE)
 
     @jax.jit
-    def step(x, y, v, pool, layer, seg_starts, ranks, a_rows, b_rows, scales):
-        s = lora.lora_shrink(x, pool, layer, seg_starts, ranks, a_rows, **TPU)
-        e = lora.lora_expand(y, v, pool, layer, seg_starts, ranks[0], b_rows, scales, **TPU)
+    def step(x, y, v, pool, layer, seg_starts, ranks, a_rows, b_rows):
+        s = lora_tpu.lora_shrink(x, pool, layer, seg_starts, ranks, a_rows)
+        e = lora_tpu.lora_expand(y, v, pool, layer, seg_starts, ranks[0], b_rows)
         return s, e
 
     s, e = step(case.x, case.y, case.v, case.pool, jnp.int32(case.layer), jnp.asarray(case.seg_starts),
-                jnp.asarray(case.ranks), jnp.asarray(case.a_junk), jnp.asarray(case.b_junk),
-                jnp.asarray(case.scales))
+                jnp.asarray(case.ranks), jnp.asarray(case.a_junk), jnp.asarray(case.b_junk))
     check(s, case.shrink_ref(), jnp.float32)
     check(e, case.expand_ref(), jnp.float32)
     neg = Case(9, layer=-1, n_layers=3, **OFFSET)  # a negative layer indexes from the end
@@ -143,12 +145,12 @@ def test_random_segments(lens, ranks, start0, seed):
 def test_group_expand_on_tpu_kernels():
     """The model's fused path (shrink partial sums -> one group expand) through the TPU kernels: the
     group runs as one TPU expand per module on the summed partials."""
-    case, ys, rows, scales = group_case(31, MIXED, jnp.float32)
+    case, ys, rows = group_case(31, MIXED, jnp.float32)
     args = (case.pool, case.layer, jnp.asarray(case.seg_starts), jnp.asarray(case.ranks))
-    parts = lora.lora_shrink(case.x, *args, jnp.asarray(case.a_good), partials=True, **TPU)
+    parts = lora_tpu.lora_shrink(case.x, *args, jnp.asarray(case.a_good), partials=True)
     assert parts.shape == (1, case.m, case.t, case.r)
-    out = lora.lora_expand_group(ys, parts, *args, rows, scales, **TPU)
-    ref = reference.lora_expand_group(ys, jnp.nan_to_num(parts), *args, rows, scales)
+    out = lora_tpu.lora_expand_group(ys, parts, *args, rows)
+    ref = reference.lora_expand_group(ys, jnp.nan_to_num(parts), *args, rows)
     for o, r in zip(out, ref):
         check(o, r, jnp.float32)
 
@@ -156,7 +158,7 @@ def test_group_expand_on_tpu_kernels():
 def test_tpu_backend_dispatches_to_tpu_kernels(monkeypatch):
     case = Case(11, **OFFSET)  # W = 128
     calls = []
-    real_shrink, real_expand = lora_tpu.lora_shrink, lora_tpu.lora_expand
+    real_shrink, real_expand = lora_tpu.lora_shrink, lora_tpu.lora_expand_group
 
     def shrink(*a, **k):
         calls.append(("shrink", k.get("interpret")))
@@ -167,16 +169,21 @@ def test_tpu_backend_dispatches_to_tpu_kernels(monkeypatch):
         return real_expand(*a, **{**k, "interpret": True})
 
     monkeypatch.setattr(lora_tpu, "lora_shrink", shrink)
-    monkeypatch.setattr(lora_tpu, "lora_expand", expand)
+    monkeypatch.setattr(lora_tpu, "lora_expand_group", expand)
     monkeypatch.setattr(lora, "_shrink_pallas", lambda *a, **k: pytest.fail("Triton kernel on TPU"))
     monkeypatch.setattr(lora, "_expand_pallas", lambda *a, **k: pytest.fail("Triton kernel on TPU"))
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    check_shrink(case)
-    check_expand(case)
-    assert calls == [("shrink", None), ("expand", None)]
+    ks = pallas_kernels.kernel_set("pallas")
+    starts, ranks = jnp.asarray(case.seg_starts), jnp.asarray(case.ranks)
+    check(ks.lora_shrink(case.x, case.pool, case.layer, starts, ranks, jnp.asarray(case.a_junk)),
+          case.shrink_ref(), jnp.float32)
+    (out,) = ks.lora_expand_group((case.y,), case.v[None], case.pool, case.layer, starts, ranks[:1],
+                                  (jnp.asarray(case.b_junk),))
+    check(out, case.expand_ref(), jnp.float32)
+    assert calls == [("shrink", False), ("expand", False)]  # compiled with Mosaic on a TPU backend
     # interpret=None on a TPU backend compiles with Mosaic.
-    assert lora_tpu.interpret_params(None) is False
-    assert isinstance(lora_tpu.interpret_params(True), pltpu.InterpretParams)
+    assert common.mosaic_interpret(None) is False
+    assert isinstance(common.mosaic_interpret(True), pltpu.InterpretParams)
 
 
 def test_tpu_backend_falls_back_for_unsupported_shapes(monkeypatch, caplog):
@@ -192,16 +199,15 @@ def test_tpu_backend_falls_back_for_unsupported_shapes(monkeypatch, caplog):
     assert lora_tpu.shrink_unsupported(pool.shape, a_rows.shape) is not None
     ref = reference.lora_shrink(x, pool, 1, starts, ranks, a_rows)
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    with caplog.at_level("WARNING", logger=lora.__name__):
-        out = lora.lora_shrink(x, pool, 1, starts, ranks, a_rows)
+    with caplog.at_level("WARNING", logger=pallas_kernels.__name__):
+        out = pallas_kernels.kernel_set("pallas").lora_shrink(x, pool, 1, starts, ranks, a_rows)
     assert "SMEM budget" in caplog.text
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
     with pytest.raises(ValueError, match="SMEM budget"):
-        lora.lora_shrink(x, pool, 1, starts, ranks, a_rows, impl="pallas_tpu", interpret=False)
+        lora_tpu.lora_shrink(x, pool, 1, starts, ranks, a_rows, interpret=False)
     y = jnp.zeros((t, k * w), jnp.float32)
     with pytest.raises(ValueError, match="SMEM budget"):
-        lora.lora_expand(y, jnp.zeros((t, r)), pool, 1, starts, ranks[0], a_rows[0], jnp.ones((ns,)),
-                         impl="pallas_tpu", interpret=False)
+        lora_tpu.lora_expand(y, jnp.zeros((t, r)), pool, 1, starts, ranks[0], a_rows[0], interpret=False)
 
 
 def test_no_races():
@@ -221,7 +227,7 @@ def test_no_races():
 
 def test_default_interpret_off_tpu():
     assert jax.default_backend() != "tpu"
-    assert isinstance(lora_tpu.interpret_params(None), pltpu.InterpretParams)
+    assert isinstance(common.mosaic_interpret(None), pltpu.InterpretParams)
 
 
 def test_errors():
@@ -237,8 +243,8 @@ def test_errors():
         ok.expand(num_warps=4, **TPU)
     # The shared validation still runs first.
     with pytest.raises(ValueError, match=r"seg_ranks must have shape \[M, NS\]"):
-        lora.lora_shrink(ok.x, ok.pool, 1, jnp.asarray(ok.seg_starts), jnp.zeros((2,), jnp.int32),
-                         jnp.asarray(ok.a_good), **TPU)
+        lora_tpu.lora_shrink(ok.x, ok.pool, 1, jnp.asarray(ok.seg_starts), jnp.zeros((2,), jnp.int32),
+                             jnp.asarray(ok.a_good))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -253,13 +259,13 @@ def test_lowers_to_mosaic(dtype):
     i32 = jnp.int32
     sds = jax.ShapeDtypeStruct
     pool = sds((2, 25, w), dtype)
-    common = (sds((), i32), sds((ns + 1,), i32))
+    common_args = (sds((), i32), sds((ns + 1,), i32))
     shrink = jax.jit(lambda *a: lora_tpu.lora_shrink(*a, interpret=False))
-    txt = shrink.trace(sds((t, d_in), dtype), pool, *common, sds((m, ns), i32),
+    txt = shrink.trace(sds((t, d_in), dtype), pool, *common_args, sds((m, ns), i32),
                        sds((m, ns, r, 2), i32)).lower(lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in txt
     expand = jax.jit(lambda *a: lora_tpu.lora_expand(*a, interpret=False))
-    txt = expand.trace(sds((t, d_out), dtype), sds((t, r), jnp.float32), pool, *common, sds((ns,), i32),
-                       sds((ns, r, 3), i32), sds((ns,), jnp.float32)).lower(lowering_platforms=("tpu",)).as_text()
+    txt = expand.trace(sds((t, d_out), dtype), sds((t, r), jnp.float32), pool, *common_args, sds((ns,), i32),
+                       sds((ns, r, 3), i32)).lower(lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in txt
 

@@ -21,7 +21,6 @@ import dataclasses
 import jax
 import numpy as np
 
-from ..config import LORA_MODULES
 from ..memory.cache import AdapterCache
 from ..memory.pages import PageTable
 from ..model.inputs import LoraInput, StepInput
@@ -108,7 +107,8 @@ class BatchBuilder:
         logit_rows = np.arange(b, dtype=np.int32) if decode else np.maximum(q_starts[1:] - 1, 0)
 
         inp = StepInput(tokens, positions, kv_rows, block_tables, kv_lens, q_starts, logit_rows,
-                        self._lora(entry_arr, q_starts, b), feed, decode, self.pages.page_rows)
+                        self._lora(entry_arr, q_starts, b), feed, decode, self.pages.page_rows,
+                        num_pages=self.pages.num_pages)
         return inp, self._sampling(reqs, b), reqs
 
     def dummy(self, decode: bool, size: int, lora: bool) -> tuple[StepInput, SamplingArrays]:
@@ -122,7 +122,7 @@ class BatchBuilder:
         inp = StepInput(np.zeros(t, np.int32), np.zeros(t, np.int32), np.full(t, -1, np.int32),
                         np.zeros((b, self.width), np.int32), np.zeros(b, np.int32), q_starts,
                         np.arange(b, dtype=np.int32) if decode else np.zeros(b, np.int32), lo,
-                        np.full(t, -1, np.int32), decode, self.pages.page_rows)
+                        np.full(t, -1, np.int32), decode, self.pages.page_rows, num_pages=self.pages.num_pages)
         return inp, self._sampling([], b)
 
     def _lora(self, entry_arr: np.ndarray, q_starts: np.ndarray, b: int):
@@ -141,8 +141,7 @@ class BatchBuilder:
         ranks = np.where(has, tab.ranks[safe], 0).T.astype(np.int32)  # [7, NS]
         a_rows = tuple(t[safe] for t in tab.a_rows)
         b_rows = tuple(t[safe] for t in tab.b_rows)
-        scales = np.ones((len(LORA_MODULES), b), np.float32)  # scaling is folded into B on the host
-        return LoraInput(seg_starts, ranks, scales, a_rows, b_rows, self.cache.store.target_modules())
+        return LoraInput(seg_starts, ranks, a_rows, b_rows, self.cache.store.target_modules())
 
     @staticmethod
     def _sampling(reqs: list, b: int) -> SamplingArrays:

@@ -17,12 +17,12 @@ from ..config import LORA_MODULES
 @dataclasses.dataclass
 class LoraInput:
     """Tokens grouped by adapter into segments; per target module, each
-    segment's rank, scaling and the pool rows of its A^T and B rows
-    (see pallas_kernels/reference.py for the layout)."""
+    segment's rank and the pool rows of its A^T and B rows (see
+    pallas_kernels/reference.py for the layout; an adapter's scaling is
+    folded into its B rows)."""
 
     seg_starts: jax.Array  # [NS + 1] int32
     ranks: jax.Array  # [7, NS] int32, module order config.LORA_MODULES; 0 = not targeted
-    scales: jax.Array  # [7, NS] float32
     a_rows: tuple  # 7 x [NS, R, K_in(module)] int32
     b_rows: tuple  # 7 x [NS, R, K_out(module)] int32
     # static: the modules any registered adapter targets; the model skips the others' LoRA launches
@@ -34,7 +34,7 @@ class LoraInput:
 class StepInput:
     tokens: jax.Array  # [T] int32
     positions: jax.Array  # [T] int32
-    kv_slots: jax.Array  # [T] int32 pool K row for each token's new K/V, -1 = padding
+    kv_rows: jax.Array  # [T] int32 pool K row for each token's new K/V, -1 = padding
     block_tables: jax.Array  # [B, M] int32 page indices per sequence
     kv_lens: jax.Array  # [B] int32 tokens in the pool per sequence after this step
     q_starts: jax.Array  # [B + 1] int32 token range of each sequence (prefill)
@@ -45,14 +45,17 @@ class StepInput:
     feed: Optional[jax.Array] = None
     decode: bool = False  # one token per sequence, token b belongs to sequence b
     page_rows: int = 16  # rows per pool page (static: kernels tile by it)
+    # pages in the pool (static): with page_rows, the pool geometry the kernels index by (V rows of page p
+    # start at (num_pages + p) * page_rows); given by the page table, never derived from the pool's shape
+    num_pages: int = dataclasses.field(kw_only=True)
 
 
 jax.tree_util.register_dataclass(
-    LoraInput, data_fields=["seg_starts", "ranks", "scales", "a_rows", "b_rows"], meta_fields=["modules"]
+    LoraInput, data_fields=["seg_starts", "ranks", "a_rows", "b_rows"], meta_fields=["modules"]
 )
 jax.tree_util.register_dataclass(
     StepInput,
-    data_fields=["tokens", "positions", "kv_slots", "block_tables", "kv_lens", "q_starts", "logit_rows", "lora",
+    data_fields=["tokens", "positions", "kv_rows", "block_tables", "kv_lens", "q_starts", "logit_rows", "lora",
                  "feed"],
-    meta_fields=["decode", "page_rows"],
+    meta_fields=["decode", "page_rows", "num_pages"],
 )

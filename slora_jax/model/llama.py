@@ -1,11 +1,12 @@
 """Flax NNX Llama (MHA and GQA, RoPE with llama3 scaling, RMSNorm, SwiGLU).
 
-Every target linear computes y = x W + scale * (x A) B for a batch in which
+Every target linear computes y = x W + (x A) B for a batch in which
 each token may use a different adapter of a different rank, or none: the LoRA
 term is the segmented shrink/expand kernels reading A/B rows from the unified
-pool. Attention reads K/V from the same pool through page tables. The forward
-is a pure function of (params, pool, StepInput) -> (logits, pool); the pool
-is donated by the caller so K/V writes happen in place.
+pool (each adapter's scaling is folded into its B rows). Attention reads K/V
+from the same pool through page tables. The forward is a pure function of
+(params, pool, StepInput) -> (logits, pool); the pool is donated by the caller
+so K/V writes happen in place.
 """
 from __future__ import annotations
 
@@ -59,12 +60,12 @@ class LoraContext:
         self._tables: dict = {}
 
     def tables(self, modules: tuple):
-        """(ranks [M, NS], scales [M, NS], a_rows [M, NS, R, K_in], b_rows M x [NS, R, K_out]) of a
-        module group, built once per step (every layer indexes the same tables)."""
+        """(ranks [M, NS], a_rows [M, NS, R, K_in], b_rows M x [NS, R, K_out]) of a module group, built
+        once per step (every layer indexes the same tables)."""
         if modules not in self._tables:
             lo, idx = self.lora, [_MOD[m] for m in modules]
-            self._tables[modules] = (jnp.stack([lo.ranks[i] for i in idx]), jnp.stack([lo.scales[i] for i in idx]),
-                                     jnp.stack([lo.a_rows[i] for i in idx]), tuple(lo.b_rows[i] for i in idx))
+            self._tables[modules] = (jnp.stack([lo.ranks[i] for i in idx]), jnp.stack([lo.a_rows[i] for i in idx]),
+                                     tuple(lo.b_rows[i] for i in idx))
         return self._tables[modules]
 
     def active(self, modules: tuple) -> bool:
@@ -75,10 +76,10 @@ class LoraContext:
         """base_outs[i] = x @ W_modules[i]; returns them with LoRA added: one shrink, one expand."""
         if not self.active(modules):
             return list(base_outs)
-        ranks, scales, a_rows, b_rows = self.tables(modules)
+        ranks, a_rows, b_rows = self.tables(modules)
         v = self.k.lora_shrink(x, self.pool, layer, self.lora.seg_starts, ranks, a_rows, partials=True)
         return list(self.k.lora_expand_group(tuple(base_outs), v, self.pool, layer, self.lora.seg_starts, ranks,
-                                             b_rows, scales))
+                                             b_rows))
 
     def row(self, x, w, module: str, layer):
         """x @ w plus LoRA for a row-parallel linear (o, down). Under tensor parallelism one op does
@@ -87,8 +88,7 @@ class LoraContext:
             (y,) = self(x, [x @ w], (module,), layer)
             return y
         lo, i = self.lora, _MOD[module]
-        tabs = ((lo.seg_starts, lo.ranks[i], lo.a_rows[i], lo.b_rows[i], lo.scales[i])
-                if self.active((module,)) else None)
+        tabs = (lo.seg_starts, lo.ranks[i], lo.a_rows[i], lo.b_rows[i]) if self.active((module,)) else None
         return self.k.row_linear(x, w, self.pool, layer, tabs)
 
 
@@ -111,17 +111,16 @@ class DecoderLayer(nnx.Module):
         q, k, v = lora(h, [h @ self.q_proj[...], h @ self.k_proj[...], h @ self.v_proj[...]],
                        ("q_proj", "k_proj", "v_proj"), layer)
         k = apply_rope(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), *rope)
-        pool = kernels.write_kv(pool, layer, k.reshape(t, -1), v, inp.kv_slots)
+        geometry = dict(page_rows=inp.page_rows, num_pages=inp.num_pages)
+        pool = kernels.write_kv(pool, layer, k.reshape(t, -1), v, inp.kv_rows, **geometry)
         lora.pool = pool
         q = apply_rope(q.reshape(t, cfg.num_heads, cfg.head_dim), *rope)
-        page_rows = inp.page_rows
         scale = cfg.head_dim ** -0.5
         if inp.decode:
-            attn = kernels.attention_decode(q, pool, layer, inp.block_tables, inp.kv_lens,
-                                            page_rows=page_rows, scale=scale)
+            attn = kernels.attention_decode(q, pool, layer, inp.block_tables, inp.kv_lens, scale=scale, **geometry)
         else:
             attn = kernels.attention_prefill(q, pool, layer, inp.block_tables, inp.q_starts, inp.kv_lens,
-                                             page_rows=page_rows, scale=scale)
+                                             scale=scale, **geometry)
         attn = attn.reshape(t, cfg.q_size)
         o = lora.row(attn, self.o_proj[...], "o_proj", layer)
         x = x + o

@@ -44,22 +44,24 @@ def shard_kernels(ks: KernelSet, mesh: Mesh) -> KernelSet:
             x, pool, layer, seg_starts, seg_ranks, a_rows)
         return v[None] if partials else v  # summed before the psum: the collective stays [M, T, R]
 
-    def lora_expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales):
+    def lora_expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows):
         # column-parallel outputs: device d's B-row slice is exactly its output columns; no collective
         ys, b_rows = tuple(ys), tuple(b_rows)
-        specs = ((COLS,) * len(ys), REP, POOL, REP, REP, REP, (REP,) * len(b_rows), REP)
+        specs = ((COLS,) * len(ys), REP, POOL, REP, REP, REP, (REP,) * len(b_rows))
         return sm(ks.lora_expand_group, in_specs=specs, out_specs=(COLS,) * len(ys))(
-            ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales)
+            ys, v, pool, layer, seg_starts, seg_ranks, b_rows)
 
-    def write_kv(pool, layer, k, v, slots):
-        return sm(ks.write_kv, in_specs=(POOL, REP, COLS, COLS, REP), out_specs=POOL)(pool, layer, k, v, slots)
+    # the pool is split along its width only: every device's slice has the global page geometry
+    def write_kv(pool, layer, k, v, slots, *, page_rows, num_pages):
+        f = functools.partial(ks.write_kv, page_rows=page_rows, num_pages=num_pages)
+        return sm(f, in_specs=(POOL, REP, COLS, COLS, REP), out_specs=POOL)(pool, layer, k, v, slots)
 
-    def attention_decode(q, pool, layer, block_tables, lengths, *, page_rows, scale):
-        f = functools.partial(ks.attention_decode, page_rows=page_rows, scale=scale)
+    def attention_decode(q, pool, layer, block_tables, lengths, *, page_rows, num_pages, scale):
+        f = functools.partial(ks.attention_decode, page_rows=page_rows, num_pages=num_pages, scale=scale)
         return sm(f, in_specs=(HEADS, POOL, REP, REP, REP), out_specs=HEADS)(q, pool, layer, block_tables, lengths)
 
-    def attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, page_rows, scale):
-        f = functools.partial(ks.attention_prefill, page_rows=page_rows, scale=scale)
+    def attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, page_rows, num_pages, scale):
+        f = functools.partial(ks.attention_prefill, page_rows=page_rows, num_pages=num_pages, scale=scale)
         return sm(f, in_specs=(HEADS, POOL, REP, REP, REP, REP), out_specs=HEADS)(
             q, pool, layer, block_tables, q_starts, kv_lens)
 
@@ -68,15 +70,14 @@ def shard_kernels(ks: KernelSet, mesh: Mesh) -> KernelSet:
         def body(x, w, pool, layer, *tabs):
             y = x @ w  # this device's partial sum, full width
             if tabs:
-                seg_starts, ranks, a_rows, b_rows, scales = tabs
+                seg_starts, ranks, a_rows, b_rows = tabs
                 v = jax.lax.psum(ks.lora_shrink(x, pool, layer, seg_starts, ranks[None], a_rows[None])[0], TP)
                 # device d's B-row slice holds output columns d*n:(d+1)*n: add them into its partial sum,
                 # so the base all-reduce below also carries the LoRA term (counted once, by device d)
                 n = y.shape[1] // tp
                 lo = jax.lax.axis_index(TP) * n
                 part = jax.lax.dynamic_slice_in_dim(y, lo, n, axis=1)
-                (part,) = ks.lora_expand_group((part,), v[None], pool, layer, seg_starts, ranks[None],
-                                               (b_rows,), scales[None])
+                (part,) = ks.lora_expand_group((part,), v[None], pool, layer, seg_starts, ranks[None], (b_rows,))
                 y = jax.lax.dynamic_update_slice_in_dim(y, part, lo, axis=1)
             return jax.lax.psum(y, TP)
         tabs = () if lora is None else tuple(lora)

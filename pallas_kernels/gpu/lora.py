@@ -1,18 +1,15 @@
-"""Segmented multi-LoRA kernels over the unified pool (S-LoRA's MBGMM / MBGMV).
+"""Segmented multi-LoRA kernels over the unified pool (S-LoRA's MBGMM / MBGMV), Triton lowering.
 
 ``lora_shrink`` computes ``v = x @ A`` and ``lora_expand`` computes
-``y + scale * v @ B`` for a batch whose tokens are grouped into contiguous
+``y + v @ B`` for a batch whose tokens are grouped into contiguous
 segments, one adapter (of its own rank) per segment. Both read the adapter
 rows straight out of the pool by their row indices, inside the kernel; the
 layout and the exact semantics are those of `reference.py` (its docstring and
-its ``lora_shrink`` / ``lora_expand``), which ``impl="xla"`` runs.
+its ``lora_shrink`` / ``lora_expand``).
 
-GPU kernels use Pallas' Triton lowering; on CPU they run in interpret mode
-(``interpret=None`` picks that from ``jax.default_backend()``). On a TPU
-backend, and on any backend with ``impl="pallas_tpu"``, both entry points run
-the Pallas TPU (Mosaic) kernels of `lora_tpu` instead (TPU interpret mode off
-TPU); on TPU with shapes they do not support (``W % 128 != 0``, index
-tables too large for SMEM) they log a warning and run the reference.
+Pallas' Triton lowering (GPU); ``interpret=None`` runs Pallas' interpret mode
+off a GPU backend (the CPU tests). The TPU kernels of the same ops are
+`pallas_kernels.tpu.lora`; `pallas_kernels.kernel_set` picks between them.
 
 Work list (static grid, any segment lengths)
 --------------------------------------------
@@ -73,7 +70,7 @@ rank-0 tokens: every element is written once). ``y + delta`` is then an XLA
 add, which fuses with whatever produced ``y``: the base GEMM's split-K
 reduction, a slice of merged GEMMs. Updating ``y`` in place inside the kernel
 instead would pin ``y`` as a materialised buffer and cost those producers a
-launch each. With a 16-bit pool, ``v * scale`` is split into a 16-bit high and
+launch each. With a 16-bit pool, ``v`` is split into a 16-bit high and
 low part (two tensor-core dots), which keeps the product at about float32
 accuracy.
 
@@ -83,17 +80,21 @@ Each program then owns one token (there are no head items). In a decode batch
 a 16-token tile holds 1 real token and 15 masked rows, which move no bytes but
 still take registers, shared-memory stages and a tensor-core dot; instead the
 shrink multiplies the token's ``x`` chunk into its ``A^T`` tile and sums
-along D, and the expand sums ``v``-scaled ``B`` rows, elementwise in float32 on
-the CUDA cores (no 16-bit split, no 16-wide minimum on the rank block). On the
-H200 this halved both kernels' device time at batch 512 rank 8 (BENCHMARKS.md).
+along D, and the expand sums ``v``-weighted ``B`` rows, elementwise in float32 on
+the CUDA cores (no 16-bit split, no 16-wide minimum on the rank block).
 
-Block sizes are powers of two, at least 16 (Triton's ``dot`` minimum) except
-in the one-token mode; every edge (T, D_in, D_out, W, R, segment ends) is masked.
+Tunables
+--------
+Keyword arguments of `lora_shrink` (``block_t``, ``block_r``, ``block_d``,
+``k_splits``, ``num_warps``, ``num_stages``) and `lora_expand` /
+`lora_expand_group` (the same without ``k_splits``); those not given come from
+`shrink_defaults` / `expand_defaults`, which choose by batch shape. Block sizes
+are powers of two, at least 16 (Triton's ``dot`` minimum) except in the
+one-token mode; every edge (T, D_in, D_out, W, R, segment ends) is masked.
 """
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 import jax
@@ -102,9 +103,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from . import reference
-
-log = logging.getLogger(__name__)
+from ..common import (cdiv, check_lora_expand, check_lora_expand_group, check_lora_shrink, decode_like,
+                      pow2_at_least, triton_interpret)
 
 __all__ = ["lora_shrink", "lora_expand", "lora_expand_group", "shrink_defaults", "expand_defaults"]
 
@@ -112,73 +112,32 @@ _SHRINK_TUNABLES = ("block_t", "block_r", "block_d", "k_splits", "num_warps", "n
 _EXPAND_TUNABLES = ("block_t", "block_r", "block_d", "num_warps", "num_stages")
 
 
-# --------------------------------------------------------------------------- helpers
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pow2_at_least(n: int, lo: int = 16) -> int:
-    return max(lo, 1 << max(0, (int(n) - 1).bit_length()))
-
-
-def _resolve_interpret(interpret: bool | None) -> bool:
-    if interpret is None:
-        return jax.default_backend() == "cpu"
-    return bool(interpret)
-
-
-def _tpu_route(name: str, impl: str, unsupported) -> str | None:
-    """Where a call goes instead of the Triton kernels: "tpu" (`lora_tpu`), "xla" (the reference), None.
-
-    impl="pallas_tpu": the TPU kernels on any backend (TPU interpret mode off TPU).
-    impl="pallas" on a TPU backend: the TPU kernels, or the reference with a
-    warning for shapes they do not support (``unsupported(lora_tpu)`` says why).
-    """
-    if impl == "pallas_tpu":
-        return "tpu"
-    if jax.default_backend() != "tpu":
-        return None
-    from . import lora_tpu
-
-    reason = unsupported(lora_tpu)
-    if reason:
-        log.warning("%s: %s; using the XLA reference", name, reason)
-        return "xla"
-    return "tpu"
-
-
-def _decode_like(t: int, ns: int) -> bool:
-    """Many short segments (decode, or mostly decode) vs. few long ones (prefill)."""
-    return t <= 8 * max(ns, 1)
-
-
+# --------------------------------------------------------------------------- tunables
 def shrink_defaults(t: int, ns: int, m: int, r: int, d: int, w: int, **given) -> dict[str, int]:
     """Tunables of `lora_shrink` (T tokens, NS segments, M modules, max rank R, D_in, W): the defaults,
     overridden by `given`; ``k_splits`` is then derived from the result unless given.
 
     Decode-like batches: one token per program (``block_t = 1``: a matrix-vector product per token
-    instead of a 16-row dot of which 15 rows are padding), up to 16 rank columns, 256-wide D chunks; in
-    the H200 sweep (f524b11, benchmarks/results/kernels_lora_sweep_f524b11.json) this mode took 7.6 vs
-    10.3 us at batch 128 rank 16 and 14-15 vs 28 us at batch 512 rank 8. Prefill-like: 64-token blocks
-    sharing one adapter tile, the whole rank in one block. ``k_splits`` splits D_in until there are
-    about 1,024 programs (one-token mode) or 256 (token blocks), at most 8.
+    instead of a 16-row dot of which 15 rows are padding), up to 16 rank columns, 256-wide D chunks.
+    Prefill-like: 64-token blocks sharing one adapter tile, the whole rank in one block. ``k_splits``
+    splits D_in until there are about 1,024 programs (one-token mode) or 256 (token blocks), at most 8.
     """
-    decode = _decode_like(t, ns)
+    decode = decode_like(t, ns)
     bt = given.get("block_t") or (1 if decode else 64)
     if bt == 1:
-        cfg = dict(block_r=min(16, _pow2_at_least(r, 1)), block_d=256)
+        cfg = dict(block_r=min(16, pow2_at_least(r, 1)), block_d=256)
     elif decode:
         cfg = dict(block_r=16 if r <= 8 else 32, block_d=512)
     else:
-        cfg = dict(block_r=min(64, _pow2_at_least(r)), block_d=128)
+        cfg = dict(block_r=min(64, pow2_at_least(r)), block_d=128)
     cfg.update(block_t=bt, num_warps=4, num_stages=3)
-    cfg["block_d"] = min(cfg["block_d"], _pow2_at_least(w))
+    cfg["block_d"] = min(cfg["block_d"], pow2_at_least(w))
     cfg.update({k: v for k, v in given.items() if v is not None})
     if cfg.get("k_splits") is None:
         bt, br, bd = cfg["block_t"], cfg["block_r"], cfg["block_d"]
-        items = _cdiv(t, bt) + (min(ns, t) if bt > 1 else 0)  # one-token mode: no head items
-        programs = max(1, items * m * _cdiv(max(r, 1), br))
-        chunks = _cdiv(d, w) * _cdiv(w, bd)
+        items = cdiv(t, bt) + (min(ns, t) if bt > 1 else 0)  # one-token mode: no head items
+        programs = max(1, items * m * cdiv(max(r, 1), br))
+        chunks = cdiv(d, w) * cdiv(w, bd)
         target = 1024 if bt == 1 else 256
         ks = 1
         while ks < 8 and programs * ks < target and 2 * ks <= chunks:
@@ -192,23 +151,20 @@ def expand_defaults(t: int, ns: int, r: int, w: int, **given) -> dict[str, int]:
     overridden by `given`.
 
     Decode-like batches: one token per program; from 128 tokens 8 rank rows x 1,024 output columns per
-    step, below that 16 x 256 (more programs for few tokens). H200 sweeps (f524b11, ae7d369: the
-    kernels_lora_sweep*.json results; device us vs 16-token blocks): 13.2 vs 24.8 at batch 512 rank 8,
-    20.6 vs 29.0 at batch 128 rank 64; 3.2 vs 4.7, 3.8 vs 5.2 and 8.8 vs 9.7 at batch 32 ranks 8, 16,
-    64. Prefill-like: 64 x 128 output tiles, rank blocks of up to 64, 4 warps (13.0 vs 24.2 us with 8
-    at 4 x 512 tokens, rank 16).
+    step, below that 16 x 256 (more programs for few tokens). Prefill-like: 64 x 128 output tiles, rank
+    blocks of up to 64, 4 warps.
     """
-    decode = _decode_like(t, ns)
+    decode = decode_like(t, ns)
     bt = given.get("block_t") or (1 if decode else 64)
     if bt == 1:
         wide = t >= 128
-        cfg = dict(block_r=min(8 if wide else 16, _pow2_at_least(r, 1)), block_d=1024 if wide else 256)
+        cfg = dict(block_r=min(8 if wide else 16, pow2_at_least(r, 1)), block_d=1024 if wide else 256)
     elif decode:
         cfg = dict(block_r=16, block_d=256)
     else:
-        cfg = dict(block_r=min(64, _pow2_at_least(r)), block_d=128)
+        cfg = dict(block_r=min(64, pow2_at_least(r)), block_d=128)
     cfg.update(block_t=bt, num_warps=4, num_stages=3)
-    cfg["block_d"] = min(cfg["block_d"], _pow2_at_least(w))
+    cfg["block_d"] = min(cfg["block_d"], pow2_at_least(w))
     cfg.update({k: v for k, v in given.items() if v is not None})
     return cfg
 
@@ -230,18 +186,8 @@ def _tunables(name: str, given: dict[str, Any], allowed: tuple[str, ...], defaul
     return cfg
 
 
-def _check_int(name: str, arg: str, a) -> None:
-    if not jnp.issubdtype(a.dtype, jnp.integer):
-        raise TypeError(f"{name}: {arg} must be an integer array, got dtype {a.dtype}")
-
-
-def _layer_array(name: str, layer, n_layers: int) -> jax.Array:
+def _layer_array(layer) -> jax.Array:
     """layer as an int32 [1] array (a bitcast, no XLA op); kernels clamp it like jnp indexing."""
-    shape = jnp.shape(layer)
-    if shape != ():
-        raise ValueError(f"{name}: layer must be a scalar, got shape {shape}")
-    if isinstance(layer, int) and not -n_layers <= layer < n_layers:
-        raise ValueError(f"{name}: layer {layer} out of range for a pool of {n_layers} layers")
     return jnp.asarray(layer, jnp.int32).reshape(1)
 
 
@@ -283,7 +229,7 @@ def _work_item(i, starts_ref, *, ns: int, nsp: int, t: int, bt: int):
 
 
 def _num_items(t: int, ns: int, bt: int) -> int:
-    return (0 if bt == 1 else ns + 1) + _cdiv(t, bt)
+    return (0 if bt == 1 else ns + 1) + cdiv(t, bt)
 
 
 def _compute_dtype(*dtypes) -> jnp.dtype:
@@ -369,17 +315,17 @@ def _shrink_pallas(x, pool, layer, seg_starts, seg_ranks, a_rows, *, block_t, bl
     _, _, w = pool.shape
     m, ns, r, _ = a_rows.shape
     bt, br, bd = block_t, block_r, block_d
-    nj = _cdiv(w, bd)
-    k_full = _cdiv(d, w)
-    n_chunks = (k_full - 1) * nj + _cdiv(d - (k_full - 1) * w, bd)
+    nj = cdiv(w, bd)
+    k_full = cdiv(d, w)
+    n_chunks = (k_full - 1) * nj + cdiv(d - (k_full - 1) * w, bd)
     ks = max(1, min(k_splits, n_chunks))
-    per_split = _cdiv(n_chunks, ks)
-    ks = _cdiv(n_chunks, per_split)
-    nrb = _cdiv(r, br)
-    nsp = _pow2_at_least(ns + 1, 2)
+    per_split = cdiv(n_chunks, ks)
+    ks = cdiv(n_chunks, per_split)
+    nrb = cdiv(r, br)
+    nsp = pow2_at_least(ns + 1, 2)
     kernel = functools.partial(
         _shrink_kernel, n_layers=pool.shape[0], ns=ns, nsp=nsp, t=t, d=d, w=w, k=k_full,
-        kp=_pow2_at_least(k_full, 2), r=r, nrb=nrb, ks=ks, bt=bt, br=br, bd=bd, nj=nj,
+        kp=pow2_at_least(k_full, 2), r=r, nrb=nrb, ks=ks, bt=bt, br=br, bd=bd, nj=nj,
         n_chunks=n_chunks, per_split=per_split, cdt=_compute_dtype(x.dtype, pool.dtype),
     )
     out = pl.pallas_call(
@@ -395,18 +341,8 @@ def _shrink_pallas(x, pool, layer, seg_starts, seg_ranks, a_rows, *, block_t, bl
     return out.reshape(m, t, r) if ks == 1 else out.sum(axis=0)
 
 
-def _check_common(name, act_name, dim_name, act, pool, seg_starts) -> None:
-    """The shape checks shrink and expand share: activations, pool, segment starts."""
-    if act.ndim != 2:
-        raise ValueError(f"{name}: {act_name} must be [T, {dim_name}], got shape {act.shape}")
-    if pool.ndim != 3:
-        raise ValueError(f"{name}: pool must be [L, S, W], got shape {pool.shape}")
-    if seg_starts.ndim != 1 or seg_starts.shape[0] < 1:
-        raise ValueError(f"{name}: seg_starts must be [NS + 1] with NS >= 0, got shape {seg_starts.shape}")
-
-
-def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, impl: str = "pallas",
-                interpret: bool | None = None, partials: bool = False, **tunables) -> jax.Array:
+def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, interpret: bool | None = None,
+                partials: bool = False, **tunables) -> jax.Array:
     """v[m, t, j] = x[t] . A_m(seg(t))[:, j] for j < rank, else 0 (see `reference.lora_shrink`).
 
     x: [T, D_in]; pool: [L, S, W]; layer: int32 scalar (may be traced);
@@ -416,60 +352,29 @@ def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, impl: str = "p
     whose sum over axis 0 is that (the kernel's split-K partial sums, KS >= 1,
     left for `lora_expand_group` to add up instead of a reduction launch here).
 
-    impl: "pallas" (this module's kernel; on a TPU backend `lora_tpu`'s),
-    "pallas_tpu" (`lora_tpu`'s kernel on any backend) or "xla" (the reference).
-    interpret: None = interpret mode on CPU, compiled elsewhere.
-    tunables: block_t, block_r, block_d (powers of two >= 16), k_splits,
-    num_warps, num_stages; defaults from `shrink_defaults`. The TPU kernels
-    take block_t only (a multiple of 16; see `lora_tpu`).
+    interpret: None = interpret mode off a GPU backend, compiled on one.
+    tunables: block_t, block_r, block_d (powers of two >= 16; block_t = 1 is the
+    one-token mode, where block_r may be smaller), k_splits, num_warps,
+    num_stages; defaults from `shrink_defaults`.
     """
     name = "lora_shrink"
-    _check_common(name, "x", "D_in", x, pool, seg_starts)
-    if a_rows.ndim != 4:
-        raise ValueError(f"{name}: a_rows must be [M, NS, R, K_in], got shape {a_rows.shape}")
+    check_lora_shrink(name, x, pool, layer, seg_starts, seg_ranks, a_rows)
     t, d = x.shape
-    n_layers, _, w = pool.shape
+    w = pool.shape[2]
     ns = seg_starts.shape[0] - 1
-    m, ns_a, r, k = a_rows.shape
-    k_want = _cdiv(d, w)
-    if ns_a != ns or k != k_want:
-        raise ValueError(
-            f"{name}: a_rows must have shape [M, NS, R, K_in] with NS = len(seg_starts) - 1 = {ns} "
-            f"and K_in = ceil(D_in / W) = ceil({d} / {w}) = {k_want}, got {a_rows.shape}"
-        )
-    if seg_ranks.shape != (m, ns):
-        raise ValueError(f"{name}: seg_ranks must have shape [M, NS] = {(m, ns)}, got {seg_ranks.shape}")
-    for arg, a in (("seg_starts", seg_starts), ("seg_ranks", seg_ranks), ("a_rows", a_rows)):
-        _check_int(name, arg, a)
-    def shaped(v):
-        return v[None] if partials else v
-
-    if impl == "xla":
-        return shaped(reference.lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows))
-    if impl not in ("pallas", "pallas_tpu"):
-        raise ValueError(f"{name}: impl must be 'pallas' or 'xla', got {impl!r} "
-                         "(or 'pallas_tpu': the TPU kernels on any backend)")
-    layer_arr = _layer_array(name, layer, n_layers)
-    route = _tpu_route(name, impl, lambda lt: lt.shrink_unsupported(pool.shape, a_rows.shape))
-    if route == "xla":
-        return shaped(reference.lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows))
-    if route == "tpu":
-        from . import lora_tpu
-
-        return shaped(lora_tpu.lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows,
-                                          interpret=interpret, **tunables))
+    m, _, r, _ = a_rows.shape
     cfg = _tunables(name, tunables, _SHRINK_TUNABLES, functools.partial(shrink_defaults, t, ns, m, r, d, w))
-    interpret = _resolve_interpret(interpret)
     if t == 0 or r == 0 or m == 0 or ns == 0 or d == 0:
-        return shaped(jnp.zeros((m, t, r), jnp.float32))
+        v = jnp.zeros((m, t, r), jnp.float32)
+        return v[None] if partials else v
     return _shrink_pallas(
-        x, pool, layer_arr, seg_starts.astype(jnp.int32), seg_ranks.astype(jnp.int32),
-        a_rows.astype(jnp.int32), interpret=interpret, partials=partials, **cfg,
+        x, pool, _layer_array(layer), seg_starts.astype(jnp.int32), seg_ranks.astype(jnp.int32),
+        a_rows.astype(jnp.int32), interpret=triton_interpret(interpret), partials=partials, **cfg,
     )
 
 
 # --------------------------------------------------------------------------- expand
-def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, *refs, n_layers, ns, nsp, t, dims,
+def _expand_kernel(layer_ref, starts_ref, ranks_ref, *refs, n_layers, ns, nsp, t, dims,
                    ks_in, w, r, bt, br, bd, nj, cdt):
     mods = len(dims)
     rows_refs, (v_ref, pool_ref), o_refs = refs[:mods], refs[mods:mods + 2], refs[mods + 2:]
@@ -479,7 +384,7 @@ def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, *refs, n_layers
     m, n_loc, d = jnp.int32(0), n, jnp.int32(dims[0])
     first = 0
     for j in range(1, mods):
-        first += _cdiv(dims[j - 1], w) * nj
+        first += cdiv(dims[j - 1], w) * nj
         mine = n >= first
         m = jnp.where(mine, j, m)
         n_loc = jnp.where(mine, n - first, n_loc)
@@ -488,7 +393,6 @@ def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, *refs, n_layers
     real = (seg >= 0) & (seg < ns)
     segc = jnp.clip(seg, 0, ns - 1)
     rank = jnp.where(real, jnp.clip(ranks_ref[m, segc], 0, r), 0)
-    scale = scales_ref[m, segc].astype(jnp.float32)
 
     c = lax.div(n_loc, nj)  # pool row (of each B row) holding this column block
     col0 = lax.rem(n_loc, nj) * bd
@@ -507,7 +411,7 @@ def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, *refs, n_layers
         vmask = tmask[:, None] & (jv < r)[None, :]
         vt = sum(plgpu.load(v_ref.at[jnp.int32(s), m, pl.ds(lo, bt), pl.ds(q * br, br)], mask=vmask, other=0.0)
                  for s in range(ks_in))
-        vt = jnp.where(rmask[None, :], vt.astype(jnp.float32) * scale, 0.0)
+        vt = jnp.where(rmask[None, :], vt.astype(jnp.float32), 0.0)
         # this module's B row indices (c < K_m there); the other modules' loads are masked off (no memory
         # traffic), their column index only clamped in range
         idx = sum(plgpu.load(rows_refs[j].at[segc, pl.ds(q * br, br), jnp.minimum(c, rows_refs[j].shape[2] - 1)],
@@ -517,7 +421,7 @@ def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, *refs, n_layers
             mask=rmask[:, None] & cmask[None, :],
             other=0,
         )
-        if bt == 1:  # one token: scaled B rows summed on the CUDA cores, in float32
+        if bt == 1:  # one token: v-weighted B rows summed on the CUDA cores, in float32
             return acc + jnp.sum(vt.reshape(br, 1) * bt_.astype(jnp.float32), axis=0)[None, :]
         if cdt == jnp.float32:
             return acc + _dot(vt, bt_, cdt)
@@ -536,7 +440,7 @@ def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, *refs, n_layers
 @functools.partial(
     jax.jit, static_argnames=("block_t", "block_r", "block_d", "num_warps", "num_stages", "interpret")
 )
-def _expand_pallas(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *, block_t,
+def _expand_pallas(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, *, block_t,
                    block_r, block_d, num_warps, num_stages, interpret):
     mods = len(ys)
     t = ys[0].shape[0]
@@ -545,141 +449,67 @@ def _expand_pallas(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales
     ks_in, _, _, r = v.shape
     ns = seg_starts.shape[0] - 1
     bt, br, bd = block_t, block_r, block_d
-    nj = _cdiv(w, bd)
-    nsp = _pow2_at_least(ns + 1, 2)
+    nj = cdiv(w, bd)
+    nsp = pow2_at_least(ns + 1, 2)
     kernel = functools.partial(
         _expand_kernel, n_layers=pool.shape[0], ns=ns, nsp=nsp, t=t, dims=dims, ks_in=ks_in, w=w, r=r,
         bt=bt, br=br, bd=bd, nj=nj, cdt=_compute_dtype(pool.dtype),
     )
     deltas = pl.pallas_call(
         kernel,
-        grid=(_num_items(t, ns, bt), sum(_cdiv(d, w) for d in dims) * nj),
+        grid=(_num_items(t, ns, bt), sum(cdiv(d, w) for d in dims) * nj),
         out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"lora_expand{mods}_bt{bt}_br{br}_bd{bd}",
-    )(layer, seg_starts, seg_ranks, seg_scales, *b_rows, v, pool)
+    )(layer, seg_starts, seg_ranks, *b_rows, v, pool)
     return tuple(y + dy for y, dy in zip(ys, deltas))
 
 
-def _check_expand(name, ys, v, pool, seg_starts, seg_ranks, b_rows, seg_scales) -> None:
-    if not ys:
-        raise ValueError(f"{name}: no outputs")
-    for y in ys:
-        _check_common(name, "y", "D_out", y, pool, seg_starts)
-    t = ys[0].shape[0]
-    _, _, w = pool.shape
-    ns = seg_starts.shape[0] - 1
-    mods = len(ys)
-    if len(b_rows) != mods:
-        raise ValueError(f"{name}: {mods} outputs but {len(b_rows)} b_rows tables")
-    r = None
-    for y, rows in zip(ys, b_rows):
-        if rows.ndim != 3:
-            raise ValueError(f"{name}: b_rows must be [NS, R, K_out], got shape {rows.shape}")
-        k_want = _cdiv(y.shape[1], w)
-        same_r = r is None or rows.shape[1] == r
-        if y.shape[0] != t or rows.shape[0] != ns or rows.shape[2] != k_want or not same_r:
-            raise ValueError(
-                f"{name}: b_rows must have shape [NS, R, K_out] with NS = len(seg_starts) - 1 = {ns} "
-                f"and K_out = ceil(D_out / W) = ceil({y.shape[1]} / {w}) = {k_want} (one R for all "
-                f"modules, y of T = {t} rows), got {rows.shape} for y {y.shape}"
-            )
-        r = rows.shape[1]
-        _check_int(name, "b_rows", rows)
-    if v.ndim not in (3, 4) or v.shape[-3:] != (mods, t, r):
-        raise ValueError(
-            f"{name}: v must have shape [M, T, R] = {(mods, t, r)} or [KS, M, T, R] "
-            f"(T from y, R from b_rows), got {v.shape}"
-        )
-    for arg, a in (("seg_ranks", seg_ranks), ("seg_scales", seg_scales)):
-        if a.shape != (mods, ns):
-            raise ValueError(f"{name}: {arg} must have shape [M, NS] = {(mods, ns)}, got {a.shape}")
-    _check_int(name, "seg_starts", seg_starts)
-    _check_int(name, "seg_ranks", seg_ranks)
-
-
-def lora_expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *,
-                      impl: str = "pallas", interpret: bool | None = None, **tunables) -> tuple:
-    """`lora_expand` of M modules sharing one shrink, in one launch: ys[m] + scale_m * v[m] @ B_m.
+def lora_expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, *, interpret: bool | None = None,
+                      **tunables) -> tuple:
+    """`lora_expand` of M modules sharing one shrink, in one launch: ys[m] + v[m] @ B_m.
 
     ys: M x [T, D_m] (the kernel writes the deltas; the adds fuse with ys' producers);
     v: [M, T, R] float32 or [KS, M, T, R] split-K partial sums (`lora_shrink(partials=True)`),
-    summed inside the kernel; seg_ranks, seg_scales: [M, NS]; b_rows: M x [NS, R, K_m].
-    Returns a tuple of M arrays. impl, interpret, tunables: as in `lora_expand`.
+    summed inside the kernel; seg_ranks: [M, NS]; b_rows: M x [NS, R, K_m].
+    Returns a tuple of M arrays. interpret, tunables: as in `lora_expand`.
     """
     ys, b_rows = tuple(ys), tuple(b_rows)
-    _check_expand("lora_expand", ys, v, pool, seg_starts, seg_ranks, b_rows, seg_scales)
-    return _expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, impl, interpret,
-                         tunables)
+    check_lora_expand_group("lora_expand", ys, v, pool, layer, seg_starts, seg_ranks, b_rows)
+    return _expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, interpret, tunables)
 
 
-def _expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, impl, interpret, tunables):
-    """`lora_expand_group` on validated arguments: the route to the reference, the TPU or the Triton kernel."""
-    name = "lora_expand"
-    args = (ys, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales)
-    if impl == "xla":
-        return reference.lora_expand_group(*args)
-    if impl not in ("pallas", "pallas_tpu"):
-        raise ValueError(f"{name}: impl must be 'pallas' or 'xla', got {impl!r} "
-                         "(or 'pallas_tpu': the TPU kernels on any backend)")
-    n_layers, _, w = pool.shape
-    layer_arr = _layer_array(name, layer, n_layers)
-    route = _tpu_route(name, impl, lambda lt: next(filter(None, (lt.expand_unsupported(pool.shape, rows.shape)
-                                                                  for rows in b_rows)), None))
-    if route == "xla":
-        return reference.lora_expand_group(*args)
-    if route == "tpu":  # one TPU expand per module, on the summed partials
-        from . import lora_tpu
-
-        vs = v.sum(axis=0) if v.ndim == 4 else v
-        return tuple(lora_tpu.lora_expand(y, vs[m], pool, layer, seg_starts, seg_ranks[m], b_rows[m],
-                                          seg_scales[m], interpret=interpret, **tunables)
-                     for m, y in enumerate(ys))
+def _expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, interpret, tunables):
+    """`lora_expand_group` on validated arguments."""
     t = ys[0].shape[0]
+    w = pool.shape[2]
     ns = seg_starts.shape[0] - 1
     r = v.shape[-1]
-    cfg = _tunables(name, tunables, _EXPAND_TUNABLES, functools.partial(expand_defaults, t, ns, r, w))
-    interpret = _resolve_interpret(interpret)
+    cfg = _tunables("lora_expand", tunables, _EXPAND_TUNABLES, functools.partial(expand_defaults, t, ns, r, w))
     if t == 0 or r == 0 or ns == 0:
         return ys
     v4 = v if v.ndim == 4 else v[None]
     return _expand_pallas(
-        ys, v4.astype(jnp.float32), pool, layer_arr, seg_starts.astype(jnp.int32), seg_ranks.astype(jnp.int32),
-        tuple(rows.astype(jnp.int32) for rows in b_rows), seg_scales.astype(jnp.float32),
-        interpret=interpret, **cfg,
+        ys, v4.astype(jnp.float32), pool, _layer_array(layer), seg_starts.astype(jnp.int32),
+        seg_ranks.astype(jnp.int32), tuple(rows.astype(jnp.int32) for rows in b_rows),
+        interpret=triton_interpret(interpret), **cfg,
     )
 
 
-def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *,
-                impl: str = "pallas", interpret: bool | None = None, **tunables) -> jax.Array:
-    """y[t] + scale(seg(t)) * sum_{j < rank} v[t, j] * B(seg(t))[j, :] (see `reference.lora_expand`).
+def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, *, interpret: bool | None = None,
+                **tunables) -> jax.Array:
+    """y[t] + sum_{j < rank} v[t, j] * B(seg(t))[j, :] (see `reference.lora_expand`).
 
     y: [T, D_out] (returned in its dtype); v: [T, R] float32; pool: [L, S, W]; layer: int32
     scalar; seg_starts: [NS + 1]; seg_ranks: [NS]; b_rows: [NS, R, K_out]
-    with K_out = ceil(D_out / W); seg_scales: [NS] float32.
+    with K_out = ceil(D_out / W).
 
-    impl, interpret: as in `lora_shrink`. tunables: block_t, block_r, block_d
-    (powers of two >= 16), num_warps, num_stages; defaults from `expand_defaults`.
+    interpret: as in `lora_shrink`. tunables: block_t, block_r, block_d
+    (powers of two >= 16; block_t = 1 is the one-token mode), num_warps,
+    num_stages; defaults from `expand_defaults`.
     """
-    name = "lora_expand"
-    # the single-module shapes first, in their own terms ([T, R], [NS]); then the group's checks
-    _check_common(name, "y", "D_out", y, pool, seg_starts)
-    if b_rows.ndim != 3:
-        raise ValueError(f"{name}: b_rows must be [NS, R, K_out], got shape {b_rows.shape}")
-    t = y.shape[0]
-    ns = seg_starts.shape[0] - 1
-    r = b_rows.shape[1]
-    if v.shape != (t, r):
-        raise ValueError(
-            f"{name}: v must have shape [T, R] = {(t, r)} (T from y, R from b_rows), got {v.shape}"
-        )
-    for arg, a in (("seg_ranks", seg_ranks), ("seg_scales", seg_scales)):
-        if a.shape != (ns,):
-            raise ValueError(f"{name}: {arg} must have shape [NS] = {(ns,)}, got {a.shape}")
-    ys, vs, ranks, rows, scales = (y,), v[None], seg_ranks[None], (b_rows,), seg_scales[None]
-    _check_expand(name, ys, vs, pool, seg_starts, ranks, rows, scales)
-    if impl == "xla":  # the single-module reference, which the kernels are checked against
-        return reference.lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales)
-    (out,) = _expand_group(ys, vs, pool, layer, seg_starts, ranks, rows, scales, impl, interpret, tunables)
+    check_lora_expand("lora_expand", y, v, pool, layer, seg_starts, seg_ranks, b_rows)
+    (out,) = _expand_group((y,), v[None], pool, layer, seg_starts, seg_ranks[None], (b_rows,), interpret,
+                           tunables)
     return out

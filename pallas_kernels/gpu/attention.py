@@ -1,15 +1,15 @@
-"""Paged attention over the unified pool: decode and (chunked) prefill.
+"""Paged attention over the unified pool, decode and (chunked) prefill: Pallas' Triton lowering.
 
 Both kernels read K and V straight from the pool (layout: see `reference.py`)
 through the block table, inside the kernel: no gathered copy of the context is
 ever made by XLA. They match `reference.paged_attention_decode` /
-`reference.paged_attention_prefill` exactly in signature and semantics.
+`reference.paged_attention_prefill` exactly in signature and semantics; the
+pool's geometry (``page_rows``, ``num_pages``) is given by the caller.
 
-GPU path: Pallas' Triton lowering
----------------------------------
 Token-level gather. The K row of token ``i`` of a sequence is
 ``bt[i // page_rows] * page_rows + i % page_rows`` and its V row is that plus
-``S // 2``; kv-head ``h`` owns columns ``[h * hd, (h + 1) * hd)`` of the row.
+``num_pages * page_rows``; kv-head ``h`` owns columns ``[h * hd, (h + 1) * hd)``
+of the row.
 A kernel iteration covers ``block_kv`` consecutive tokens (a power of two, any
 number of pages: 64 tokens are 64 pages at ``page_rows=1``, 4 at 16, half a
 page at 128), so ``page_rows`` needs to be neither a power of two nor a
@@ -40,25 +40,17 @@ items exit at once. Grid ``(items, Hkv)``. Causal: query position ``p`` sees
 keys ``0..p``, which include the pages written by earlier chunks. Key blocks
 wholly below the diagonal run without masks; the rest are masked.
 
-On the CPU (``interpret=None`` there) the same kernels run in Pallas'
-interpret mode.
-
-TPU path
---------
-Decode runs the Mosaic kernel of `attention_tpu` (on a TPU backend with
-``impl="pallas"``, and on any backend with ``impl="pallas_tpu"``, in TPU
-interpret mode on the CPU). Shapes it cannot take (head_dim not a multiple of
-128, page_rows not a multiple of the pool dtype's sublane tile) fall back to
-the XLA reference with a warning under ``impl="pallas"`` and raise under
-``impl="pallas_tpu"``. Prefill likewise runs the Mosaic kernel of
-`attention_tpu_prefill`, with the same fallback rules.
+Tunables (keyword arguments with defaults): decode ``block_kv``,
+``num_splits``, ``num_warps``, ``num_stages``; prefill ``block_q``,
+``block_kv``, ``num_warps``, ``num_stages``. head_dim must be a power of two
+>= 16. Off a GPU backend (``interpret=None`` there) the same kernels run in
+Pallas' interpret mode. The TPU kernels of the same ops are
+`pallas_kernels.tpu.attention`; `pallas_kernels.kernel_set` picks between them.
 """
 from __future__ import annotations
 
 import functools
-import logging
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
@@ -66,30 +58,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from . import reference
+from ..common import cdiv, check_decode, check_prefill, is_pow2, next_pow2, triton_interpret
 
 __all__ = ["paged_attention_decode", "paged_attention_prefill"]
 
-log = logging.getLogger(__name__)
-
 _LOG2E = math.log2(math.e)
 _MIN_DOT = 16  # Triton's tl.dot needs every dimension >= 16
-
-
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def _use_interpret(interpret):
-    return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
 
 
 def _num_sms() -> int:
@@ -180,12 +154,12 @@ def _decode_kernel(layer_ref, lengths_ref, bt_ref, q_ref, pool_ref, *out_refs, g
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
     length = jnp.minimum(jnp.maximum(lengths_ref[b], 0), max_pages * page_rows)
-    n_blocks = _cdiv(length, block_kv)
+    n_blocks = cdiv(length, block_kv)
     n_full = length // block_kv
     if num_splits == 1:
         lo, hi = 0, n_blocks
     else:
-        per = _cdiv(n_blocks, num_splits)
+        per = cdiv(n_blocks, num_splits)
         lo = s * per
         hi = jnp.minimum(n_blocks, lo + per)
 
@@ -225,23 +199,21 @@ def _decode_kernel(layer_ref, lengths_ref, bt_ref, q_ref, pool_ref, *out_refs, g
 def _auto_splits(batch, num_kv_heads, max_ctx, block_kv) -> int:
     """Fewest splits giving ~8 programs per SM, with >= 4 key blocks per split."""
     base = batch * num_kv_heads
-    want = _cdiv(8 * _num_sms(), base)
-    cap = max(1, _cdiv(max_ctx, block_kv) // 4)
+    want = cdiv(8 * _num_sms(), base)
+    cap = max(1, cdiv(max_ctx, block_kv) // 4)
     return int(max(1, min(want, cap, 32)))
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("page_rows", "scale", "interpret", "block_kv", "num_splits", "num_warps",
+    static_argnames=("page_rows", "num_pages", "scale", "interpret", "block_kv", "num_splits", "num_warps",
                      "num_stages"))
-def _decode_pallas(q, pool, layer, block_tables, lengths, *, page_rows, scale, interpret,
+def _decode_pallas(q, pool, layer, block_tables, lengths, *, page_rows, num_pages, scale, interpret,
                    block_kv, num_splits, num_warps, num_stages):
     batch, hq, hd = q.shape
-    _, s_rows, width = pool.shape
-    hkv = width // hd
+    hkv = pool.shape[2] // hd
     group = hq // hkv
-    rows = max(_MIN_DOT, _next_pow2(group))
-    num_pages = s_rows // (2 * page_rows)
+    rows = max(_MIN_DOT, next_pow2(group))
     max_pages = block_tables.shape[1]
     if num_splits is None:
         num_splits = _auto_splits(batch, hkv, max_pages * page_rows, block_kv)
@@ -300,7 +272,7 @@ def _prefill_kernel(layer_ref, work_ref, bt_ref, q_ref, pool_ref, o_ref, *, grou
     q = plgpu.load(q_ref.at[t_load[:, None], q_heads[:, None], dcols[None, :]]).astype(cdtype)
 
     kv_end = jnp.minimum(jnp.maximum(pos0 + nrows, 0), max_pages * page_rows)
-    n_blocks = _cdiv(kv_end, block_kv)
+    n_blocks = cdiv(kv_end, block_kv)
     n_full = jnp.maximum(jnp.minimum(pos0 + 1, kv_end), 0) // block_kv  # keys <= every row's pos
     common = dict(block_kv=block_kv, head_dim=head_dim, page_rows=page_rows,
                   num_pages=num_pages, max_pages=max_pages, half_rows=num_pages * page_rows,
@@ -333,10 +305,10 @@ def _prefill_work(q_starts, kv_lens, num_tokens, block_tokens):
     r_n = jnp.concatenate([n, lead[None], (num_tokens - tail0)[None]])
     r_pos = jnp.concatenate([kv - n, jnp.full((2,), -block_tokens, jnp.int32)])
     r_is_seq = jnp.arange(nseq + 2) < nseq
-    nblk = _cdiv(r_n, block_tokens)
+    nblk = cdiv(r_n, block_tokens)
     cum = jnp.cumsum(nblk)
     start = cum - nblk
-    num_items = _cdiv(num_tokens, block_tokens) + nseq + 2
+    num_items = cdiv(num_tokens, block_tokens) + nseq + 2
     wid = jnp.arange(num_items, dtype=jnp.int32)
     owner = jnp.searchsorted(cum, wid, side="right").astype(jnp.int32)
     live = owner < nseq + 2
@@ -351,15 +323,14 @@ def _prefill_work(q_starts, kv_lens, num_tokens, block_tokens):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("page_rows", "scale", "interpret", "block_q", "block_kv", "num_warps",
+    static_argnames=("page_rows", "num_pages", "scale", "interpret", "block_q", "block_kv", "num_warps",
                      "num_stages"))
-def _prefill_pallas(q, pool, layer, block_tables, q_starts, kv_lens, *, page_rows, scale,
+def _prefill_pallas(q, pool, layer, block_tables, q_starts, kv_lens, *, page_rows, num_pages, scale,
                     interpret, block_q, block_kv, num_warps, num_stages):
     num_tokens, hq, hd = q.shape
-    _, s_rows, width = pool.shape
-    hkv = width // hd
+    hkv = pool.shape[2] // hd
     group = hq // hkv
-    group_p2 = _next_pow2(group)
+    group_p2 = next_pow2(group)
     block_tokens = max(1, block_q // group_p2)
     if block_tokens * group_p2 < _MIN_DOT:
         block_tokens = _MIN_DOT // group_p2
@@ -367,7 +338,7 @@ def _prefill_pallas(q, pool, layer, block_tables, q_starts, kv_lens, *, page_row
     kernel = functools.partial(
         _prefill_kernel, group=group, group_p2=group_p2, block_tokens=block_tokens,
         head_dim=hd, num_tokens=num_tokens, block_kv=block_kv, page_rows=page_rows,
-        num_pages=s_rows // (2 * page_rows), max_pages=block_tables.shape[1],
+        num_pages=num_pages, max_pages=block_tables.shape[1],
         cdtype=jnp.promote_types(q.dtype, pool.dtype), scale_log2=float(scale) * _LOG2E)
     return pl.pallas_call(
         kernel,
@@ -380,151 +351,47 @@ def _prefill_pallas(q, pool, layer, block_tables, q_starts, kv_lens, *, page_row
 
 
 # --------------------------------------------------------------------------- wrappers
-def _check_common(fn, q, pool, layer, block_tables, page_rows, scale):
-    if q.ndim != 3:
-        raise ValueError(f"{fn}: q must be 3-D [tokens, Hq, head_dim], got shape {q.shape}")
-    if pool.ndim != 3:
-        raise ValueError(f"{fn}: pool must be 3-D [L, S, W], got shape {pool.shape}")
-    if block_tables.ndim != 2:
-        raise ValueError(f"{fn}: block_tables must be 2-D [B, pages], got shape "
-                         f"{block_tables.shape}")
-    if not jnp.issubdtype(block_tables.dtype, jnp.integer):
-        raise ValueError(f"{fn}: block_tables must be integer, got {block_tables.dtype}")
-    if jnp.ndim(layer) != 0:
-        raise ValueError(f"{fn}: layer must be a scalar, got shape {jnp.shape(layer)}")
-    if not isinstance(page_rows, numbers.Integral) or page_rows < 1:
-        raise ValueError(f"{fn}: page_rows must be a positive int, got {page_rows!r}")
-    if not isinstance(scale, numbers.Real):
-        raise ValueError(f"{fn}: scale must be a static Python number, got "
-                         f"{type(scale).__name__}")
-    _, hq, hd = q.shape
-    _, s_rows, width = pool.shape
-    if s_rows % (2 * page_rows):
-        raise ValueError(f"{fn}: pool rows S={s_rows} must be a multiple of 2 * page_rows = "
-                         f"{2 * page_rows}")
-    if hd == 0 or width % hd:
-        raise ValueError(f"{fn}: pool width W={width} must be a multiple of head_dim={hd} "
-                         f"(W = num_kv_heads * head_dim)")
-    hkv = width // hd
-    if hq % hkv:
-        raise ValueError(f"{fn}: Hq={hq} query heads must be a multiple of the "
-                         f"{hkv} kv heads (W={width} / head_dim={hd})")
-
-
-def _check_prefill(fn, q, pool, layer, block_tables, q_starts, kv_lens, page_rows, scale) -> None:
-    """The prefill entry points' argument checks: the common ones plus q_starts and kv_lens shapes."""
-    _check_common(fn, q, pool, layer, block_tables, page_rows, scale)
-    nseq = block_tables.shape[0]
-    if jnp.shape(q_starts) != (nseq + 1,):
-        raise ValueError(f"{fn}: q_starts must have shape ({nseq + 1},) (block_tables has "
-                         f"{nseq} rows), got {jnp.shape(q_starts)}")
-    if jnp.shape(kv_lens) != (nseq,):
-        raise ValueError(f"{fn}: kv_lens must have shape ({nseq},), got {jnp.shape(kv_lens)}")
-
-
 def _check_tunables(fn, hd, block_kv, num_warps, num_stages):
-    if not _is_pow2(hd) or hd < _MIN_DOT:
-        raise ValueError(f"{fn}: the Pallas kernel needs head_dim a power of two >= {_MIN_DOT}, "
-                         f"got {hd}; use impl='xla'")
-    if not (isinstance(block_kv, int) and _is_pow2(block_kv) and block_kv >= _MIN_DOT):
+    if not is_pow2(hd) or hd < _MIN_DOT:
+        raise ValueError(f"{fn}: the Triton kernel needs head_dim a power of two >= {_MIN_DOT}, "
+                         f"got {hd}; use the xla backend")
+    if not (isinstance(block_kv, int) and is_pow2(block_kv) and block_kv >= _MIN_DOT):
         raise ValueError(f"{fn}: block_kv must be a power of two >= {_MIN_DOT}, got {block_kv!r}")
-    if not (isinstance(num_warps, int) and _is_pow2(num_warps)):
+    if not (isinstance(num_warps, int) and is_pow2(num_warps)):
         raise ValueError(f"{fn}: num_warps must be a power of two, got {num_warps!r}")
     if not (isinstance(num_stages, int) and num_stages >= 1):
         raise ValueError(f"{fn}: num_stages must be an int >= 1, got {num_stages!r}")
 
 
-def _tpu_path(impl, interpret):
-    """True for the TPU (Mosaic) path: impl='pallas_tpu', or impl='pallas' on a TPU backend
-    (unless the Triton kernel is explicitly interpreted there)."""
-    if impl == "pallas_tpu":
-        return True
-    return jax.default_backend() == "tpu" and not _use_interpret(interpret)
-
-
-def _xla_fallback(impl):
-    """True if the XLA reference must run (impl='xla')."""
-    if impl not in ("pallas", "pallas_tpu", "xla"):
-        raise ValueError(f"impl must be 'pallas' or 'xla' (or 'pallas_tpu'), got {impl!r}")
-    return impl == "xla"
-
-
-def _decode_tpu(q, pool, layer, block_tables, lengths, *, page_rows, scale, impl, interpret):
-    """The Mosaic decode kernel, or (impl='pallas' and shapes it cannot take) the reference."""
-    from . import attention_tpu  # imports this module: keep it lazy
-
-    reason = attention_tpu.unsupported_reason(q, pool, page_rows)
-    if reason is not None and impl == "pallas":
-        log.warning("paged attention decode: the TPU kernel does not support these shapes "
-                    "(%s), using the XLA reference", reason)
-        return reference.paged_attention_decode(q, pool, layer, block_tables, lengths,
-                                                page_rows=page_rows, scale=scale)
-    return attention_tpu.paged_attention_decode(
-        q, pool, layer, block_tables, lengths, page_rows=page_rows, scale=scale,
-        interpret=interpret if impl == "pallas_tpu" else False)
-
-
-def _prefill_tpu(q, pool, layer, block_tables, q_starts, kv_lens, *, page_rows, scale, impl,
-                 interpret):
-    """The Mosaic prefill kernel, or (impl='pallas' and shapes it cannot take) the reference."""
-    from . import attention_tpu_prefill  # imports this module: keep it lazy
-
-    reason = attention_tpu_prefill.unsupported_reason(q, pool, page_rows)
-    if reason is not None and impl == "pallas":
-        log.warning("paged attention prefill: the TPU kernel does not support these shapes "
-                    "(%s), using the XLA reference", reason)
-        return reference.paged_attention_prefill(q, pool, layer, block_tables, q_starts,
-                                                 kv_lens, page_rows=page_rows, scale=scale)
-    return attention_tpu_prefill.paged_attention_prefill(
-        q, pool, layer, block_tables, q_starts, kv_lens, page_rows=page_rows, scale=scale,
-        interpret=interpret if impl == "pallas_tpu" else False)
-
-
-def paged_attention_decode(q, pool, layer, block_tables, lengths, *, page_rows: int,
-                           scale: float, impl: str = "pallas", interpret: bool | None = None,
-                           block_kv: int = 64, num_splits: int | None = None,
-                           num_warps: int = 4, num_stages: int = 2):
+def paged_attention_decode(q, pool, layer, block_tables, lengths, *, page_rows: int, num_pages: int,
+                           scale: float, interpret: bool | None = None, block_kv: int = 64,
+                           num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2):
     """One query per sequence over its first ``lengths[b]`` tokens (GQA-aware).
 
-    q: [B, Hq, hd]; pool: [L, S, W] with W = Hkv * hd; layer: int32 scalar (may be
-    traced); block_tables: [B, M] int32 page indices; lengths: [B] int32 (0: output 0).
-    Returns [B, Hq, hd] in q's dtype. Semantics: `reference.paged_attention_decode`.
+    q: [B, Hq, hd]; pool: [L, S, W] with W = Hkv * hd and S = 2 * num_pages * page_rows;
+    layer: int32 scalar (may be traced); block_tables: [B, M] int32 page indices;
+    lengths: [B] int32 (0: output 0). Returns [B, Hq, hd] in q's dtype. Semantics:
+    `reference.paged_attention_decode`.
 
-    impl: "pallas" (the kernel; interpret mode when `interpret` is None and the backend
-    is CPU; on a TPU backend the Mosaic kernel of `attention_tpu`, or the reference
-    with a warning for shapes it cannot take), "pallas_tpu" (the Mosaic kernel on any
-    backend, TPU interpret mode when `interpret` is None on the CPU; unsupported shapes
-    raise) or "xla" (the reference). Tunables (Triton only; the TPU path ignores them,
-    call `attention_tpu.paged_attention_decode` to set its pages_per_block): block_kv
-    (tokens per kernel iteration, a power of two >= 16; = pages per iteration *
-    page_rows), num_splits (split-K programs per sequence; None: automatic), num_warps,
+    interpret: None = interpret mode off a GPU backend. Tunables: block_kv (tokens per
+    kernel iteration, a power of two >= 16; = pages per iteration * page_rows),
+    num_splits (split-K programs per sequence; None: about 8 programs per SM), num_warps,
     num_stages.
     """
     fn = "paged_attention_decode"
-    _check_common(fn, q, pool, layer, block_tables, page_rows, scale)
-    batch, hq, hd = q.shape
-    if block_tables.shape[0] != batch:
-        raise ValueError(f"{fn}: block_tables has {block_tables.shape[0]} rows but q has batch "
-                         f"{batch}")
-    if jnp.shape(lengths) != (batch,):
-        raise ValueError(f"{fn}: lengths must have shape ({batch},), got {jnp.shape(lengths)}")
-    if _xla_fallback(impl):
-        return reference.paged_attention_decode(q, pool, layer, block_tables, lengths,
-                                                page_rows=page_rows, scale=scale)
-    if _tpu_path(impl, interpret):
-        return _decode_tpu(q, pool, layer, block_tables, lengths, page_rows=page_rows,
-                           scale=scale, impl=impl, interpret=interpret)
-    _check_tunables(fn, hd, block_kv, num_warps, num_stages)
+    check_decode(fn, q, pool, layer, block_tables, lengths, page_rows=page_rows, num_pages=num_pages,
+                 scale=scale)
+    _check_tunables(fn, q.shape[2], block_kv, num_warps, num_stages)
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"{fn}: num_splits must be None or an int >= 1, got {num_splits!r}")
     return _decode_pallas(q, pool, layer, block_tables, lengths, page_rows=int(page_rows),
-                          scale=float(scale), interpret=_use_interpret(interpret),
-                          block_kv=block_kv, num_splits=num_splits, num_warps=num_warps,
-                          num_stages=num_stages)
+                          num_pages=int(num_pages), scale=float(scale),
+                          interpret=triton_interpret(interpret), block_kv=block_kv,
+                          num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
 
 
 def paged_attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, page_rows: int,
-                            scale: float, impl: str = "pallas", interpret: bool | None = None,
+                            num_pages: int, scale: float, interpret: bool | None = None,
                             block_q: int = 64, block_kv: int = 64, num_warps: int = 4,
                             num_stages: int = 2):
     """Causal attention of packed query chunks over their sequences' pages.
@@ -535,29 +402,17 @@ def paged_attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, 
     [q_starts[0], q_starts[-1]) are padding (output 0). Returns [T, Hq, hd] in q's
     dtype. Semantics: `reference.paged_attention_prefill`.
 
-    impl: "pallas" (the Triton kernel; interpret mode on the CPU; on a TPU backend the
-    Mosaic kernel of `attention_tpu_prefill`, or the reference with a warning for shapes
-    it cannot take), "pallas_tpu" (the Mosaic kernel on any backend, TPU interpret mode
-    when `interpret` is None on the CPU; unsupported shapes raise) or "xla" (the
-    reference).
-
-    Tunables (Triton only; call `attention_tpu_prefill.paged_attention_prefill` to set
-    the TPU kernel's block_q and pages_per_block): block_q (query-tile rows = query tokens
-    * next_pow2(Hq / Hkv), a power of two), block_kv (keys per iteration, a power of two >= 16), num_warps, num_stages.
+    interpret: as in `paged_attention_decode`. Tunables: block_q (query-tile rows = query
+    tokens * next_pow2(Hq / Hkv), a power of two), block_kv (keys per iteration, a power
+    of two >= 16), num_warps, num_stages.
     """
     fn = "paged_attention_prefill"
-    _check_prefill(fn, q, pool, layer, block_tables, q_starts, kv_lens, page_rows, scale)
-    if _xla_fallback(impl):
-        return reference.paged_attention_prefill(q, pool, layer, block_tables, q_starts,
-                                                 kv_lens, page_rows=page_rows, scale=scale)
-    if _tpu_path(impl, interpret):
-        return _prefill_tpu(q, pool, layer, block_tables, q_starts, kv_lens,
-                            page_rows=page_rows, scale=scale, impl=impl, interpret=interpret)
+    check_prefill(fn, q, pool, layer, block_tables, q_starts, kv_lens, page_rows=page_rows,
+                  num_pages=num_pages, scale=scale)
     _check_tunables(fn, q.shape[2], block_kv, num_warps, num_stages)
-    if not (isinstance(block_q, int) and _is_pow2(block_q)):
+    if not (isinstance(block_q, int) and is_pow2(block_q)):
         raise ValueError(f"{fn}: block_q must be a power of two, got {block_q!r}")
-    return _prefill_pallas(q, pool, layer, block_tables, q_starts, kv_lens,
-                           page_rows=int(page_rows),
-                           scale=float(scale), interpret=_use_interpret(interpret),
-                           block_q=block_q, block_kv=block_kv, num_warps=num_warps,
-                           num_stages=num_stages)
+    return _prefill_pallas(q, pool, layer, block_tables, q_starts, kv_lens, page_rows=int(page_rows),
+                           num_pages=int(num_pages), scale=float(scale),
+                           interpret=triton_interpret(interpret), block_q=block_q, block_kv=block_kv,
+                           num_warps=num_warps, num_stages=num_stages)

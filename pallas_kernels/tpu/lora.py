@@ -1,13 +1,11 @@
-"""TPU (Pallas Mosaic) variants of the segmented multi-LoRA kernels.
+"""Segmented multi-LoRA kernels over the unified pool: Pallas' TPU (Mosaic) lowering.
 
-Same contract as `lora.lora_shrink` / `lora.lora_expand` (the exact semantics
-are `reference.lora_shrink` / `reference.lora_expand`; the pool layout
-``[L, S, W]`` and the segments are described in `reference`'s docstring).
-`lora.py` validates the arguments and dispatches here when
-``jax.default_backend() == "tpu"`` (``impl="pallas"``) or when
-``impl="pallas_tpu"`` is asked for explicitly; off TPU the kernels run in
-Pallas' TPU interpret mode (``pltpu.InterpretParams``), which simulates
-VMEM / SMEM / HBM, DMAs and semaphores on CPU.
+Same contract as the GPU kernels of `pallas_kernels.gpu.lora` (the exact
+semantics are `reference.lora_shrink` / `reference.lora_expand`; the pool layout
+``[L, S, W]`` and the segments are described in `reference`'s docstring). Off
+TPU (``interpret=None`` there) the kernels run in Pallas' TPU interpret mode
+(``pltpu.InterpretParams``), which simulates VMEM / SMEM / HBM, DMAs and
+semaphores on CPU.
 
 Why not the GPU design: Mosaic has no vector gathers (the Triton kernels load
 ``pool[layer, idx[:, None], cols]`` with a vector of row indices), and TPU
@@ -17,8 +15,8 @@ blocks are moved by DMA in tiles of ``(8, 128)`` 32-bit elements
 Design (both kernels)
 ---------------------
 * Scalar prefetch (``pltpu.PrefetchScalarGridSpec``) puts the small tables in
-  SMEM before the grid runs: ``layer``, ``seg_starts``, the ranks, the scales
-  (expand) and the pool-row tables (flattened to 1-D, as SMEM pads 2-D
+  SMEM before the grid runs: ``layer``, ``seg_starts``, the ranks and the
+  pool-row tables (flattened to 1-D, as SMEM pads 2-D
   arrays). Everything data-dependent (which segment, which pool row) is a
   scalar read from SMEM.
 * The pool stays in HBM (``memory_space=pl.ANY``). An adapter's rows are
@@ -52,7 +50,7 @@ segments: the smallest block that is a whole sublane tile for both 32-bit
 (8) and 16-bit (16) activations, so little MXU work is wasted on rows of
 other segments) and 128 for prefill-like batches (one MXU height; fewer grid
 steps and, with the segment cache, fewer adapter fetches). ``block_t`` may be
-given (a multiple of 16).
+given (a multiple of 16): it is the only tunable.
 
 Shrink (``[M, T, R]`` float32)
 ------------------------------
@@ -71,24 +69,27 @@ Expand (``y``'s dtype, ``y`` aliased to the output)
 Grid ``(K_out, ceil(T / BT))``: program ``(c, i)`` owns output columns
 ``[c*W, (c+1)*W)`` (pool row ``c`` of every ``B`` row) of token block ``i``.
 Scratch ``[2, Rp, W]`` holds pool row ``c`` of each of the segment's ``B``
-rows. ``delta = (v * scale)[:, :rank] @ B[:rank, cW:(c+1)W]`` (rows of ``B``
+rows. ``delta = v[:, :rank] @ B[:rank, cW:(c+1)W]`` (rows of ``B``
 at or past the rank are zeroed in VMEM, so stale or uninitialised scratch
 never reaches the result); rows of the segment get ``y + delta``, every
-other row keeps ``y``. With a bf16 pool, ``v * scale`` is split into a bf16
+other row keeps ``y``. With a bf16 pool, ``v`` is split into a bf16
 high and low part (two MXU passes), which keeps about float32 accuracy.
+`lora_expand_group` (the modules sharing one shrink) runs one expand per
+module on the summed split-K partials.
 
 Constraints (compiled): ``W % 128 == 0`` (pool rows are DMA'd into
 lane-aligned tiles and ``y`` is tiled ``W`` columns wide), and the index
 tables must fit the SMEM budget (`SMEM_TABLE_BUDGET`, 512 KiB: shrink needs
 about ``4 * M * NS * R * K_in`` bytes, expand ``4 * NS * R * K_out``; e.g. a
 Llama-3-8B down_proj shrink (``K_in = 14``) with R = 64 fits up to ~140
-segments). On a TPU backend `lora.py` runs the reference with a warning when
-either fails; ``impl="pallas_tpu"`` raises (in interpret mode only the width
-rule applies: SMEM is not simulated).
+segments). These functions raise when either fails (in interpret mode only the
+width rule applies: SMEM is not simulated); `shrink_unsupported` /
+`expand_unsupported` say why, and `pallas_kernels.kernel_set` runs the
+reference for such shapes.
 
-Not measured on hardware (no TPU was available when this was written; the
-kernels are tested in TPU interpret mode, and their Pallas -> Mosaic lowering
-is checked on CPU, but Mosaic's own compiler passes run only in libtpu):
+Open questions for hardware (the kernels are tested in TPU interpret mode and
+their Pallas -> Mosaic lowering is checked on CPU, but Mosaic's own compiler
+passes run only in libtpu):
 * every pool row is its own DMA of ``[1, W]`` into row ``j`` of a tiled VMEM
   buffer, i.e. a destination smaller than one ``(8, 128)`` tile at a dynamic
   sublane offset; if Mosaic rejects or serialises such DMAs, the fix is a
@@ -104,7 +105,6 @@ is checked on CPU, but Mosaic's own compiler passes run only in libtpu):
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -112,29 +112,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-__all__ = ["lora_shrink", "lora_expand", "shrink_unsupported", "expand_unsupported", "interpret_params",
+from ..common import (LANES, cdiv, check_lora_expand, check_lora_expand_group, check_lora_shrink, decode_like,
+                      mosaic_interpret, round_up, sublane_tile)
+
+__all__ = ["lora_shrink", "lora_expand", "lora_expand_group", "shrink_unsupported", "expand_unsupported",
            "block_t_default"]
 
-LANES = 128
 # Bytes of index tables the kernels may scalar-prefetch into SMEM (1 MiB per core on TPU v4 and later;
 # half is left to Mosaic and to SMEM padding).
 SMEM_TABLE_BUDGET = 512 * 1024
 
 
 # --------------------------------------------------------------------------- helpers
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _round_up(a: int, b: int) -> int:
-    return _cdiv(a, b) * b
-
-
-def _sublanes(dtype) -> int:
-    """Rows of one VMEM tile: 8 for 32-bit, 16 for 16-bit, 32 for 8-bit types."""
-    return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
-
-
 def _width_reason(w: int) -> str | None:
     if w % LANES:
         return (f"the TPU kernels need the pool width W to be a multiple of {LANES} "
@@ -154,7 +143,7 @@ def _shrink_words(m: int, ns: int, r: int, k: int) -> int:
 
 
 def _expand_words(ns: int, r: int, k: int) -> int:
-    return ns * r * k + 2 * ns + ns + 2  # b_rows, ranks, scales, seg_starts, layer
+    return ns * r * k + ns + ns + 2  # b_rows, ranks, seg_starts, layer
 
 
 def shrink_unsupported(pool_shape, a_rows_shape) -> str | None:
@@ -167,22 +156,9 @@ def expand_unsupported(pool_shape, b_rows_shape) -> str | None:
     return _width_reason(pool_shape[-1]) or _smem_reason(_expand_words(*b_rows_shape))
 
 
-def interpret_params(interpret) -> Any:
-    """``interpret`` argument -> what `pl.pallas_call` gets (False = compile with Mosaic).
-
-    None: compiled on a TPU backend, TPU interpret mode elsewhere. True: TPU
-    interpret mode. A `pltpu.InterpretParams` is used as given.
-    """
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
-    if isinstance(interpret, pltpu.InterpretParams):
-        return interpret
-    return pltpu.InterpretParams() if interpret else False
-
-
 def block_t_default(t: int, ns: int) -> int:
     """16 tokens for decode-like batches (many short segments), 128 for prefill-like ones."""
-    return 16 if t <= 8 * max(ns, 1) else 128
+    return 16 if decode_like(t, ns) else 128
 
 
 def _check_block_t(name: str, block_t) -> None:
@@ -204,7 +180,7 @@ def _tunables(name: str, tunables: dict) -> int | None:
 def _entry_checks(name: str, interpret, pool_shape, rows_shape, unsupported, tunables: dict):
     """Both entry points' checks -> (interpret params, block_t). The width rule holds in interpret mode
     too (it tests what runs on TPU); SMEM limits are not simulated there, so `unsupported` is skipped."""
-    interpret = interpret_params(interpret)
+    interpret = mosaic_interpret(interpret)
     reason = _width_reason(pool_shape[-1]) or (None if interpret else unsupported(pool_shape, rows_shape))
     if reason:
         raise ValueError(f"{name}: {reason}")
@@ -383,7 +359,7 @@ def _shrink_kernel(layer_ref, starts_ref, ranks_ref, rows_ref, x_ref, pool_ref, 
         _row_copies(rank_of(s), k, lambda j, c: desc.wait())
 
     tail = d - (k - 1) * w  # columns of x in the last pool row, 1..W
-    tail_p = min(w, _round_up(tail, LANES))
+    tail_p = min(w, round_up(tail, LANES))
 
     def compute(s, slot):
         a, b = segs.span(s)
@@ -418,21 +394,21 @@ def _shrink_call(x, pool, layer, seg_starts, seg_ranks, a_rows, *, block_t, inte
     n_layers, n_rows, w = pool.shape
     m, ns, r, k = a_rows.shape
     bt = block_t
-    sub = _sublanes(pool.dtype)
-    br = _round_up(r, sub) if r <= LANES else LANES
-    nrb = _cdiv(r, br)
+    sub = sublane_tile(pool.dtype)
+    br = round_up(r, sub) if r <= LANES else LANES
+    nrb = cdiv(r, br)
     rp = nrb * br
-    dp = _round_up(d, LANES)
+    dp = round_up(d, LANES)
     kernel = functools.partial(
         _shrink_kernel, n_layers=n_layers, n_rows=n_rows, ns=ns, t=t, d=d, w=w, k=k, r=r, br=br,
         nrb=nrb, bt=bt, cdt=_compute_dtype(x.dtype, pool.dtype),
     )
     isz = jnp.dtype(pool.dtype).itemsize
     estimate = (2 * k * rp * w * isz + 2 * bt * dp * jnp.dtype(x.dtype).itemsize
-                + 2 * bt * _round_up(r, LANES) * 4)
+                + 2 * bt * round_up(r, LANES) * 4)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4,
-        grid=(m, _cdiv(t, bt)),
+        grid=(m, cdiv(t, bt)),
         in_specs=[
             pl.BlockSpec((bt, dp), lambda mi, i, *_: (i, 0)),
             pl.BlockSpec(memory_space=pl.ANY),
@@ -454,26 +430,35 @@ def _shrink_call(x, pool, layer, seg_starts, seg_ranks, a_rows, *, block_t, inte
     )(layer, seg_starts, seg_ranks.reshape(-1), a_rows.reshape(-1), x, pool)
 
 
-def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, interpret=None, **tunables):
-    """TPU kernel of `lora.lora_shrink` (arguments already validated there).
+def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, interpret=None, partials: bool = False,
+                **tunables):
+    """v[m, t, j] = x[t] . A_m(seg(t))[:, j] for j < rank, else 0 (see `reference.lora_shrink`).
 
-    interpret: see `interpret_params`. tunables: block_t (multiple of 16;
-    default `block_t_default`).
+    x: [T, D_in]; pool: [L, S, W] with W % 128 == 0; layer: int32 scalar (may be traced);
+    seg_starts: [NS + 1] int32; seg_ranks: [M, NS] int32; a_rows: [M, NS, R, K_in] int32.
+    Returns float32 [M, T, R] ([1, M, T, R] with ``partials=True``, the split-K form the
+    expands take; this kernel does not split K).
+
+    interpret: None (TPU interpret mode off a TPU backend, compiled on one), True/False, or a
+    `pltpu.InterpretParams`. tunables: block_t (multiple of 16; default `block_t_default`).
     """
     name = "lora_shrink"
+    check_lora_shrink(name, x, pool, layer, seg_starts, seg_ranks, a_rows)
     interpret, bt = _entry_checks(name, interpret, pool.shape, a_rows.shape, shrink_unsupported, tunables)
     t, d = x.shape
     m, ns, r, _ = a_rows.shape
     if t == 0 or r == 0 or m == 0 or ns == 0 or d == 0:
-        return jnp.zeros((m, t, r), jnp.float32)
-    return _shrink_call(
-        x, pool, _layer_array(layer), seg_starts.astype(jnp.int32), seg_ranks.astype(jnp.int32),
-        a_rows.astype(jnp.int32), block_t=bt or block_t_default(t, ns), interpret=interpret,
-    )
+        v = jnp.zeros((m, t, r), jnp.float32)
+    else:
+        v = _shrink_call(
+            x, pool, _layer_array(layer), seg_starts.astype(jnp.int32), seg_ranks.astype(jnp.int32),
+            a_rows.astype(jnp.int32), block_t=bt or block_t_default(t, ns), interpret=interpret,
+        )
+    return v[None] if partials else v
 
 
 # --------------------------------------------------------------------------- expand
-def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, rows_ref, v_ref, pool_ref, y_ref,
+def _expand_kernel(layer_ref, starts_ref, ranks_ref, rows_ref, v_ref, pool_ref, y_ref,
                    o_ref, bbuf, sems, key_ref, delta_ref, *, n_layers, n_rows, ns, t, w, k, r, br,
                    nrb, bt, cdt):
     c = pl.program_id(0)
@@ -501,7 +486,6 @@ def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, rows_ref, v_ref
     def compute(s, slot):
         a, b = segs.span(s)
         rank = rank_of(s)
-        scale = scales_ref[s]
         delta_ref[...] = jnp.zeros(delta_ref.shape, jnp.float32)
         for rb in range(nrb):
             c0 = rb * br
@@ -510,7 +494,7 @@ def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, rows_ref, v_ref
             def _():
                 # Whole (tile-aligned) rank blocks: v's block is >= R wide, columns >= rank and
                 # B rows >= rank (stale or uninitialised scratch) are zeroed.
-                vt = v_ref[:, c0:c0 + br].astype(jnp.float32) * scale
+                vt = v_ref[:, c0:c0 + br].astype(jnp.float32)
                 vt = jnp.where(c0 + lax.broadcasted_iota(jnp.int32, (bt, br), 1) < rank, vt, 0.0)
                 bt_ = bbuf[slot, c0:c0 + br, :]
                 bt_ = jnp.where(c0 + lax.broadcasted_iota(jnp.int32, (br, w), 0) < rank, bt_, 0)
@@ -531,32 +515,32 @@ def _expand_kernel(layer_ref, starts_ref, ranks_ref, scales_ref, rows_ref, v_ref
 
 
 @functools.partial(jax.jit, static_argnames=("block_t", "interpret"))
-def _expand_call(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *, block_t, interpret):
+def _expand_call(y, v, pool, layer, seg_starts, seg_ranks, b_rows, *, block_t, interpret):
     t, d = y.shape
     n_layers, n_rows, w = pool.shape
     ns, r, k = b_rows.shape
     bt = block_t
-    sub = _sublanes(pool.dtype)
-    br = _round_up(r, sub) if r <= LANES else LANES
-    nrb = _cdiv(r, br)
+    sub = sublane_tile(pool.dtype)
+    br = round_up(r, sub) if r <= LANES else LANES
+    nrb = cdiv(r, br)
     rp = nrb * br
     cdt = jnp.dtype(jnp.bfloat16) if jnp.dtype(pool.dtype) == jnp.bfloat16 else jnp.dtype(jnp.float32)
     kernel = functools.partial(
         _expand_kernel, n_layers=n_layers, n_rows=n_rows, ns=ns, t=t, w=w, k=k, r=r, br=br, nrb=nrb,
         bt=bt, cdt=cdt,
     )
-    vb = _round_up(rp, LANES)  # v's block: whole rank blocks, lane-aligned (columns >= R masked)
+    vb = round_up(rp, LANES)  # v's block: whole rank blocks, lane-aligned (columns >= R masked)
     estimate = (2 * rp * w * jnp.dtype(pool.dtype).itemsize + 4 * bt * w * jnp.dtype(y.dtype).itemsize
                 + 2 * bt * vb * 4 + bt * w * 4)
-    # y aliased to the output: 5 scalar-prefetch operands, then v, pool, y. TPU interpret mode (jax
+    # y aliased to the output: 4 scalar-prefetch operands, then v, pool, y. TPU interpret mode (jax
     # 0.10.2 and 0.11.2) returns an aliased output with the input's block padding when T or D_out is
     # not a multiple of the block, so there it aliases only unpadded shapes (every output block is
     # written in full either way, so the result is the same).
     padded = t % bt or d % w
-    aliases = {} if (interpret and padded) else {7: 0}
+    aliases = {} if (interpret and padded) else {6: 0}
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=5,
-        grid=(k, _cdiv(t, bt)),
+        num_scalar_prefetch=4,
+        grid=(k, cdiv(t, bt)),
         in_specs=[
             pl.BlockSpec((bt, vb), lambda c, i, *_: (i, 0)),
             pl.BlockSpec(memory_space=pl.ANY),
@@ -578,24 +562,43 @@ def _expand_call(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *
         compiler_params=_compiler_params(estimate),
         interpret=interpret,
         name=f"lora_expand_tpu_bt{bt}_br{br}",
-    )(layer, seg_starts, seg_ranks, seg_scales, b_rows.reshape(-1), v, pool, y)
+    )(layer, seg_starts, seg_ranks, b_rows.reshape(-1), v, pool, y)
 
 
-def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, seg_scales, *, interpret=None,
-                **tunables):
-    """TPU kernel of `lora.lora_expand` (arguments already validated there).
+def lora_expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, *, interpret=None, **tunables):
+    """y[t] + sum_{j < rank} v[t, j] * B(seg(t))[j, :] (see `reference.lora_expand`).
 
-    ``y`` is aliased to the output (donate it to update in place).
-    interpret: see `interpret_params`. tunables: block_t (multiple of 16).
+    y: [T, D_out] (returned in its dtype, aliased to the output: donate it to update in place);
+    v: [T, R] float32; pool: [L, S, W] with W % 128 == 0; seg_starts: [NS + 1]; seg_ranks: [NS];
+    b_rows: [NS, R, K_out]. interpret, tunables: as in `lora_shrink`.
     """
-    name = "lora_expand"
-    interpret, bt = _entry_checks(name, interpret, pool.shape, b_rows.shape, expand_unsupported, tunables)
+    check_lora_expand("lora_expand", y, v, pool, layer, seg_starts, seg_ranks, b_rows)
+    return _expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, interpret, tunables)
+
+
+def lora_expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows, *, interpret=None, **tunables) -> tuple:
+    """`lora_expand` of the M modules sharing one shrink: ys[m] + v[m] @ B_m, one expand per module.
+
+    ys: M x [T, D_m]; v: [M, T, R] float32 or [KS, M, T, R] split-K partial sums (summed here);
+    seg_ranks: [M, NS]; b_rows: M x [NS, R, K_m]. Returns a tuple of M arrays.
+    """
+    ys, b_rows = tuple(ys), tuple(b_rows)
+    check_lora_expand_group("lora_expand", ys, v, pool, layer, seg_starts, seg_ranks, b_rows)
+    vs = v.sum(axis=0) if v.ndim == 4 else v
+    return tuple(_expand(y, vs[m], pool, layer, seg_starts, seg_ranks[m], b_rows[m], interpret, tunables)
+                 for m, y in enumerate(ys))
+
+
+def _expand(y, v, pool, layer, seg_starts, seg_ranks, b_rows, interpret, tunables):
+    """One module's expand on validated arguments."""
+    interpret, bt = _entry_checks("lora_expand", interpret, pool.shape, b_rows.shape, expand_unsupported,
+                                  tunables)
     t, d = y.shape
     ns, r, _ = b_rows.shape
     if t == 0 or r == 0 or ns == 0 or d == 0:
         return y
     return _expand_call(
         y, v.astype(jnp.float32), pool, _layer_array(layer), seg_starts.astype(jnp.int32),
-        seg_ranks.astype(jnp.int32), b_rows.astype(jnp.int32), seg_scales.astype(jnp.float32),
-        block_t=bt or block_t_default(t, ns), interpret=interpret,
+        seg_ranks.astype(jnp.int32), b_rows.astype(jnp.int32), block_t=bt or block_t_default(t, ns),
+        interpret=interpret,
     )
