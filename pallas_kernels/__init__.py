@@ -49,7 +49,7 @@ class KernelSet:
     lora_expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows): the expands of the modules
         sharing one shrink (q, k, v; gate, up; or one module) in one call, taking the shrink's split-K
         partial sums (lora_shrink(..., partials=True))
-    write_kv(pool, layer, k, v, slots, *, page_rows, num_pages)
+    write_kv(pool, layer, k, v, kv_rows, *, page_rows, num_pages)
     attention_decode(q, pool, layer, block_tables, lengths, *, page_rows, num_pages, scale)
     attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, page_rows, num_pages, scale)
     row_linear(x, w, pool, layer, lora): x @ W + LoRA of a row-parallel linear (o, down), reduced over

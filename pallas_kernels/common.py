@@ -101,15 +101,15 @@ def check_pool_geometry(fn: str, pool, page_rows, num_pages) -> None:
                          f"{s_rows // (2 * page_rows)} pages of {page_rows} rows)")
 
 
-def check_write_kv(fn: str, pool, layer, k, v, slots, page_rows, num_pages) -> None:
+def check_write_kv(fn: str, pool, layer, k, v, kv_rows, page_rows, num_pages) -> None:
     check_pool_geometry(fn, pool, page_rows, num_pages)
     check_layer(fn, layer, pool.shape[0])
-    if jnp.ndim(slots) != 1:
-        raise ValueError(f"{fn}: slots must be [T], got shape {jnp.shape(slots)}")
-    t, w = jnp.shape(slots)[0], pool.shape[2]
+    if jnp.ndim(kv_rows) != 1:
+        raise ValueError(f"{fn}: kv_rows must be [T], got shape {jnp.shape(kv_rows)}")
+    t, w = jnp.shape(kv_rows)[0], pool.shape[2]
     for arg, a in (("k", k), ("v", v)):
         if a.shape != (t, w):
-            raise ValueError(f"{fn}: {arg} must have shape [T, W] = {(t, w)} (T from slots, W from the "
+            raise ValueError(f"{fn}: {arg} must have shape [T, W] = {(t, w)} (T from kv_rows, W from the "
                              f"pool), got {a.shape}")
 
 

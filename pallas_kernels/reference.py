@@ -130,16 +130,16 @@ def lora_expand_group(ys, v, pool, layer, seg_starts, seg_ranks, b_rows):
     return tuple(outs)
 
 
-def write_kv(pool, layer, k, v, slots, *, page_rows, num_pages):
-    """Write new K/V rows: token t's K to row slots[t], its V to slots[t] + num_pages * page_rows.
+def write_kv(pool, layer, k, v, kv_rows, *, page_rows, num_pages):
+    """Write new K/V rows: token t's K to pool row kv_rows[t], its V to kv_rows[t] + num_pages * page_rows.
 
-    k, v: [T, W]; slots: [T] int32 K rows (block * page_rows + offset), -1 = skip.
+    k, v: [T, W]; kv_rows: [T] int32 K rows (page * page_rows + offset), -1 = skip.
     Returns the updated pool (in place under jit when the pool is donated).
     """
-    common.check_write_kv("write_kv", pool, layer, k, v, slots, page_rows, num_pages)
+    common.check_write_kv("write_kv", pool, layer, k, v, kv_rows, page_rows, num_pages)
     s = pool.shape[1]
-    k_rows = jnp.where(slots < 0, s, slots)  # out of range -> dropped
-    v_rows = jnp.where(slots < 0, s, slots + num_pages * page_rows)
+    k_rows = jnp.where(kv_rows < 0, s, kv_rows)  # out of range -> dropped
+    v_rows = jnp.where(kv_rows < 0, s, kv_rows + num_pages * page_rows)
     # One scatter for K and V: it depends on both, so every read of the pool that produced k or v is
     # ordered before it and XLA updates the pool in place (two scatters made XLA copy the whole pool).
     rows = jnp.concatenate([k_rows, v_rows])

@@ -52,9 +52,9 @@ def shard_kernels(ks: KernelSet, mesh: Mesh) -> KernelSet:
             ys, v, pool, layer, seg_starts, seg_ranks, b_rows)
 
     # the pool is split along its width only: every device's slice has the global page geometry
-    def write_kv(pool, layer, k, v, slots, *, page_rows, num_pages):
+    def write_kv(pool, layer, k, v, kv_rows, *, page_rows, num_pages):
         f = functools.partial(ks.write_kv, page_rows=page_rows, num_pages=num_pages)
-        return sm(f, in_specs=(POOL, REP, COLS, COLS, REP), out_specs=POOL)(pool, layer, k, v, slots)
+        return sm(f, in_specs=(POOL, REP, COLS, COLS, REP), out_specs=POOL)(pool, layer, k, v, kv_rows)
 
     def attention_decode(q, pool, layer, block_tables, lengths, *, page_rows, num_pages, scale):
         f = functools.partial(ks.attention_decode, page_rows=page_rows, num_pages=num_pages, scale=scale)
