@@ -22,8 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import save_file
 from starlette.testclient import TestClient
 
-from server import protocol
-from server.app import create_app, render_chat, serve
+from server import create_app, protocol, serve
 from slora_jax import LLM
 from slora_jax.cli import DEMO_ADAPTERS, add_demo_adapters
 from slora_jax.tokenizer import ByteTokenizer
@@ -42,7 +41,7 @@ def served(tmp_path_factory):
     llm = LLM("tiny", dtype="float32", kernels="xla", num_pages=96, page_rows=32, max_model_len=MAX_MODEL_LEN,
               max_batch_tokens=128, max_running=8)
     add_demo_adapters(llm)
-    llm.engine.warmup()  # what `serve` does: every step shape compiled before the first request
+    llm.warmup()  # what `serve` does: every step shape compiled before the first request
     app = create_app(llm, api_key=API_KEY, adapter_dir=str(adapter_dir))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -58,7 +57,7 @@ def served(tmp_path_factory):
     yield types.SimpleNamespace(llm=llm, base=base, url=base + "/v1", adapter_dir=adapter_dir, outside=outside)
     server.should_exit = True
     thread.join(30)
-    assert llm.engine._thread is None, "shutdown did not stop the engine thread"
+    assert not llm.is_running, "shutdown did not stop the engine thread"
 
 
 @pytest.fixture(scope="module")
@@ -450,7 +449,8 @@ def test_metrics_in_prometheus_format(served, http):
 def test_chat_template_from_the_tokenizer_is_used(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from server.app import ApiError
+    from server.errors import ApiError
+    from slora_jax import InvalidRequest
     from slora_jax.tokenizer import HFTokenizer
 
     vocab = {"<s>": 0, "</s>": 1, "[INST]": 2, "[/INST]": 3, "hi": 4, "there": 5, "[UNK]": 6}
@@ -464,16 +464,17 @@ def test_chat_template_from_the_tokenizer_is_used(tmp_path):
     tok = HFTokenizer(str(tmp_path), bos_id=0, eos_ids=(1,))
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "there"},
             {"role": "user", "content": "hi there"}]
-    assert render_chat(tok, msgs) == [0, 2, 4, 3, 5, 1, 2, 4, 5, 3]  # special tokens as tokens, one BOS
+    assert tok.apply_chat_template(msgs) == [0, 2, 4, 3, 5, 1, 2, 4, 5, 3]  # special tokens as tokens, one BOS
 
-    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
-    with pytest.raises(ApiError) as e:
-        render_chat(tok, msgs)
-    assert e.value.status == 400 and "roles must alternate" in e.value.message
+    tok = HFTokenizer(str(tmp_path), bos_id=0, eos_ids=(1,), chat_template="{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(InvalidRequest) as e:
+        tok.apply_chat_template(msgs)
+    err = ApiError.of(e.value)  # what the server answers
+    assert err.status == 400 and "roles must alternate" in err.message
 
     byte = ByteTokenizer(bos_id=256, eos_ids=(257,))
     assert byte.chat_template is None  # the tiny model: the plain, documented template
-    assert render_chat(byte, msgs[:1]) == byte.encode("<|user|>\nhi\n<|assistant|>\n")
+    assert byte.apply_chat_template(msgs[:1]) == byte.encode("<|user|>\nhi\n<|assistant|>\n")
 
 
 def test_serve_prints_where_it_listens(served, monkeypatch, capsys):
