@@ -17,6 +17,7 @@ from .state import ServerState, state
 
 router = APIRouter()
 
+# vLLM answers these routes in plain text (errors stay JSON)
 _TEXT_DOC = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Success"}, **ERROR_DOCS}
 
 
@@ -46,7 +47,7 @@ async def _load(srv: ServerState, name: str, path: str, replace: bool) -> None:
 async def _unload(srv: ServerState, name: str) -> None:
     if srv.is_base(name):
         raise ApiError(400, "the base model cannot be removed", param="name")
-    await run_in_threadpool(srv.llm.remove_adapter, name)
+    await srv.remove_adapter(name)
 
 
 @router.post("/v1/adapters", response_model=ModelCard, responses=ERROR_DOCS)
@@ -61,14 +62,14 @@ async def delete_adapter(name: str, srv: ServerState = Depends(state)):
     return AdapterDeleted(id=name)
 
 
-@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_TEXT_DOC)
+@router.post("/v1/load_lora_adapter", response_model=None, responses=_TEXT_DOC)
 async def load_lora_adapter(body: LoraLoadRequest, srv: ServerState = Depends(state)):
     """vLLM's route: as POST /v1/adapters {name: lora_name, path: lora_path}."""
     await _load(srv, body.lora_name, body.lora_path, replace=False)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_TEXT_DOC)
+@router.post("/v1/unload_lora_adapter", response_model=None, responses=_TEXT_DOC)
 async def unload_lora_adapter(body: LoraUnloadRequest, srv: ServerState = Depends(state)):
     """vLLM's route: as DELETE /v1/adapters/{lora_name}."""
     await _unload(srv, body.lora_name)

@@ -39,6 +39,7 @@ class ServerState:
         self.metrics = Metrics(llm.stats, lambda: llm.is_running)
         self.created = int(time.time())
         self._dispatcher: Optional[Dispatcher] = None
+        self._removed: set = set()  # names unloaded by a route: not loaded on first use again (until a route loads them)
 
     @property
     def max_model_len(self) -> int:
@@ -74,7 +75,7 @@ class ServerState:
 
     def _lazy_adapter_path(self, name: str) -> Optional[str]:
         """--adapter-dir/<name> if it is an adapter dir there (a plain name: no path, no way out)."""
-        if self.adapter_dir is None or not re.match(ADAPTER_NAME_PATTERN, name) or name in (".", ".."):
+        if self.adapter_dir is None or name in self._removed or not re.match(ADAPTER_NAME_PATTERN, name):
             return None
         try:
             real = self.adapter_path(name)
@@ -89,6 +90,12 @@ class ServerState:
         except SloraError as e:
             e.args = (e.message.replace(real, shown),)
             raise
+        self._removed.discard(name)
+
+    async def remove_adapter(self, name: str) -> None:
+        """Unregister it; its name is no longer loaded from --adapter-dir on first use."""
+        await run_in_threadpool(self.llm.remove_adapter, name)
+        self._removed.add(name)
 
     def model_cards(self, adapters: list) -> list:
         """The base model's card, then one per adapter (as `LLM.adapters()` describes them)."""
