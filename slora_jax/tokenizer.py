@@ -165,6 +165,7 @@ class HFTokenizer:
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+        self.byte_fallback_ids, self.special_ids = _byte_fallback_ids(self.tok), _special_ids(self.tok)
         tc_path = os.path.join(model_dir, "tokenizer_config.json")
         tc = _read_json(tc_path) if os.path.exists(tc_path) else {}
         self.special_tokens = {k: _token_text(tc.get(k)) for k in SPECIAL_TOKEN_KEYS}
@@ -198,6 +199,19 @@ class HFTokenizer:
         return self.encode(self._template.render(messages, add_generation_prompt), add_bos=False)
 
 
+def _byte_fallback_ids(tok) -> frozenset:
+    """Ids of the `<0xXX>` tokens of a byte-fallback BPE (SentencePiece-style), else empty."""
+    model = json.loads(tok.to_str()).get("model", {})
+    if not model.get("byte_fallback"):
+        return frozenset()
+    return frozenset(i for t, i in tok.get_vocab(with_added_tokens=False).items()
+                     if len(t) == 6 and t.startswith("<0x") and t.endswith(">"))
+
+
+def _special_ids(tok) -> frozenset:
+    return frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+
+
 def load_tokenizer(model_path: str, bos_id, eos_ids, chat_template: Optional[str] = None):
     """The tokenizer of a model dir (tokenizer.json) or preset (bytes); `chat_template`: a template's text."""
     if os.path.isdir(model_path) and os.path.exists(os.path.join(model_path, "tokenizer.json")):
@@ -215,12 +229,18 @@ class IncrementalDecoder:
     character. So each push decodes a window that starts a few tokens back (the prompt's last tokens at
     first) and emits only the text past the window's already-emitted part; text ending in U+FFFD (a
     character still incomplete) is held back until it completes, or until `flush()` at the end.
+
+    Byte-fallback decoders turn a whole run of `<0xXX>` tokens into U+FFFDs if any byte of it is
+    invalid, so a later byte can change the text of earlier ones: the text of a trailing run of byte
+    tokens (special tokens, skipped in decoding, do not end a run) waits until a token ends the run.
     """
 
     PROMPT_CONTEXT = 5  # prompt tokens decoded before the first generated one (as vLLM)
 
     def __init__(self, tokenizer, prompt_ids: Sequence[int] = ()):
         self.tok = tokenizer
+        byte_ids = getattr(tokenizer, "byte_fallback_ids", frozenset())
+        self._run_ids = byte_ids | getattr(tokenizer, "special_ids", frozenset()) if byte_ids else frozenset()
         self.ids = list(prompt_ids[-self.PROMPT_CONTEXT:])
         self.prefix_offset, self.read_offset = 0, len(self.ids)  # window start; end of the emitted part
         self._prefix_text = tokenizer.decode(self.ids)  # decode(ids[prefix_offset:read_offset])
@@ -234,10 +254,14 @@ class IncrementalDecoder:
         return self._advance(hold_incomplete=False)
 
     def _advance(self, hold_incomplete: bool) -> str:
-        text = self.tok.decode(self.ids[self.prefix_offset:])
+        end = len(self.ids)
+        if hold_incomplete:
+            while end > self.read_offset and self.ids[end - 1] in self._run_ids:  # an open byte run
+                end -= 1
+        text = self.tok.decode(self.ids[self.prefix_offset:end])
         if len(text) <= len(self._prefix_text) or (hold_incomplete and text.endswith("\ufffd")):
             return ""
         delta = text[len(self._prefix_text):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.prefix_offset, self.read_offset = self.read_offset, end
         self._prefix_text = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
         return delta
