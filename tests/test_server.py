@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import save_file
 from starlette.testclient import TestClient
 
+import slora_jax
 from server import create_app, protocol, serve
 from slora_jax import LLM
 from slora_jax.cli import DEMO_ADAPTERS, add_demo_adapters
@@ -326,6 +327,82 @@ def test_adapter_paths_outside_the_adapter_dir_get_403(served, http):
     assert_error(no_dir.post("/v1/adapters", json={"name": "x", "path": "x"}), 403)
 
 
+def test_vllm_adapter_routes(served, client, http):
+    write_peft(served.adapter_dir / "v-lora", served.llm.model_cfg, r=8)
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "v-lora", "lora_path": "v-lora"})
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'v-lora' added successfully."
+    assert client.completions.create(model="v-lora", prompt="Hi", max_tokens=3, temperature=0).choices
+    assert_error(http.post("/v1/load_lora_adapter", json={"lora_name": "v-lora", "lora_path": "v-lora"}), 409,
+                 "adapter_exists")
+    assert_error(http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "../x"}), 403)
+    r = http.post("/v1/unload_lora_adapter", json={"lora_name": "v-lora"})
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'v-lora' removed successfully."
+    assert_error(http.post("/v1/unload_lora_adapter", json={"lora_name": "v-lora"}), 404, "model_not_found")
+    with pytest.raises(openai.NotFoundError):  # unloaded by a route: not loaded on first use again
+        client.completions.create(model="v-lora", prompt="Hi", max_tokens=3)
+
+
+def test_adapters_in_the_adapter_dir_load_on_first_use(served, client, http):
+    write_peft(served.adapter_dir / "lazy-one", served.llm.model_cfg, r=4, seed=3)
+    assert "lazy-one" not in {a["name"] for a in served.llm.adapters()}
+    r = client.chat.completions.create(model="lazy-one", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert r.model == "lazy-one" and r.choices[0].finish_reason in ("stop", "length")
+    models = http.get("/v1/models")
+    assert "lazy-one" in {m["id"] for m in models.json()["data"]}
+    assert str(served.adapter_dir) not in models.text and str(served.outside) not in models.text  # no server paths
+    os.makedirs(served.adapter_dir / "not-an-adapter")
+    for name in ("not-an-adapter", "link-out", "half-link", "..", "../outside"):  # none servable, nothing leaks
+        err = assert_error(http.post("/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 2}), 404,
+                           "model_not_found")
+        assert str(served.adapter_dir) not in err["message"]
+    assert http.delete("/v1/adapters/lazy-one").status_code == 200
+    wait_idle(served.llm)
+
+
+def test_tokenize_detokenize_version(served, http):
+    tok = served.llm.tokenizer
+    r = http.post("/tokenize", json={"prompt": "héllo"}).json()
+    assert r["tokens"] == tok.encode("héllo") and r["count"] == len(r["tokens"]) and r["max_model_len"] == MAX_MODEL_LEN
+    assert http.post("/tokenize", json={"prompt": "héllo", "add_special_tokens": False}).json()["tokens"] == \
+        tok.encode("héllo", add_bos=False)
+    chat = http.post("/tokenize", json={"model": "demo-coder", "messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["tokens"] == tok.encode("<|user|>\nhi\n<|assistant|>\n")
+    assert http.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": "héllo"}
+    assert_error(http.post("/detokenize", json={"tokens": [10 ** 6]}), 400)
+    assert_error(http.post("/tokenize", json={"model": "nope", "prompt": "x"}), 404, "model_not_found")
+    assert_error(http.post("/tokenize", json={}), 400)
+    assert http.get("/version").json() == {"version": slora_jax.__version__}
+
+
+@pytest.mark.parametrize("path,field,value", [
+    ("/v1/completions", "presence_penalty", 0.5), ("/v1/completions", "frequency_penalty", -1.0),
+    ("/v1/completions", "best_of", 2), ("/v1/completions", "logprobs", 1), ("/v1/completions", "suffix", "end"),
+    ("/v1/completions", "logit_bias", {"5": 1.0}), ("/v1/chat/completions", "tools", [{"type": "function"}]),
+    ("/v1/chat/completions", "logprobs", True), ("/v1/chat/completions", "tool_choice", "required"),
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+    ("/v1/chat/completions", "repetition_penalty", 1.2),
+])
+def test_unsupported_fields_are_named(http, path, field, value):
+    body = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    err = assert_error(http.post(path, json={**body, field: value, "max_tokens": 2}), 400)
+    assert err["message"].startswith(f"`{field}` is not supported") and err["param"] == field
+    defaults = {"presence_penalty": 0, "frequency_penalty": 0.0, "best_of": 1, "logprobs": None, "suffix": "",
+                "logit_bias": {}, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+                "repetition_penalty": 1.0}
+    assert http.post(path, json={**body, field: defaults[field], "max_tokens": 2}).status_code == 200
+
+
+def test_a_body_is_json_whatever_its_content_type(served):
+    body = json.dumps({"model": "base", "prompt": "hi", "max_tokens": 2}).encode()
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    for content_type in (None, "application/x-www-form-urlencoded", "text/plain"):
+        headers = auth if content_type is None else {**auth, "Content-Type": content_type}
+        with httpx.Client(timeout=120) as c:  # raw bytes: httpx sets no Content-Type of its own
+            r = c.post(served.base + "/v1/completions", content=body, headers=headers)
+            assert content_type is not None or "content-type" not in r.request.headers
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length"), r.text
+
+
 # -- load, disconnects, failures -----------------------------------------------------------------------------
 def test_64_concurrent_streaming_clients_all_complete(served):
     models = ["base", *DEMO_ADAPTERS]
@@ -483,6 +560,9 @@ def test_serve_prints_where_it_listens(served, monkeypatch, capsys):
     serve(served.llm, host="127.0.0.1", port=8123, api_key="k", adapter_dir=None, warmup=False)
     assert calls and calls[0]["port"] == 8123
     assert "http://127.0.0.1:8123/v1" in capsys.readouterr().out
+    serve(served.llm, port=8124, served_model_name="my-model", warmup=True)  # compiled already: quick
+    out = capsys.readouterr()
+    assert "'my-model'" in out.out and "compiling step programs" in out.err  # a progress bar while compiling
 
 
 # -- schema fuzzing ---------------------------------------------------------------------------------------------------
