@@ -137,7 +137,7 @@ async def completions(body: CompletionRequest, request: Request, srv: ServerStat
     ids, texts = await run_in_threadpool(srv.tokenize_prompts, body.prompt)
     echo = [t if t is not None else srv.llm.decode(p) for p, t in zip(ids, texts)] if body.echo else None
     job = Job(COMPLETIONS, body.model or srv.base_name, adapter, [p for p in ids for _ in range(body.n)],
-              srv.samplings(body, len(ids), body.max_tokens or 16), body.n, body.stream,
+              srv.samplings(body, len(ids), 16 if body.max_tokens is None else body.max_tokens), body.n, body.stream,
               bool(body.stream_options and body.stream_options.include_usage), echo)
     return await respond(srv, request, job)
 
@@ -147,7 +147,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, srv: S
     refuse_unsupported(body)
     adapter = await srv.resolve_model(body.model)
     ids = await run_in_threadpool(srv.llm.apply_chat_template, request_messages(body.messages))
-    max_tokens = body.max_completion_tokens or body.max_tokens or max(1, srv.max_model_len - len(ids))
+    max_tokens = next((m for m in (body.max_completion_tokens, body.max_tokens) if m is not None),
+                      max(1, srv.max_model_len - len(ids)))  # default: up to the end of the context, as vLLM
     job = Job(CHAT, body.model or srv.base_name, adapter, [ids] * body.n, srv.samplings(body, 1, max_tokens),
               body.n, body.stream, bool(body.stream_options and body.stream_options.include_usage))
     return await respond(srv, request, job)

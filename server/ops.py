@@ -53,7 +53,7 @@ async def tokenize(body: TokenizeRequest, srv: ServerState = Depends(state)):
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_DOCS)
 async def detokenize(body: DetokenizeRequest, srv: ServerState = Depends(state)):
     await srv.resolve_model(body.model)
-    bad = next((t for t in body.tokens if t >= srv.llm.vocab_size), None)
+    bad = next((t for t in body.tokens if not 0 <= t < srv.llm.vocab_size), None)
     if bad is not None:
         raise InvalidRequest(f"token id {bad} is outside the vocabulary (size {srv.llm.vocab_size})", "tokens")
     return DetokenizeResponse(prompt=await run_in_threadpool(srv.llm.decode, body.tokens))

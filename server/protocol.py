@@ -45,7 +45,16 @@ Int = Annotated[int, BeforeValidator(_integral)]  # strict, but 4.0 is the integ
 def _only(value, description: str):
     """A field whose schema admits only `value` (or null); other values are refused by `unsupported()`."""
     return Field(None, description=description, json_schema_extra={"minimum": value, "maximum": value})
-TokenIds = Annotated[list[Annotated[Int, Field(ge=0)]], Field(min_length=1)]
+
+
+def _range(**bounds) -> dict:
+    """A range the schema documents but pydantic does not check: slora_jax checks it once, when the
+    request is submitted (SamplingParams, check_request), and answers 400 naming the field."""
+    return {"json_schema_extra": bounds}
+
+
+TokenId = Annotated[Int, Field(**_range(minimum=0))]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class StreamOptions(BaseModel):
@@ -61,10 +70,12 @@ class _GenerationRequest(BaseModel):
     model: Optional[str] = Field(
         None, description="An adapter name, or the base model's name (also 'base'); omitted: the base model.",
         examples=["base"])
-    max_tokens: Optional[Int] = Field(None, ge=1, description="Tokens to generate at most (capped by max_model_len).")
-    temperature: Optional[float] = Field(None, ge=0, le=2, description="0 is greedy; default 1.")
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[Int] = Field(None, ge=0, description="Extension: keep the k most likely tokens (0: off).")
+    max_tokens: Optional[Int] = Field(None, description="Tokens to generate at most; the prompt plus max_tokens must "
+                                      "fit in max_model_len.", **_range(minimum=1))
+    temperature: Optional[float] = Field(None, description="0 is greedy; default 1.", **_range(minimum=0))
+    top_p: Optional[float] = Field(None, **_range(exclusiveMinimum=0, maximum=1))
+    top_k: Optional[Int] = Field(None, description="Extension: keep the k most likely tokens (0: off).",
+                                 **_range(minimum=0))
     n: Int = Field(1, ge=1, le=MAX_N)
     stop: Union[str, Annotated[list[str], Field(max_length=MAX_STOP)], None] = Field(
         None, description="Up to 16 strings; the text ends before the first.")
@@ -128,7 +139,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(..., min_length=1, examples=[[{"role": "user", "content": "Hi"}]])
-    max_completion_tokens: Optional[Int] = Field(None, ge=1, description="Preferred over max_tokens when both are set.")
+    max_completion_tokens: Optional[Int] = Field(None, description="Preferred over max_tokens when both are set.",
+                                                 **_range(minimum=1))
     logprobs: Optional[bool] = Field(None, description="Not supported: only false or null.",
                                      json_schema_extra={"enum": [False, None]})
     top_logprobs: Optional[Int] = _only(0, "Not supported: only 0 or null.")
@@ -188,7 +200,7 @@ class TokenizeResponse(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     model: Optional[str] = None
-    tokens: list[Annotated[Int, Field(ge=0)]] = Field(..., max_length=1 << 16)
+    tokens: list[TokenId] = Field(..., max_length=1 << 16)
 
 
 class DetokenizeResponse(BaseModel):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import time
 from typing import Optional, Sequence
 
@@ -30,8 +31,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         if self.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
-        if not self.temperature >= 0:
-            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}", "temperature")
+        if not 0 <= self.temperature < math.inf:
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k < 0:
