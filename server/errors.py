@@ -1,10 +1,9 @@
 """Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and the handlers that make them.
 
-Every error leaves the server through `error_response` (the guard's refusals
-too), so each one is counted in the metrics by its status. `install_error_handlers`
-maps the exceptions a route can raise (our `ApiError`, FastAPI's validation
-errors, the engine's and the adapter store's errors, anything unexpected) to
-a status and that shape.
+slora_jax raises typed errors (`slora_jax.errors`); `STATUS` below is the one place that says which
+HTTP status and OpenAI error code each type answers with. `ApiError` is for what only HTTP knows
+(a path outside --adapter-dir, an unsupported field, a client gone). Every error leaves the server
+through `error_response` (the guard's refusals too), so each one is counted in the metrics by status.
 """
 from __future__ import annotations
 
@@ -16,15 +15,31 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from slora_jax.adapters.lora import AdapterError
-from slora_jax.engine.request import RequestError
+from slora_jax.errors import (AdapterError, AdapterExists, AdapterInUse, AdapterNotFound, CapacityError, ConfigError,
+                              InvalidAdapter, InvalidRequest, RequestError, RequestTooLong, SloraError)
 
 from .metrics import Metrics
 from .protocol import ErrorResponse
 
 log = logging.getLogger("slora_jax.server")
 
-_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 500: "server_error", 503: "service_unavailable"}
+# slora_jax's error types -> (HTTP status, OpenAI error code). The most specific type listed wins.
+STATUS: dict[type, tuple[int, Optional[str]]] = {
+    AdapterNotFound: (404, "model_not_found"),
+    AdapterExists: (409, "adapter_exists"),
+    AdapterInUse: (409, "adapter_in_use"),
+    InvalidAdapter: (400, "invalid_adapter"),
+    AdapterError: (400, None),
+    RequestTooLong: (400, "context_length_exceeded"),
+    InvalidRequest: (400, None),
+    RequestError: (400, None),
+    CapacityError: (503, "insufficient_capacity"),
+    ConfigError: (500, None),
+    SloraError: (500, None),
+}
+
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 500: "server_error",
+                503: "service_unavailable"}
 
 # The OpenAPI `responses=` entry of a route for every status it may answer with.
 ERROR_DOCS: dict = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 409, 413, 500, 503)}
@@ -38,6 +53,12 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
+    @classmethod
+    def of(cls, e: SloraError) -> "ApiError":
+        """The answer to one of slora_jax's errors, by its type (`STATUS`)."""
+        status, code = next(STATUS[t] for t in type(e).__mro__ if t in STATUS)
+        return cls(status, e.message, e.param, code)
+
 
 def error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
     etype = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
@@ -47,7 +68,7 @@ def error_body(status: int, message: str, param: Optional[str] = None, code: Opt
 def error_response(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
                    headers: Optional[dict] = None, metrics: Optional[Metrics] = None) -> JSONResponse:
     if metrics is not None:
-        metrics.errors.inc({"status": str(status)})
+        metrics.errors.labels(status=str(status)).inc()
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
@@ -61,12 +82,18 @@ def _param_of(error: dict) -> Optional[str]:
 def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     """Answer every exception a route raises with an OpenAI-shaped error, counted in `metrics`."""
 
-    def err(status, message, param=None, code=None, headers=None):
-        return error_response(status, message, param, code, headers, metrics)
+    def answer(e: ApiError):
+        return error_response(e.status, e.message, e.param, e.code, e.headers, metrics)
 
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
-        return err(e.status, e.message, e.param, e.code, e.headers)
+        return answer(e)
+
+    @app.exception_handler(SloraError)
+    async def _slora_error(_, e: SloraError):
+        if STATUS.get(type(e), (400,))[0] >= 500:
+            log.error("request failed: %s", e)
+        return answer(ApiError.of(e))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_, e: RequestValidationError):
@@ -74,28 +101,20 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":
             detail = (first.get("ctx") or {}).get("error", "")
-            return err(400, f"The request body is not valid JSON ({detail}).")
+            return answer(ApiError(400, f"The request body is not valid JSON ({detail})."))
         param = _param_of(first)
         same = [e for e in errors if _param_of(e) == param]  # a union field reports one error per member type
         msg = "; ".join(dict.fromkeys(str(e.get("msg", "invalid value")) for e in same))
         msg = f"{param}: {msg}" if param else msg
         if len(errors) > len(same):
             msg += f" (and {len(errors) - len(same)} more error(s))"
-        return err(400, msg, param)
+        return answer(ApiError(400, msg, param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_, e: StarletteHTTPException):
-        return err(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
-
-    @app.exception_handler(RequestError)
-    async def _request_error(_, e: RequestError):
-        return err(400, str(e))
-
-    @app.exception_handler(AdapterError)
-    async def _adapter_error(_, e: AdapterError):
-        return err(404 if "not registered" in str(e) else 400, str(e), "model")
+        return answer(ApiError(e.status_code, str(e.detail), headers=getattr(e, "headers", None)))
 
     @app.exception_handler(Exception)
     async def _internal_error(_, e: Exception):
         log.exception("unhandled error", exc_info=e)
-        return err(500, "internal server error")
+        return answer(ApiError(500, "internal server error"))

@@ -1,8 +1,10 @@
-"""The ASGI middleware in front of every route: the API key and the request-body size limit.
+"""The ASGI middleware in front of every route: the API key, the request-body size limit, JSON bodies.
 
 It is plain ASGI rather than a FastAPI dependency so that it refuses a request
 before any body is read: a wrong key, or a Content-Length over the limit, is
 answered at once, and a chunked body is cut off as soon as it grows too large.
+Every body is JSON whatever its Content-Type says (`curl -d` sends a form type,
+some clients none), as vLLM's and OpenAI's servers read them.
 """
 from __future__ import annotations
 
@@ -17,8 +19,14 @@ from .metrics import Metrics
 MAX_BODY_BYTES = 1 << 20
 
 
+def _as_json(scope: dict) -> dict:
+    """The scope with its Content-Type set to JSON, so that FastAPI parses the body as JSON."""
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    return {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+
+
 class RequestGuard:
-    """Bearer auth on every route but /health (so that probes need no key), and the body size limit."""
+    """Bearer auth on every route but /health (so that probes need no key), the body size limit, JSON bodies."""
 
     def __init__(self, app, api_key: Optional[str], max_body: int, metrics: Metrics):
         self.app, self.max_body, self.metrics = app, max_body, metrics
@@ -44,6 +52,8 @@ class RequestGuard:
                                   code=None if bad else "request_too_large", metrics=self.metrics)
             return await resp(scope, receive, send)
 
+        if scope["method"] in ("POST", "PUT", "PATCH") and "json" not in headers.get("content-type", ""):
+            scope = _as_json(scope)
         seen, rejected = 0, False
 
         async def limited_receive():

@@ -1,145 +1,104 @@
-"""Prometheus text-format metrics, written by hand so the server needs no metrics library.
+"""Prometheus metrics through `prometheus_client`, in a registry of the app's own (no global state).
 
-Latency histograms are fed from the engine thread (the request listeners) and
-read by the `/metrics` route, so each holds a lock. Pool, adapter and engine
-counters are read from `LLM.stats()` at scrape time, so they also count work
-driven through the Python API in the same process.
+Latency histograms and request counters are fed from the engine thread (request callbacks) and the
+error handlers; pool, adapter and engine figures are read from `LLM.stats()` at scrape time (a
+collector), so they also count work driven through the Python API in the same process.
 """
 from __future__ import annotations
 
-import bisect
-import math
-import threading
-import time
-from typing import Iterable, Optional
+from typing import Callable, Optional
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-def _fmt(v: float) -> str:
-    v = float(v)
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return str(int(v)) if v.is_integer() and abs(v) < 1e15 else repr(v)
-
-
-def _labels(labels: dict) -> str:
-    if not labels:
-        return ""
-    esc = (str(v).replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"") for v in labels.values())
-    return "{" + ",".join(f'{k}="{v}"' for k, v in zip(labels, esc)) + "}"
-
-
-class Histogram:
-    def __init__(self, name: str, help_text: str, buckets: Iterable[float]):
-        self.name, self.help = name, help_text
-        self.bounds = tuple(sorted(buckets))
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.sum = 0.0
-        self._lock = threading.Lock()
-
-    def observe(self, v: float, times: int = 1) -> None:
-        i = bisect.bisect_left(self.bounds, v)
-        with self._lock:
-            self.counts[i] += times
-            self.sum += v * times
-
-    def render(self) -> list[str]:
-        with self._lock:
-            counts, total = list(self.counts), self.sum
-        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        acc = 0
-        for bound, c in zip(self.bounds + (math.inf,), counts):
-            acc += c
-            out.append(f'{self.name}_bucket{{le="{_fmt(bound)}"}} {acc}')
-        out += [f"{self.name}_sum {_fmt(total)}", f"{self.name}_count {acc}"]
-        return out
+# (name, help, stats key) of the engine's counters, exported as <name>_total
+_ENGINE_COUNTERS = (
+    ("slora_prompt_tokens", "Prompt tokens admitted to the engine.", "prompt_tokens"),
+    ("slora_generation_tokens", "Tokens generated.", "tokens_generated"),
+    ("slora_engine_requests_finished", "Engine requests finished (stop, length or error).", "requests_finished"),
+    ("slora_engine_requests_aborted", "Engine requests aborted (client gone or early abort).", "requests_aborted"),
+    ("slora_engine_steps", "Engine steps run.", "steps"),
+    ("slora_preemptions", "Requests preempted for KV pages (recomputed later).", "preemptions"),
+)
+_ENGINE_GAUGES = (
+    ("slora_pool_pages_capacity", "Pages in the unified device pool.", "pages_total"),
+    ("slora_adapters_resident", "Adapters whose weights are in the device pool.", "adapters_resident"),
+    ("slora_adapters_registered", "Adapters registered (host memory).", "adapters_registered"),
+    ("slora_requests_running", "Requests in the running batch.", "requests_running"),
+    ("slora_requests_waiting", "Requests waiting for admission.", "requests_waiting"),
+)
 
 
-class LabeledCounter:
-    def __init__(self, name: str, help_text: str):
-        self.name, self.help = name, help_text  # name without the _total suffix
-        self.values: dict = {}
-        self._lock = threading.Lock()
+class _EngineCollector:
+    """Engine figures from `stats()` at each scrape."""
 
-    def inc(self, labels: dict, v: float = 1.0) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            self.values[key] = self.values.get(key, 0.0) + v
+    def __init__(self, stats: Callable[[], dict], engine_up: Callable[[], bool]):
+        self.stats, self.engine_up = stats, engine_up
 
-    def render(self) -> list[str]:
-        with self._lock:
-            items = sorted(self.values.items())
-        out = [f"# HELP {self.name}_total {self.help}", f"# TYPE {self.name}_total counter"]
-        out += [f"{self.name}_total{_labels(dict(k))} {_fmt(v)}" for k, v in items]
-        return out
+    def describe(self):
+        return []  # collected at scrape time only
+
+    def collect(self):
+        s = self.stats()
+        for name, help_text, key in _ENGINE_COUNTERS:
+            yield CounterMetricFamily(name, help_text, value=s.get(key, 0))
+        swaps = CounterMetricFamily("slora_adapter_swaps", "Adapter copies into (in) and evictions out of (out) "
+                                    "the pool.", labels=["direction"])
+        swaps.add_metric(["in"], s.get("swaps_in", 0))
+        swaps.add_metric(["out"], s.get("swaps_out", 0))
+        yield swaps
+        pages = GaugeMetricFamily("slora_pool_pages", "Pages of the unified device pool by kind.", labels=["kind"])
+        for kind in ("kv", "adapter", "free"):
+            pages.add_metric([kind], s.get(f"pages_{kind}", 0))
+        yield pages
+        for name, help_text, key in _ENGINE_GAUGES:
+            yield GaugeMetricFamily(name, help_text, value=s.get(key, 0))
+        yield GaugeMetricFamily("slora_engine_up", "1 while the engine loop runs.", value=int(self.engine_up()))
 
 
 class Metrics:
-    def __init__(self):
-        self.started = time.time()
-        self.requests = LabeledCounter("slora_requests", "Generation requests (one per choice) by endpoint and finish reason.")
-        self.errors = LabeledCounter("slora_http_errors", "HTTP error responses by status code.")
+    def __init__(self, stats: Callable[[], dict], engine_up: Callable[[], bool]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("slora_requests", "Generation requests (one per choice) by endpoint and finish reason.",
+                                ["endpoint", "finish_reason"], registry=r)
+        self.errors = Counter("slora_http_errors", "HTTP error responses by status code.", ["status"], registry=r)
         self.ttft = Histogram("slora_time_to_first_token_seconds", "Time from arrival to the first generated token.",
-                              TTFT_BUCKETS)
+                              buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("slora_inter_token_latency_seconds", "Time between consecutive generated tokens.",
-                             ITL_BUCKETS)
-        self.e2e = Histogram("slora_e2e_request_latency_seconds", "Time from arrival to the last token.", E2E_BUCKETS)
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("slora_e2e_request_latency_seconds", "Time from arrival to the last token.",
+                             buckets=E2E_BUCKETS, registry=r)
+        r.register(_EngineCollector(stats, engine_up))
 
     # -- fed from the engine thread ----------------------------------------------------------
-    def on_tokens(self, req, prev_count: int, prev_time: Optional[float], now: float) -> None:
-        """`req` grew from prev_count output tokens (the last at prev_time) to len(req.output_ids) at `now`."""
-        n = len(req.output_ids) - prev_count
+    def on_tokens(self, handle, prev_count: int, prev_time: Optional[float], now: float) -> None:
+        """`handle` grew from prev_count output tokens (the last seen at prev_time) to its count at `now`."""
+        n = handle.num_output_tokens - prev_count
         if n <= 0:
             return
         if prev_count == 0:
-            if req.first_token_time is not None:
-                self.ttft.observe(max(0.0, req.first_token_time - req.arrival))
-            prev_time, n = req.first_token_time or now, n - 1
+            if handle.ttft_s is not None:
+                self.ttft.observe(max(0.0, handle.ttft_s))
+            n -= 1
+            prev_time = prev_time if prev_time is not None else now
         if n > 0 and prev_time is not None:
-            self.itl.observe(max(0.0, (now - prev_time) / n), n)
+            gap = max(0.0, (now - prev_time) / n)
+            for _ in range(n):
+                self.itl.observe(gap)
 
-    def on_finish(self, req, endpoint: str) -> None:
-        self.requests.inc({"endpoint": endpoint, "finish_reason": req.finish_reason or "unknown"})
-        if req.finish_time is not None and req.output_ids:
-            self.e2e.observe(max(0.0, req.finish_time - req.arrival))
+    def on_finish(self, handle, endpoint: str) -> None:
+        self.requests.labels(endpoint=endpoint, finish_reason=handle.finish_reason or "unknown").inc()
+        if handle.latency_s is not None and handle.num_output_tokens:
+            self.e2e.observe(max(0.0, handle.latency_s))
 
     # -- scrape --------------------------------------------------------------------------
-    def render(self, stats: dict, engine_alive: bool) -> str:
-        def gauge(name, help_text, samples):
-            lines = [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-            return lines + [f"{name}{_labels(lbl)} {_fmt(v)}" for lbl, v in samples]
-
-        def counter(name, help_text, value):
-            return [f"# HELP {name}_total {help_text}", f"# TYPE {name}_total counter", f"{name}_total {_fmt(value)}"]
-
-        s = stats
-        lines: list = []
-        lines += self.requests.render() + self.errors.render()
-        lines += counter("slora_prompt_tokens", "Prompt tokens admitted to the engine.", s.get("prompt_tokens", 0))
-        lines += counter("slora_generation_tokens", "Tokens generated.", s.get("tokens_generated", 0))
-        lines += counter("slora_engine_requests_finished", "Engine requests finished (stop, length or error).",
-                         s.get("requests_finished", 0))
-        lines += counter("slora_engine_requests_aborted", "Engine requests aborted (client gone or early abort).",
-                         s.get("requests_aborted", 0))
-        lines += counter("slora_engine_steps", "Engine steps run.", s.get("steps", 0))
-        lines += counter("slora_preemptions", "Requests preempted for KV pages (recomputed later).",
-                         s.get("preemptions", 0))
-        lines += self.ttft.render() + self.itl.render() + self.e2e.render()
-        lines += gauge("slora_pool_pages", "Pages of the unified device pool by kind.",
-                       [({"kind": k}, s.get(f"pages_{k}", 0)) for k in ("kv", "adapter", "free")])
-        lines += gauge("slora_pool_pages_capacity", "Pages in the unified device pool.", [({}, s.get("pages_total", 0))])
-        lines += gauge("slora_adapters_resident", "Adapters whose weights are in the device pool.",
-                       [({}, s.get("adapters_resident", 0))])
-        lines += gauge("slora_adapters_registered", "Adapters registered (host memory).",
-                       [({}, s.get("adapters_registered", 0))])
-        lines += ["# HELP slora_adapter_swaps_total Adapter copies into (in) and evictions out of (out) the pool.",
-                  "# TYPE slora_adapter_swaps_total counter",
-                  f'slora_adapter_swaps_total{{direction="in"}} {_fmt(s.get("swaps_in", 0))}',
-                  f'slora_adapter_swaps_total{{direction="out"}} {_fmt(s.get("swaps_out", 0))}']
-        lines += gauge("slora_requests_running", "Requests in the running batch.", [({}, s.get("requests_running", 0))])
-        lines += gauge("slora_requests_waiting", "Requests waiting for admission.", [({}, s.get("requests_waiting", 0))])
-        lines += gauge("slora_engine_up", "1 while the engine thread runs.", [({}, int(engine_alive))])
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        """The exposition text (reads the engine's stats: call it off the event loop)."""
+        return generate_latest(self.registry)

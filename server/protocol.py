@@ -1,15 +1,18 @@
-"""Pydantic models of the HTTP API: OpenAI's completions, chat, models and error shapes, plus our adapter routes.
+"""Pydantic models of the HTTP API: OpenAI's completions, chat, models and error shapes, our adapter
+routes and vLLM's (load/unload_lora_adapter, tokenize, detokenize, version).
 
-Requests accept OpenAI's fields, with strict types (no "5" for 5). Those we cannot honour (logprobs, tools,
-penalties, ...) are declared with the only values we accept, so that the
-schema says what the server does and anything else is a 400 rather than
-silently ignored; unknown fields are ignored, as OpenAI's own server does.
-The limits below (prompts, choices, stop strings) keep one request from
-flooding the engine queue; the app's request-body limit bounds the rest.
+Pydantic checks only the JSON shape, with strict types (no "5" for 5); what a value may be (sampling
+ranges, lengths) is checked once by slora_jax when the request is submitted. OpenAI fields we cannot
+honour (penalties, logprobs, tools, ...) are declared, their schema says the only values accepted,
+and `unsupported()` names the first one a request sets otherwise: the route answers 400 "`X` is not
+supported" rather than ignoring it. Unknown fields are ignored, as OpenAI's own server does. The
+limits below (prompts, choices, stop strings) keep one request from flooding the engine queue; the
+app's request-body limit bounds the rest.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+import json
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -37,7 +40,21 @@ def _integral(v):
 
 
 Int = Annotated[int, BeforeValidator(_integral)]  # strict, but 4.0 is the integer 4 (as in JSON Schema)
-TokenIds = Annotated[list[Annotated[Int, Field(ge=0)]], Field(min_length=1)]
+
+
+def _only(value, description: str):
+    """A field whose schema admits only `value` (or null); other values are refused by `unsupported()`."""
+    return Field(None, description=description, json_schema_extra={"minimum": value, "maximum": value})
+
+
+def _range(**bounds) -> dict:
+    """A range the schema documents but pydantic does not check: slora_jax checks it once, when the
+    request is submitted (SamplingParams, check_request), and answers 400 naming the field."""
+    return {"json_schema_extra": bounds}
+
+
+TokenId = Annotated[Int, Field(**_range(minimum=0))]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class StreamOptions(BaseModel):
@@ -53,10 +70,12 @@ class _GenerationRequest(BaseModel):
     model: Optional[str] = Field(
         None, description="An adapter name, or the base model's name (also 'base'); omitted: the base model.",
         examples=["base"])
-    max_tokens: Optional[Int] = Field(None, ge=1, description="Tokens to generate at most (capped by max_model_len).")
-    temperature: Optional[float] = Field(None, ge=0, le=2, description="0 is greedy; default 1.")
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[Int] = Field(None, ge=0, description="Extension: keep the k most likely tokens (0: off).")
+    max_tokens: Optional[Int] = Field(None, description="Tokens to generate at most; the prompt plus max_tokens must "
+                                      "fit in max_model_len.", **_range(minimum=1))
+    temperature: Optional[float] = Field(None, description="0 is greedy; default 1.", **_range(minimum=0))
+    top_p: Optional[float] = Field(None, **_range(exclusiveMinimum=0, maximum=1))
+    top_k: Optional[Int] = Field(None, description="Extension: keep the k most likely tokens (0: off).",
+                                 **_range(minimum=0))
     n: Int = Field(1, ge=1, le=MAX_N)
     stop: Union[str, Annotated[list[str], Field(max_length=MAX_STOP)], None] = Field(
         None, description="Up to 16 strings; the text ends before the first.")
@@ -65,10 +84,24 @@ class _GenerationRequest(BaseModel):
     seed: Optional[Int] = Field(None, description="Choice i samples with seed + i.")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    presence_penalty: Optional[float] = Field(None, ge=0, le=0, description="Not supported: only 0.")
-    frequency_penalty: Optional[float] = Field(None, ge=0, le=0, description="Not supported: only 0.")
-    logit_bias: Optional[dict[str, float]] = Field(None, max_length=0, description="Not supported: only empty.")
+    presence_penalty: Optional[float] = _only(0, "Not supported: only 0.")
+    frequency_penalty: Optional[float] = _only(0, "Not supported: only 0.")
+    repetition_penalty: Optional[float] = _only(1, "Extension, not supported: only 1.")
+    logit_bias: Optional[dict[str, float]] = Field(None, description="Not supported: only empty.",
+                                                   json_schema_extra={"maxProperties": 0})
     user: Optional[str] = None
+
+    # field -> the values accepted (OpenAI's defaults); any other value is refused by `unsupported()`
+    _ACCEPTED: ClassVar[dict] = {"presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+                                 "repetition_penalty": (None, 1), "logit_bias": (None, {})}
+
+    def unsupported(self) -> Optional[tuple[str, str]]:
+        """(field, what is accepted) of the first field set to a value this server cannot honour."""
+        for field, accepted in self._ACCEPTED.items():
+            if getattr(self, field) not in accepted:
+                shown = " or ".join("null" if v is None else json.dumps(v) for v in accepted)
+                return field, shown
+        return None
 
 
 class CompletionRequest(_GenerationRequest):
@@ -77,9 +110,13 @@ class CompletionRequest(_GenerationRequest):
         ..., description="A string, a list of strings, a list of token ids, or a list of token-id lists.",
         examples=["Hello"])
     echo: bool = False
-    logprobs: Optional[Int] = Field(None, ge=0, le=0, description="Not supported: only 0 or null.")
-    best_of: Optional[Int] = Field(None, ge=1, le=1, description="Not supported: only 1 or null.")
-    suffix: Optional[str] = Field(None, max_length=0, description="Not supported: only empty or null.")
+    logprobs: Optional[Int] = _only(0, "Not supported: only 0 or null.")
+    best_of: Optional[Int] = _only(1, "Not supported: only 1 or null.")
+    suffix: Optional[str] = Field(None, description="Not supported: only empty or null.",
+                                  json_schema_extra={"maxLength": 0})
+
+    _ACCEPTED: ClassVar[dict] = {**_GenerationRequest._ACCEPTED, "logprobs": (None, 0), "best_of": (None, 1),
+                                 "suffix": (None, "")}
 
 
 class ContentPart(BaseModel):
@@ -90,7 +127,7 @@ class ContentPart(BaseModel):
 
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    type: Literal["text"] = Field(..., description="Only plain text is supported.")
+    type: str = Field(..., description="Only 'text' is supported.", json_schema_extra={"enum": ["text"]})
 
 
 class ChatMessage(BaseModel):
@@ -102,12 +139,76 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(..., min_length=1, examples=[[{"role": "user", "content": "Hi"}]])
-    max_completion_tokens: Optional[Int] = Field(None, ge=1, description="Preferred over max_tokens when both are set.")
-    logprobs: Optional[Literal[False]] = Field(None, description="Not supported: only false or null.")
-    top_logprobs: Optional[Int] = Field(None, ge=0, le=0, description="Not supported: only 0 or null.")
-    tools: Optional[list[Any]] = Field(None, max_length=0, description="Not supported: only empty.")
-    tool_choice: Optional[Literal["none"]] = Field(None, description="Only 'none' is supported.")
+    max_completion_tokens: Optional[Int] = Field(None, description="Preferred over max_tokens when both are set.",
+                                                 **_range(minimum=1))
+    logprobs: Optional[bool] = Field(None, description="Not supported: only false or null.",
+                                     json_schema_extra={"enum": [False, None]})
+    top_logprobs: Optional[Int] = _only(0, "Not supported: only 0 or null.")
+    tools: Optional[list[Any]] = Field(None, description="Not supported: only empty.", json_schema_extra={"maxItems": 0})
+    tool_choice: Optional[Union[str, dict]] = Field(None, description="Only 'none' (or 'auto' without tools).",
+                                                    json_schema_extra={"enum": ["none", "auto", None]})
+    functions: Optional[list[Any]] = Field(None, description="Not supported: only empty.",
+                                           json_schema_extra={"maxItems": 0})
+    function_call: Optional[Union[str, dict]] = Field(None, description="Not supported: only 'none'.",
+                                                      json_schema_extra={"enum": ["none", None]})
     response_format: Optional[ResponseFormat] = None
+
+    _ACCEPTED: ClassVar[dict] = {**_GenerationRequest._ACCEPTED, "logprobs": (None, False), "top_logprobs": (None, 0),
+                                 "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+                                 "function_call": (None, "none")}
+
+    def unsupported(self) -> Optional[tuple[str, str]]:
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format", '{"type": "text"}'
+        return super().unsupported()
+
+
+class LoraLoadRequest(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    lora_name: str = Field(..., pattern=ADAPTER_NAME_PATTERN, examples=["my-adapter"])
+    lora_path: str = Field(..., min_length=1, max_length=4096,
+                           description="A PEFT LoRA dir, relative to --adapter-dir or absolute inside it.")
+
+
+class LoraUnloadRequest(BaseModel):
+    """vLLM's POST /v1/unload_lora_adapter."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    lora_name: str = Field(..., min_length=1, max_length=256)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's POST /tokenize: a prompt, or chat messages (rendered with the chat template)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: Optional[str] = None
+    prompt: Optional[str] = Field(None, max_length=1 << 20)
+    messages: Optional[Annotated[list[ChatMessage], Field(min_length=1)]] = None
+    add_special_tokens: Optional[bool] = Field(None, description="Prompt: BOS first (default true); chat: false.")
+    add_generation_prompt: bool = True
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: Optional[list[str]] = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: Optional[str] = None
+    tokens: list[TokenId] = Field(..., max_length=1 << 16)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class Version(BaseModel):
+    version: str
 
 
 class AdapterLoadRequest(BaseModel):
@@ -174,7 +275,6 @@ class ModelCard(BaseModel):
     rank: Optional[int] = Field(None, description="Adapters: the largest rank over their modules.")
     ranks: Optional[dict[str, int]] = Field(None, description="Adapters: rank per target module.")
     resident: Optional[bool] = Field(None, description="Adapters: whether its weights are in the device pool now.")
-    source: Optional[str] = None
 
 
 class ModelList(BaseModel):

@@ -1,11 +1,11 @@
 """From the engine thread to the client: one HTTP request's engine requests, their events, and the SSE body.
 
-The engine runs in its own thread (`Engine.start()`); each HTTP request turns
-into one engine request per choice, whose listener (called on the engine
-thread after every token) hands text deltas to the event loop, one wake-up
-per burst of tokens (`Dispatcher`). Adding and aborting requests takes the
-engine lock, so it runs in the thread pool: a long engine step (or a
-first-time compile) never blocks the loop.
+The engine runs in its own thread (`LLM.start()`); each HTTP request turns
+into one engine request per choice (`LLM.submit`), whose callback (called on
+the engine thread after every token) hands text deltas to the event loop, one
+wake-up per burst of tokens (`Dispatcher`). Aborting takes the engine lock, so
+it runs in the thread pool: a long engine step (or a first-time compile) never
+blocks the loop.
 
 A client that goes away is noticed by a per-request task that waits for the
 ASGI `http.disconnect` message; it aborts the request's unfinished engine
@@ -24,7 +24,6 @@ from typing import Any, Callable, Optional
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from .errors import ApiError, error_body
 from .metrics import Metrics
@@ -72,28 +71,28 @@ class Generation:
     Create it on the event loop that serves the request (`dispatcher.loop`).
     """
 
-    def __init__(self, engine, metrics: Metrics, dispatcher: Dispatcher, endpoint: str, prefix: str):
-        self.engine, self.metrics, self.dispatcher, self.endpoint = engine, metrics, dispatcher, endpoint
+    def __init__(self, llm, metrics: Metrics, dispatcher: Dispatcher, endpoint: str, prefix: str):
+        self.llm, self.metrics, self.dispatcher, self.endpoint = llm, metrics, dispatcher, endpoint
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.loop = dispatcher.loop
         self.events: asyncio.Queue = asyncio.Queue()
-        self.reqs: list = []
+        self.handles: list = []  # slora_jax RequestHandle per choice
         self._progress: dict = {}  # choice -> (tokens seen, time of the last); engine thread only
         self._watcher: Optional[asyncio.Task] = None
 
     def _listener(self, idx: int) -> Callable:
         metrics = self.metrics
 
-        def on_token(req, delta: str) -> None:  # engine thread: must never raise
+        def on_token(handle, delta: str) -> None:  # engine thread: must never raise
             try:
                 now = time.monotonic()
                 count, last = self._progress.get(idx, (0, None))
-                metrics.on_tokens(req, count, last, now)
-                self._progress[idx] = (len(req.output_ids), now)
-                if req.finished:
-                    metrics.on_finish(req, self.endpoint)
-                self.dispatcher.push(self.events, (idx, delta, req.finished))
+                metrics.on_tokens(handle, count, last, now)
+                self._progress[idx] = (handle.num_output_tokens, now)
+                if handle.finished:
+                    metrics.on_finish(handle, self.endpoint)
+                self.dispatcher.push(self.events, (idx, delta, handle.finished))
             except RuntimeError:  # the event loop is closed: the server is shutting down
                 pass
             except Exception:
@@ -103,28 +102,25 @@ class Generation:
 
     # -- life cycle ------------------------------------------------------------------------------
     async def start(self, request: Request, prompts: list, adapter: Optional[str], samplings: list) -> None:
-        """Add every choice to the engine, then watch for the client going away."""
-        await run_in_threadpool(self.submit, prompts, adapter, samplings)
+        """Submit every choice, then watch for the client going away. All or none: if one is refused
+        (its error propagates), those submitted before it are aborted."""
+        try:
+            for i, (ids, sp) in enumerate(zip(prompts, samplings)):  # submit queues without waiting for the engine
+                self.handles.append(self.llm.submit(ids, adapter, sp, request_id=f"{self.id}-{i}",
+                                                    on_update=self._listener(i)))
+        except BaseException:
+            self.abort_soon()
+            raise
         self.watch(request)
 
-    def submit(self, prompts: list, adapter: Optional[str], samplings: list) -> None:
-        """Add every choice to the engine (thread pool); all or none."""
-        try:
-            for i, (ids, sp) in enumerate(zip(prompts, samplings)):
-                self.reqs.append(self.engine.add_request(ids, adapter, sp, request_id=f"{self.id}-{i}",
-                                                         listener=self._listener(i)))
-        except BaseException:
-            self.abort()
-            raise
-
     def abort(self) -> None:
-        for r in self.reqs:
-            if not r.finished:
-                self.engine.abort(r.id)
+        for h in self.handles:
+            if not h.finished:
+                self.llm.abort(h.id)
 
     def abort_soon(self) -> None:
         """Abort unfinished choices from the event loop without waiting for the engine lock."""
-        if any(not r.finished for r in self.reqs):
+        if any(not h.finished for h in self.handles):
             self.loop.run_in_executor(None, self.abort)
 
     def watch(self, request: Request) -> None:
@@ -147,7 +143,7 @@ class Generation:
     # -- results ---------------------------------------------------------------------------------
     async def wait_all(self) -> bool:
         """Until every choice finished (True) or the client went away (False)."""
-        pending = len(self.reqs)
+        pending = len(self.handles)
         while pending:
             ev = await self.events.get()
             if ev is DISCONNECT:
@@ -166,16 +162,17 @@ class Generation:
         return ok
 
     def failure(self) -> Optional[ApiError]:
-        for r in self.reqs:
-            if r.finish_reason == "error":
-                return ApiError(500, f"the engine failed on this request: {r.error or 'internal error'}")
-            if r.finish_reason == "abort":
+        for h in self.handles:
+            if h.finish_reason == "error":
+                return ApiError(500, f"the engine failed on this request: {h.error or 'internal error'}")
+            if h.finish_reason == "abort":
                 return ApiError(503, "the request was dropped before it could finish (the server is overloaded)")
         return None
 
-    def usage(self, prompts: list, n: int) -> dict:
-        prompt_tokens = sum(len(p) for p in prompts[::n])  # each prompt once, however many choices
-        completion = sum(len(r.output_ids) for r in self.reqs)
+    def usage(self, n: int) -> dict:
+        """Token counts; `n` choices per prompt, each prompt counted once."""
+        prompt_tokens = sum(h.num_prompt_tokens for h in self.handles[::n])
+        completion = sum(h.num_output_tokens for h in self.handles)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion}
 
@@ -191,9 +188,10 @@ def sse_response(gen: Generation, chunk: Callable, head: Optional[Callable],
     async def body():
         try:
             if head is not None:
-                for i in range(len(gen.reqs)):
-                    yield _sse(head(i))
-            pending = len(gen.reqs)
+                for i in range(len(gen.handles)):
+                    if (first := head(i)) is not None:
+                        yield _sse(first)
+            pending = len(gen.handles)
             while pending:
                 ev = await gen.events.get()
                 if ev is DISCONNECT:
@@ -203,14 +201,14 @@ def sse_response(gen: Generation, chunk: Callable, head: Optional[Callable],
                     yield _sse(chunk(idx, delta, None))
                     continue
                 pending -= 1
-                req = gen.reqs[idx]
-                if req.finish_reason in ("error", "abort"):
+                handle = gen.handles[idx]
+                if handle.finish_reason in ("error", "abort"):
                     # the status line is long gone: the error travels as an event, as OpenAI's API does
                     err = gen.failure()
                     yield _sse(error_body(err.status, err.message))
                     yield b"data: [DONE]\n\n"
                     return
-                yield _sse(chunk(idx, delta, req.finish_reason))
+                yield _sse(chunk(idx, delta, handle.finish_reason))
             if usage is not None:
                 yield _sse(usage())
             yield b"data: [DONE]\n\n"

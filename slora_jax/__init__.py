@@ -1,7 +1,10 @@
 """slora-jax: serve thousands of LoRA adapters on one accelerator over one shared base Llama."""
-from .api import LLM
-from .adapters.lora import AdapterError
-from .engine.request import RequestError, RequestOutput, SamplingParams
+from .api import LLM, RequestHandle
+from .engine.request import RequestOutput, SamplingParams
+from .errors import (AdapterError, AdapterExists, AdapterInUse, AdapterNotFound, CapacityError, ConfigError,
+                     InvalidAdapter, InvalidRequest, RequestError, RequestTooLong, SloraError)
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "AdapterError", "RequestError"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestHandle", "SloraError", "ConfigError", "AdapterError",
+           "AdapterNotFound", "AdapterExists", "AdapterInUse", "InvalidAdapter", "RequestError", "InvalidRequest",
+           "RequestTooLong", "CapacityError"]
 __version__ = "0.1.0"

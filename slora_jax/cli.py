@@ -1,17 +1,27 @@
-"""`slora-jax serve | generate | bench`."""
+"""The library's commands, `generate` and `bench`, and the parser that front ends extend.
+
+The `slora-jax` console script is `server.launch:main`, which adds `serve` to this parser through
+`main(argv, commands=...)`: slora_jax never imports the server (docs/ARCHITECTURE.md). Errors print
+one line and exit 1 (2 for usage errors, as argparse does); no traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import sys
+from typing import Callable, Optional
 
 import numpy as np
+
+from .errors import AdapterNotFound, ConfigError, SloraError
 
 DEMO_ADAPTERS = {"demo-poet": 4, "demo-coder": 8, "demo-pirate": 16}
 ENGINE_FLAGS = ("num_pages", "max_running", "max_batch_tokens", "max_model_len", "page_rows")  # ints
 ENGINE_FLOAT_FLAGS = ("mem_fraction", "early_abort_s")
+
+# name -> (help, add its arguments to a subparser, run it with the parsed args and return the exit status)
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 
 def add_demo_adapters(llm, seed: int = 0) -> list:
@@ -32,8 +42,8 @@ def _adapter_args(values) -> dict:
     out = {}
     for v in values or []:
         name, sep, path = v.partition("=")
-        if not sep:
-            raise SystemExit(f"--adapter expects NAME=PATH, got {v!r}")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter expects NAME=PATH, got {v!r}")
         out[name] = path
     return out
 
@@ -48,12 +58,21 @@ def _engine_kw(args) -> dict:
     return kw
 
 
-def _make_llm(args):
+def make_llm(args):
+    """The `LLM` the common flags describe, with its --adapter dirs (the tiny default gets demo adapters)."""
     from .api import LLM
 
+    template = None
+    if getattr(args, "chat_template", None):
+        try:
+            with open(args.chat_template, encoding="utf-8") as f:
+                template = f.read()
+        except OSError as e:
+            raise ConfigError(f"--chat-template: cannot read {args.chat_template!r} ({e.strerror})") from None
+    adapters = _adapter_args(args.adapter)
     llm = LLM(args.model or "tiny", tp=args.tp, max_rank=args.max_rank, dtype=args.dtype, kernels=args.kernels,
-              **_engine_kw(args))
-    for name, path in _adapter_args(args.adapter).items():
+              chat_template=template, **_engine_kw(args))
+    for name, path in adapters.items():
         llm.load_adapter(name, path)
     if not args.model and not args.adapter:
         add_demo_adapters(llm)
@@ -65,10 +84,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="PEFT LoRA dir to register (repeatable)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--max-rank", type=int, default=None)
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float32", "float16"],
+                   help="default auto: float32 on CPU, bfloat16 on GPU/TPU")
     p.add_argument("--kernels", default=None, choices=["auto", "pallas", "xla"])
     for key in ENGINE_FLAGS:
-        p.add_argument("--" + key.replace("_", "-"), type=int, default=None)
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=None,
+                       help="default: the model's max_position_embeddings" if key == "max_model_len" else None)
     p.add_argument("--mem-fraction", type=float, default=None,
                    help="share of the device memory left after the weights that the pool takes")
     p.add_argument("--early-abort-s", type=float, default=None,
@@ -77,50 +98,75 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="read each step's tokens before building the next (default: one step behind)")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="slora-jax", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    _common(s)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=os.environ.get("SLORA_API_KEY"))
-    s.add_argument("--adapter-dir", help="directory under which POST /v1/adapters may load adapters")
-    g = sub.add_parser("generate", help="generate from prompts on the command line")
+def _generate_args(g: argparse.ArgumentParser) -> None:
     _common(g)
     g.add_argument("--prompt", action="append", required=True)
     g.add_argument("--use", help="adapter name to use (default: base model)")
     g.add_argument("--max-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
-    b = sub.add_parser("bench", help="S-LoRA workload benchmark")
+
+
+def _generate(args) -> int:
+    from .engine.request import SamplingParams
+
+    sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    llm = make_llm(args)
+    if args.use and not llm.has_adapter(args.use):
+        raise AdapterNotFound(f"--use: no adapter named {args.use!r} (registered: "
+                              f"{', '.join(a['name'] for a in llm.adapters()) or 'none'})")
+    failed = 0
+    for out in llm.generate(args.prompt, adapter=args.use, sampling=sp):
+        print(json.dumps({"prompt_tokens": len(out.prompt_token_ids), "text": out.text,
+                          "token_ids": out.token_ids, "finish_reason": out.finish_reason, "error": out.error}))
+        failed += out.finish_reason == "error"
+    if failed:
+        print(f"slora-jax: error: {failed} of {len(args.prompt)} prompt(s) failed (see \"error\")", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _bench_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--config", required=True, help="configs/bench-*.json")
     b.add_argument("--out", default="benchmarks/results")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a bench option")
+
+
+def _bench(args) -> int:
+    from .bench.run import run_from_config
+
+    overrides = {}
+    for kv in args.set:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {kv!r}")
+        overrides[key] = value
+    run_from_config(args.config, args.out, overrides)
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "generate": ("generate from prompts on the command line", _generate_args, _generate),
+    "bench": ("S-LoRA workload benchmark", _bench_args, _bench),
+}
+
+
+def main(argv=None, commands: Optional[dict[str, Command]] = None) -> int:
+    """Run one command; `commands` adds a front end's own (the server adds `serve`)."""
+    table = {**(commands or {}), **COMMANDS}
+    ap = argparse.ArgumentParser(prog="slora-jax", description="Serve many LoRA adapters over one base Llama.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, (help_text, add_args, _) in table.items():
+        add_args(sub.add_parser(name, help=help_text))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    if args.cmd == "generate":
-        from .engine.request import SamplingParams
-
-        llm = _make_llm(args)
-        sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-        for out in llm.generate(args.prompt, adapter=args.use, sampling=sp):
-            print(json.dumps({"prompt_tokens": len(out.prompt_token_ids), "text": out.text,
-                              "token_ids": out.token_ids, "finish_reason": out.finish_reason, "error": out.error}))
-        return 0
-    if args.cmd == "serve":
-        from server.app import serve
-
-        llm = _make_llm(args)
-        serve(llm, host=args.host, port=args.port, api_key=args.api_key, adapter_dir=args.adapter_dir)
-        return 0
-    if args.cmd == "bench":
-        from .bench.run import run_from_config
-
-        run_from_config(args.config, args.out, dict(kv.split("=", 1) for kv in args.set))
-        return 0
-    return 2
+    try:
+        return table[args.cmd][2](args)
+    except (SloraError, OSError, ValueError) as e:  # bad input or files: the message says it, no traceback
+        logging.getLogger("slora_jax").debug("command failed", exc_info=True)
+        print(f"slora-jax: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 llama3 rope scaling; transformers 4 `rope_scaling`/`rope_theta` and
 transformers 5 `rope_parameters` spellings) or one of our presets in
 `configs/`, which use the same keys plus an optional `"engine"` section of
-EngineConfig defaults.
+EngineConfig defaults. A model dir's `generation_config.json` adds its eos ids to
+config.json's (Llama 3 Instruct stops at `<|eot_id|>`, listed only there).
 """
 from __future__ import annotations
 
@@ -15,14 +16,12 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .errors import ConfigError
+
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 # The linear layers LoRA may target, in the order adapter rows are laid out in the pool.
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class ConfigError(ValueError):
-    """A configuration file or value that we cannot serve."""
 
 
 @dataclass(frozen=True)
@@ -161,16 +160,16 @@ class EngineConfig:
     max_rank: int = 64
     max_running: int = 64
     max_batch_tokens: int = 2048
-    max_model_len: int = 2048
+    max_model_len: Optional[int] = None  # None: the model's max_position_embeddings, capped by the pool (LLM)
     early_abort_s: Optional[float] = None  # drop waiting requests older than this (S-LoRA's early abort)
     # entries of the LoRA kernels' adapter tables: the most adapters resident at once (None: what the pool
     # could hold, capped; memory/cache.py default_capacity). Fixed at start-up so churn never recompiles.
     max_resident_adapters: Optional[int] = None
     kernels: str = "auto"  # auto | pallas | xla
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # auto: float32 on CPU (exact against HF), bfloat16 on accelerators (LLM resolves it)
     seed: int = 0
     tp: int = 1
-    # dispatch step N+1 before reading step N's tokens (DESIGN.md section 2); False: read each step's
+    # dispatch step N+1 before reading step N's tokens (docs/ARCHITECTURE.md, the host loop); False: read each step's
     # tokens before scheduling the next (simpler to reason about, the device idles while the host works)
     async_steps: bool = True
 
@@ -200,4 +199,24 @@ def load_model_config(path_or_name: str) -> tuple[ModelConfig, dict]:
     with open(cfg_file) as f:
         d = json.load(f)
     name = os.path.basename(os.path.normpath(path)).removesuffix(".json")
-    return ModelConfig.from_hf_dict(d, name=d.get("name", name)), dict(d.get("engine", {}))
+    cfg = ModelConfig.from_hf_dict(d, name=d.get("name", name))
+    extra = _generation_eos_ids(path) if os.path.isdir(path) else ()
+    if extra:
+        cfg = dataclasses.replace(cfg, eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + extra)))
+    return cfg, dict(d.get("engine", {}))
+
+
+def _generation_eos_ids(model_dir: str) -> tuple:
+    """The eos ids of a model dir's generation_config.json (an int or a list), () without one."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.exists(path):
+        return ()
+    try:
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise ConfigError(f"{path}: cannot read it ({e})") from None
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ConfigError(f"{path}: eos_token_id must be an int or a list of ints, got {eos!r}")
+    return tuple(ids)

@@ -22,8 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import save_file
 from starlette.testclient import TestClient
 
-from server import protocol
-from server.app import create_app, render_chat, serve
+import slora_jax
+from server import create_app, protocol, serve
 from slora_jax import LLM
 from slora_jax.cli import DEMO_ADAPTERS, add_demo_adapters
 from slora_jax.tokenizer import ByteTokenizer
@@ -42,7 +42,7 @@ def served(tmp_path_factory):
     llm = LLM("tiny", dtype="float32", kernels="xla", num_pages=96, page_rows=32, max_model_len=MAX_MODEL_LEN,
               max_batch_tokens=128, max_running=8)
     add_demo_adapters(llm)
-    llm.engine.warmup()  # what `serve` does: every step shape compiled before the first request
+    llm.warmup()  # what `serve` does: every step shape compiled before the first request
     app = create_app(llm, api_key=API_KEY, adapter_dir=str(adapter_dir))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -58,7 +58,7 @@ def served(tmp_path_factory):
     yield types.SimpleNamespace(llm=llm, base=base, url=base + "/v1", adapter_dir=adapter_dir, outside=outside)
     server.should_exit = True
     thread.join(30)
-    assert llm.engine._thread is None, "shutdown did not stop the engine thread"
+    assert not llm.is_running, "shutdown did not stop the engine thread"
 
 
 @pytest.fixture(scope="module")
@@ -327,6 +327,82 @@ def test_adapter_paths_outside_the_adapter_dir_get_403(served, http):
     assert_error(no_dir.post("/v1/adapters", json={"name": "x", "path": "x"}), 403)
 
 
+def test_vllm_adapter_routes(served, client, http):
+    write_peft(served.adapter_dir / "v-lora", served.llm.model_cfg, r=8)
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "v-lora", "lora_path": "v-lora"})
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'v-lora' added successfully."
+    assert client.completions.create(model="v-lora", prompt="Hi", max_tokens=3, temperature=0).choices
+    assert_error(http.post("/v1/load_lora_adapter", json={"lora_name": "v-lora", "lora_path": "v-lora"}), 409,
+                 "adapter_exists")
+    assert_error(http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "../x"}), 403)
+    r = http.post("/v1/unload_lora_adapter", json={"lora_name": "v-lora"})
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'v-lora' removed successfully."
+    assert_error(http.post("/v1/unload_lora_adapter", json={"lora_name": "v-lora"}), 404, "model_not_found")
+    with pytest.raises(openai.NotFoundError):  # unloaded by a route: not loaded on first use again
+        client.completions.create(model="v-lora", prompt="Hi", max_tokens=3)
+
+
+def test_adapters_in_the_adapter_dir_load_on_first_use(served, client, http):
+    write_peft(served.adapter_dir / "lazy-one", served.llm.model_cfg, r=4, seed=3)
+    assert "lazy-one" not in {a["name"] for a in served.llm.adapters()}
+    r = client.chat.completions.create(model="lazy-one", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert r.model == "lazy-one" and r.choices[0].finish_reason in ("stop", "length")
+    models = http.get("/v1/models")
+    assert "lazy-one" in {m["id"] for m in models.json()["data"]}
+    assert str(served.adapter_dir) not in models.text and str(served.outside) not in models.text  # no server paths
+    os.makedirs(served.adapter_dir / "not-an-adapter")
+    for name in ("not-an-adapter", "link-out", "half-link", "..", "../outside"):  # none servable, nothing leaks
+        err = assert_error(http.post("/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 2}), 404,
+                           "model_not_found")
+        assert str(served.adapter_dir) not in err["message"]
+    assert http.delete("/v1/adapters/lazy-one").status_code == 200
+    wait_idle(served.llm)
+
+
+def test_tokenize_detokenize_version(served, http):
+    tok = served.llm.tokenizer
+    r = http.post("/tokenize", json={"prompt": "héllo"}).json()
+    assert r["tokens"] == tok.encode("héllo") and r["count"] == len(r["tokens"]) and r["max_model_len"] == MAX_MODEL_LEN
+    assert http.post("/tokenize", json={"prompt": "héllo", "add_special_tokens": False}).json()["tokens"] == \
+        tok.encode("héllo", add_bos=False)
+    chat = http.post("/tokenize", json={"model": "demo-coder", "messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["tokens"] == tok.encode("<|user|>\nhi\n<|assistant|>\n")
+    assert http.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": "héllo"}
+    assert_error(http.post("/detokenize", json={"tokens": [10 ** 6]}), 400)
+    assert_error(http.post("/tokenize", json={"model": "nope", "prompt": "x"}), 404, "model_not_found")
+    assert_error(http.post("/tokenize", json={}), 400)
+    assert http.get("/version").json() == {"version": slora_jax.__version__}
+
+
+@pytest.mark.parametrize("path,field,value", [
+    ("/v1/completions", "presence_penalty", 0.5), ("/v1/completions", "frequency_penalty", -1.0),
+    ("/v1/completions", "best_of", 2), ("/v1/completions", "logprobs", 1), ("/v1/completions", "suffix", "end"),
+    ("/v1/completions", "logit_bias", {"5": 1.0}), ("/v1/chat/completions", "tools", [{"type": "function"}]),
+    ("/v1/chat/completions", "logprobs", True), ("/v1/chat/completions", "tool_choice", "required"),
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+    ("/v1/chat/completions", "repetition_penalty", 1.2),
+])
+def test_unsupported_fields_are_named(http, path, field, value):
+    body = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    err = assert_error(http.post(path, json={**body, field: value, "max_tokens": 2}), 400)
+    assert err["message"].startswith(f"`{field}` is not supported") and err["param"] == field
+    defaults = {"presence_penalty": 0, "frequency_penalty": 0.0, "best_of": 1, "logprobs": None, "suffix": "",
+                "logit_bias": {}, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+                "repetition_penalty": 1.0}
+    assert http.post(path, json={**body, field: defaults[field], "max_tokens": 2}).status_code == 200
+
+
+def test_a_body_is_json_whatever_its_content_type(served):
+    body = json.dumps({"model": "base", "prompt": "hi", "max_tokens": 2}).encode()
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    for content_type in (None, "application/x-www-form-urlencoded", "text/plain"):
+        headers = auth if content_type is None else {**auth, "Content-Type": content_type}
+        with httpx.Client(timeout=120) as c:  # raw bytes: httpx sets no Content-Type of its own
+            r = c.post(served.base + "/v1/completions", content=body, headers=headers)
+            assert content_type is not None or "content-type" not in r.request.headers
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length"), r.text
+
+
 # -- load, disconnects, failures -----------------------------------------------------------------------------
 def test_64_concurrent_streaming_clients_all_complete(served):
     models = ["base", *DEMO_ADAPTERS]
@@ -450,7 +526,8 @@ def test_metrics_in_prometheus_format(served, http):
 def test_chat_template_from_the_tokenizer_is_used(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from server.app import ApiError
+    from server.errors import ApiError
+    from slora_jax import InvalidRequest
     from slora_jax.tokenizer import HFTokenizer
 
     vocab = {"<s>": 0, "</s>": 1, "[INST]": 2, "[/INST]": 3, "hi": 4, "there": 5, "[UNK]": 6}
@@ -464,16 +541,17 @@ def test_chat_template_from_the_tokenizer_is_used(tmp_path):
     tok = HFTokenizer(str(tmp_path), bos_id=0, eos_ids=(1,))
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "there"},
             {"role": "user", "content": "hi there"}]
-    assert render_chat(tok, msgs) == [0, 2, 4, 3, 5, 1, 2, 4, 5, 3]  # special tokens as tokens, one BOS
+    assert tok.apply_chat_template(msgs) == [0, 2, 4, 3, 5, 1, 2, 4, 5, 3]  # special tokens as tokens, one BOS
 
-    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
-    with pytest.raises(ApiError) as e:
-        render_chat(tok, msgs)
-    assert e.value.status == 400 and "roles must alternate" in e.value.message
+    tok = HFTokenizer(str(tmp_path), bos_id=0, eos_ids=(1,), chat_template="{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(InvalidRequest) as e:
+        tok.apply_chat_template(msgs)
+    err = ApiError.of(e.value)  # what the server answers
+    assert err.status == 400 and "roles must alternate" in err.message
 
     byte = ByteTokenizer(bos_id=256, eos_ids=(257,))
     assert byte.chat_template is None  # the tiny model: the plain, documented template
-    assert render_chat(byte, msgs[:1]) == byte.encode("<|user|>\nhi\n<|assistant|>\n")
+    assert byte.apply_chat_template(msgs[:1]) == byte.encode("<|user|>\nhi\n<|assistant|>\n")
 
 
 def test_serve_prints_where_it_listens(served, monkeypatch, capsys):
@@ -482,6 +560,9 @@ def test_serve_prints_where_it_listens(served, monkeypatch, capsys):
     serve(served.llm, host="127.0.0.1", port=8123, api_key="k", adapter_dir=None, warmup=False)
     assert calls and calls[0]["port"] == 8123
     assert "http://127.0.0.1:8123/v1" in capsys.readouterr().out
+    serve(served.llm, port=8124, served_model_name="my-model", warmup=True)  # compiled already: quick
+    out = capsys.readouterr()
+    assert "'my-model'" in out.out and "compiling step programs" in out.err  # a progress bar while compiling
 
 
 # -- schema fuzzing ---------------------------------------------------------------------------------------------------

@@ -14,10 +14,7 @@ import dataclasses
 import numpy as np
 
 from ..config import LORA_MODULES, ModelConfig
-
-
-class AdapterError(ValueError):
-    """An adapter we refuse to load; the message says exactly why."""
+from ..errors import AdapterError, InvalidAdapter  # noqa: F401  (AdapterError: the base, for the store)
 
 
 @dataclasses.dataclass
@@ -36,23 +33,23 @@ class LoraWeights:
 
     def validate(self, cfg: ModelConfig, max_rank: int) -> None:
         if not self.modules:
-            raise AdapterError(f"adapter {self.name!r} targets no module")
+            raise InvalidAdapter(f"adapter {self.name!r} targets no module")
         for m, (a, b) in self.modules.items():
             if m not in LORA_MODULES:
-                raise AdapterError(f"adapter {self.name!r}: module {m!r} is not supported (supported: "
+                raise InvalidAdapter(f"adapter {self.name!r}: module {m!r} is not supported (supported: "
                                    f"{', '.join(LORA_MODULES)})")
             d_in, d_out = cfg.module_shape(m)
             r = a.shape[2]
             if a.shape != (cfg.num_layers, d_in, r) or b.shape != (cfg.num_layers, r, d_out):
-                raise AdapterError(
+                raise InvalidAdapter(
                     f"adapter {self.name!r}: {m} has A {a.shape[1:]} and B {b.shape[1:]}, but the base model "
                     f"needs A [{d_in}, r] and B [r, {d_out}]")
             if r < 1:
-                raise AdapterError(f"adapter {self.name!r}: {m} has rank 0")
+                raise InvalidAdapter(f"adapter {self.name!r}: {m} has rank 0")
             if r > max_rank:
-                raise AdapterError(f"adapter {self.name!r}: {m} has rank {r}, above max_rank={max_rank}")
+                raise InvalidAdapter(f"adapter {self.name!r}: {m} has rank {r}, above max_rank={max_rank}")
             if not (np.isfinite(a).all() and np.isfinite(b).all()):
-                raise AdapterError(f"adapter {self.name!r}: {m} has NaN or inf weights")
+                raise InvalidAdapter(f"adapter {self.name!r}: {m} has NaN or inf weights")
 
 
 def from_pytree(name: str, params: dict, cfg: ModelConfig, alpha: float | None = None) -> LoraWeights:
@@ -64,14 +61,14 @@ def from_pytree(name: str, params: dict, cfg: ModelConfig, alpha: float | None =
             layer = int(layer_s)
             a, b = pair
         except (ValueError, TypeError):
-            raise AdapterError(f"adapter {name!r}: key {key!r} must be '<layer>.<module>' mapping to (A, B)") from None
+            raise InvalidAdapter(f"adapter {name!r}: key {key!r} must be '<layer>.<module>' mapping to (A, B)") from None
         if module not in LORA_MODULES:
-            raise AdapterError(f"adapter {name!r}: module {module!r} is not supported")
+            raise InvalidAdapter(f"adapter {name!r}: module {module!r} is not supported")
         if not 0 <= layer < cfg.num_layers:
-            raise AdapterError(f"adapter {name!r}: layer {layer} out of range 0..{cfg.num_layers - 1}")
+            raise InvalidAdapter(f"adapter {name!r}: layer {layer} out of range 0..{cfg.num_layers - 1}")
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-            raise AdapterError(f"adapter {name!r}: {key} needs A [in, r] and B [r, out], got {a.shape} and {b.shape}")
+            raise InvalidAdapter(f"adapter {name!r}: {key} needs A [in, r] and B [r, out], got {a.shape} and {b.shape}")
         scale = (alpha if alpha is not None else a.shape[1]) / a.shape[1]
         per_module.setdefault(module, {})[layer] = (a, b * scale)
     return LoraWeights(name, stack_layers(name, per_module, cfg), "pytree")
@@ -87,7 +84,7 @@ def stack_layers(name: str, per_module: dict, cfg: ModelConfig) -> dict:
         big_b = np.zeros((cfg.num_layers, r, d_out), np.float32)
         for layer, (a, b) in layers.items():
             if a.shape[0] != d_in or b.shape[1] != d_out:
-                raise AdapterError(
+                raise InvalidAdapter(
                     f"adapter {name!r}: layer {layer} {module} has A {a.shape} and B {b.shape}, but the base "
                     f"model needs A [{d_in}, r] and B [r, {d_out}]")
             big_a[layer, :, : a.shape[1]] = a

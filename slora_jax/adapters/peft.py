@@ -18,7 +18,8 @@ import re
 import numpy as np
 
 from ..config import LORA_MODULES, ModelConfig
-from .lora import AdapterError, LoraWeights, stack_layers
+from ..errors import InvalidAdapter
+from .lora import LoraWeights, stack_layers
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 
@@ -34,27 +35,27 @@ def _pattern_value(patterns: dict, module_name: str, default):
 def read_config(adapter_dir: str) -> dict:
     path = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.isdir(adapter_dir):
-        raise AdapterError(f"adapter path {adapter_dir!r} is not a directory")
+        raise InvalidAdapter(f"adapter path {adapter_dir!r} is not a directory")
     if not os.path.exists(path):
-        raise AdapterError(f"{adapter_dir!r} has no adapter_config.json")
+        raise InvalidAdapter(f"{adapter_dir!r} has no adapter_config.json")
     try:
         with open(path) as f:
             cfg = json.load(f)
     except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}: invalid JSON ({e})") from None
+        raise InvalidAdapter(f"{path}: invalid JSON ({e})") from None
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
-        raise AdapterError(f"{adapter_dir!r}: peft_type {peft_type} is not supported (only LORA)")
+        raise InvalidAdapter(f"{adapter_dir!r}: peft_type {peft_type} is not supported (only LORA)")
     if cfg.get("use_dora"):
-        raise AdapterError(f"{adapter_dir!r}: DoRA adapters (use_dora=true) are not supported")
+        raise InvalidAdapter(f"{adapter_dir!r}: DoRA adapters (use_dora=true) are not supported")
     if cfg.get("lora_bias"):
-        raise AdapterError(f"{adapter_dir!r}: LoRA biases (lora_bias=true) are not supported")
+        raise InvalidAdapter(f"{adapter_dir!r}: LoRA biases (lora_bias=true) are not supported")
     if cfg.get("modules_to_save"):
-        raise AdapterError(f"{adapter_dir!r}: modules_to_save={cfg['modules_to_save']} is not supported "
+        raise InvalidAdapter(f"{adapter_dir!r}: modules_to_save={cfg['modules_to_save']} is not supported "
                            "(the adapter would replace base weights)")
     for key in ("target_parameters", "trainable_token_indices"):
         if cfg.get(key):
-            raise AdapterError(f"{adapter_dir!r}: {key}={cfg[key]} is not supported")
+            raise InvalidAdapter(f"{adapter_dir!r}: {key}={cfg[key]} is not supported")
     return cfg
 
 
@@ -65,7 +66,7 @@ def _targets(cfg: dict) -> list[str]:
     names = list(tm or [])
     bad = [n for n in names if n.split(".")[-1] not in LORA_MODULES]
     if bad:
-        raise AdapterError(f"target_modules {bad} are not supported (supported: {', '.join(LORA_MODULES)})")
+        raise InvalidAdapter(f"target_modules {bad} are not supported (supported: {', '.join(LORA_MODULES)})")
     return [n.split(".")[-1] for n in names]
 
 
@@ -77,9 +78,9 @@ def load_peft_adapter(name: str, adapter_dir: str, cfg: ModelConfig, max_rank: i
     if not os.path.exists(weights):
         pickled = [f for f in os.listdir(adapter_dir) if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
         if pickled:
-            raise AdapterError(f"{adapter_dir!r} holds only pickle weights ({pickled[0]}); "
+            raise InvalidAdapter(f"{adapter_dir!r} holds only pickle weights ({pickled[0]}); "
                                "refusing to unpickle: save the adapter with safe_serialization=True")
-        raise AdapterError(f"{adapter_dir!r} has no adapter_model.safetensors")
+        raise InvalidAdapter(f"{adapter_dir!r} has no adapter_model.safetensors")
     targets = set(_targets(pcfg))
     r_default = int(pcfg.get("r", 8))
     alpha_default = float(pcfg.get("lora_alpha", r_default))
@@ -93,42 +94,42 @@ def load_peft_adapter(name: str, adapter_dir: str, cfg: ModelConfig, max_rank: i
             for key in f.keys():
                 m = _KEY.match(key)
                 if not m:
-                    raise AdapterError(f"{adapter_dir!r}: tensor {key!r} is not a LoRA A/B weight of a Llama "
+                    raise InvalidAdapter(f"{adapter_dir!r}: tensor {key!r} is not a LoRA A/B weight of a Llama "
                                        f"projection (supported modules: {', '.join(LORA_MODULES)})")
                 layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
                 if module not in LORA_MODULES:
-                    raise AdapterError(f"{adapter_dir!r}: module {module!r} is not supported "
+                    raise InvalidAdapter(f"{adapter_dir!r}: module {module!r} is not supported "
                                        f"(supported: {', '.join(LORA_MODULES)})")
                 if layer >= cfg.num_layers:
-                    raise AdapterError(f"{adapter_dir!r}: layer {layer} does not exist in a "
+                    raise InvalidAdapter(f"{adapter_dir!r}: layer {layer} does not exist in a "
                                        f"{cfg.num_layers}-layer base model")
                 tensors[(layer, module, ab)] = f.get_tensor(key).astype(np.float32)
     except SafetensorError as e:
-        raise AdapterError(f"{weights}: not a valid safetensors file ({e})") from None
+        raise InvalidAdapter(f"{weights}: not a valid safetensors file ({e})") from None
     if not tensors:
-        raise AdapterError(f"{adapter_dir!r}: adapter_model.safetensors holds no LoRA weights")
+        raise InvalidAdapter(f"{adapter_dir!r}: adapter_model.safetensors holds no LoRA weights")
 
     per_module: dict = {}
     for (layer, module, ab), arr in tensors.items():
         if ab == "B":
             continue
         if (layer, module, "B") not in tensors:
-            raise AdapterError(f"{adapter_dir!r}: layer {layer} {module} has lora_A but no lora_B")
+            raise InvalidAdapter(f"{adapter_dir!r}: layer {layer} {module} has lora_A but no lora_B")
         if targets and module not in targets:
-            raise AdapterError(f"{adapter_dir!r}: weights for {module} but target_modules is {sorted(targets)}")
+            raise InvalidAdapter(f"{adapter_dir!r}: weights for {module} but target_modules is {sorted(targets)}")
         a_t, b_t = arr, tensors[(layer, module, "B")]  # PEFT: A [r, in], B [out, r]
         full = f"model.layers.{layer}.{'self_attn' if module.endswith(('q_proj','k_proj','v_proj','o_proj')) else 'mlp'}.{module}"
         r = int(_pattern_value(rank_pattern, full, r_default))
         alpha = float(_pattern_value(alpha_pattern, full, alpha_default))
         d_in, d_out = cfg.module_shape(module)
         if a_t.ndim != 2 or b_t.ndim != 2 or a_t.shape != (r, d_in) or b_t.shape != (d_out, r):
-            raise AdapterError(
+            raise InvalidAdapter(
                 f"{adapter_dir!r}: layer {layer} {module} has lora_A {tuple(a_t.shape)} and lora_B "
                 f"{tuple(b_t.shape)}; the base model and r={r} need lora_A ({r}, {d_in}) and lora_B ({d_out}, {r})")
         if r > max_rank:
-            raise AdapterError(f"{adapter_dir!r}: layer {layer} {module} has rank {r}, above max_rank={max_rank}")
+            raise InvalidAdapter(f"{adapter_dir!r}: layer {layer} {module} has rank {r}, above max_rank={max_rank}")
         if not (np.isfinite(a_t).all() and np.isfinite(b_t).all()):
-            raise AdapterError(f"{adapter_dir!r}: layer {layer} {module} has NaN or inf weights")
+            raise InvalidAdapter(f"{adapter_dir!r}: layer {layer} {module} has NaN or inf weights")
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         per_module.setdefault(module, {})[layer] = (a_t.T, b_t.T * scale)
     lw = LoraWeights(name, stack_layers(name, per_module, cfg), source=adapter_dir)

@@ -24,7 +24,6 @@ import collections
 import dataclasses
 import itertools
 import logging
-import math
 import random
 import threading
 import time
@@ -36,9 +35,10 @@ import numpy as np
 from pallas_kernels import kernel_set
 
 from .. import parallel
-from ..adapters.lora import AdapterError, LoraWeights
+from ..adapters.lora import LoraWeights
 from ..adapters.store import AdapterStore
 from ..config import EngineConfig, ModelConfig
+from ..errors import AdapterExists, AdapterInUse, AdapterNotFound, CapacityError, RequestTooLong
 from ..memory import layout
 from ..memory.cache import AdapterCache, default_capacity
 from ..memory.pages import PageTable
@@ -46,7 +46,7 @@ from ..memory.pool import DevicePool, choose_num_pages
 from ..model.weights import dtype_of
 from ..tokenizer import IncrementalDecoder
 from .batch import BatchBuilder, max_batch_rows
-from .request import Request, RequestError, SamplingParams
+from .request import Request, RequestError, RequestLimits, SamplingParams, check_request
 from .runner import ModelRunner
 from .scheduler import LOOKAHEAD, ScheduledStep, Scheduler
 
@@ -121,23 +121,24 @@ class Engine:
         self.on_step: list = []  # callables(finished requests) for metrics
 
     # -- requests ----------------------------------------------------------------------
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(self.ecfg.max_model_len, self.cfg.vocab_size)
+
     def add_request(self, prompt_ids: list, adapter: Optional[str], sampling: SamplingParams,
-                    request_id: Optional[str] = None, listener: Optional[Callable] = None) -> Request:
-        if not prompt_ids:
-            raise RequestError("the prompt is empty")
-        if len(prompt_ids) >= self.ecfg.max_model_len:
-            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; max_model_len is {self.ecfg.max_model_len} "
-                               "(prompt plus at least one generated token)")
-        bad = [t for t in prompt_ids if not 0 <= int(t) < self.cfg.vocab_size]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary (size {self.cfg.vocab_size})")
+                    request_id: Optional[str] = None, listener: Optional[Callable] = None,
+                    clamp_length: bool = True) -> Request:
+        """Queue a request; raises InvalidRequest, RequestTooLong (request.check_request) or AdapterNotFound
+        before anything changes. `clamp_length`: a request whose prompt plus max_tokens runs past
+        max_model_len stops there (True) or is refused (False, as the public API does)."""
+        check_request(prompt_ids, sampling, self.limits, clamp_length)
         if adapter is not None and adapter not in self.store:
-            raise AdapterError(f"adapter {adapter!r} is not registered")
+            raise AdapterNotFound(f"adapter {adapter!r} is not registered", "model")
         n = next(self._ids)
         seed = sampling.seed if sampling.seed is not None else self._seeds.getrandbits(32)
         req = Request(request_id or f"req-{n}", n, prompt_ids, adapter, sampling, seed)
         req.token_limit = min(req.token_limit, self.ecfg.max_model_len)
-        req.decoder = IncrementalDecoder(self.tokenizer)
+        req.decoder = IncrementalDecoder(self.tokenizer, req.prompt_ids)
         if listener is not None:
             req.listeners.append(listener)
         self.requests[req.id] = req  # visible to abort() and remove_adapter() at once
@@ -159,6 +160,12 @@ class Engine:
             if req is not None and not req.finished:
                 self._finish(req, "abort")
 
+    def abort_all(self) -> None:
+        """Abort every unfinished request (waiting or running); their pages are freed."""
+        with self._lock:
+            for rid in list(self.requests):
+                self.abort(rid)
+
     def has_work(self) -> bool:
         return bool(self._inbox) or self.scheduler.has_work() or self._inflight is not None
 
@@ -167,12 +174,15 @@ class Engine:
         need = self.layout.adapter_pages(layout.num_rows(self.cfg, lw.ranks))
         seq_pages = self.layout.pages_per_seq
         if need + seq_pages > self.layout.num_pages:
-            raise AdapterError(
+            raise CapacityError(
                 f"adapter {lw.name!r} needs {need} pool pages but the pool has {self.layout.num_pages}, of which "
                 f"{seq_pages} must stay available for one max_model_len sequence: use a larger pool "
                 "(num_pages / mem_fraction) or a smaller rank")
         with self._lock:
-            if replace and lw.name in self.store:
+            if lw.name in self.store:
+                if not replace:
+                    raise AdapterExists(f"adapter {lw.name!r} is already registered (replace=True replaces it)",
+                                        "name")
                 self.remove_adapter(lw.name)
             return self.store.add(lw)
 
@@ -182,9 +192,12 @@ class Engine:
 
     def remove_adapter(self, name: str) -> None:
         with self._lock:
+            if name not in self.store:
+                raise AdapterNotFound(f"adapter {name!r} is not registered", "name")
             users = [r.id for r in list(self.requests.values()) if r.adapter == name and not r.finished]
             if users:
-                raise AdapterError(f"adapter {name!r} is in use by {len(users)} request(s); retry when they finish")
+                raise AdapterInUse(f"adapter {name!r} is in use by {len(users)} request(s); retry when they finish",
+                                   "name")
             self.store.get(name)
             self.cache.forget(name)
             self.store.remove(name)
@@ -261,6 +274,8 @@ class Engine:
             reason = "stop"
         elif len(r.output_ids) >= sp.max_tokens or len(r.all_ids) >= self.ecfg.max_model_len:
             reason = "length"
+        if reason:
+            delta += r.decoder.flush()  # a character left incomplete at the end: as U+FFFD, as decode() shows it
         if sp.stop:
             delta, hit = _split_at_stop(r.held + delta, sp.stop)
             r.held = "" if hit or reason else delta[len(delta) - _stop_prefix_len(delta, sp.stop):]
@@ -284,16 +299,27 @@ class Engine:
             cb(r, delta)
         return r
 
-    def warmup(self, lora: bool = True, workers: Optional[int] = None) -> int:
+    def warmup(self, lora: bool = True, workers: Optional[int] = None,
+               progress: Optional[Callable[[int, int], None]] = None) -> int:
         """Compile every bucket shape now (in parallel threads), so serving never stops to compile.
 
-        Returns the number of programs compiled."""
+        `progress(done, total)` is called as each program is lowered and handed to a compile thread,
+        and once more when all have compiled. Returns the number of programs compiled."""
         with self._lock:
             shapes = [(True, b) for b in self.builder.decode_sizes()] + \
                      [(False, t) for t in self.builder.prefill_sizes()]
             examples = [self.builder.dummy(decode, size, with_lora) for decode, size in shapes
                         for with_lora in ((False, True) if lora else (False,))]
-            return self.runner.precompile(self.pool.array, examples, workers)
+
+            def reported():
+                for i, example in enumerate(examples):
+                    progress(i, len(examples))
+                    yield example
+
+            n = self.runner.precompile(self.pool.array, examples if progress is None else reported(), workers)
+            if progress is not None:
+                progress(len(examples), len(examples))
+            return n
 
     # -- loops ---------------------------------------------------------------------------
     def run_until_done(self, reqs: list) -> None:
@@ -302,6 +328,12 @@ class Engine:
                 break
         if not self.scheduler.has_work():  # nothing left to overlap with: read the last step, leave the engine idle
             self.step()
+
+    @property
+    def running(self) -> bool:
+        """Whether the background loop (`start()`) is serving."""
+        t = self._thread
+        return t is not None and t.is_alive()
 
     def start(self) -> None:
         """Serve from a background thread (the HTTP server's mode)."""
@@ -339,12 +371,13 @@ class Engine:
         """[len, vocab] float32 logits of every position, through the serving path (pool, pages, kernels)."""
         with self._lock:
             if len(token_ids) > self.ecfg.max_model_len:
-                raise RequestError(f"{len(token_ids)} tokens exceed max_model_len={self.ecfg.max_model_len}")
+                raise RequestTooLong(f"{len(token_ids)} tokens exceed max_model_len={self.ecfg.max_model_len}",
+                                     "token_ids")
             req = Request("logits", next(self._ids), token_ids, adapter, SamplingParams(), 0)
             if adapter is not None:
                 self.store.get(adapter)
             if not self.scheduler.admit_now(req):
-                raise RequestError("the pool cannot hold this sequence now: retry when running requests finish")
+                raise CapacityError("the pool cannot hold this sequence now: retry when running requests finish")
             try:
                 inp, _, _ = self.builder.build(ScheduledStep([req], [len(token_ids)], [], []))
                 inp.logit_rows = np.arange(len(inp.tokens), dtype=np.int32)

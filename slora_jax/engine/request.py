@@ -1,14 +1,16 @@
-"""Per-request state: one object holds everything about a request (nano-vllm's Sequence)."""
+"""Per-request state: one object holds everything about a request (nano-vllm's Sequence), and the one
+check of what a request asks for (`SamplingParams` checks its own ranges; `check_request` the prompt
+against the model's limits). The engine runs them on every request, and the server relies on them.
+"""
 from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
-
-class RequestError(ValueError):
-    """A request we cannot serve as asked (prompt too long, bad sampling values, ...)."""
+from ..errors import InvalidRequest, RequestError, RequestTooLong  # noqa: F401  (RequestError: their base)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,13 +30,44 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         if self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not self.temperature >= 0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens")
+        if not 0 <= self.temperature < math.inf:
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k < 0:
-            raise RequestError(f"top_k must be >= 0, got {self.top_k}")
+            raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}", "top_k")
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """What a request must fit: the context length and the vocabulary."""
+
+    max_model_len: int
+    vocab_size: int
+
+
+def check_request(prompt_ids: Sequence[int], sampling: SamplingParams, limits: RequestLimits,
+                  clamp_length: bool = False) -> None:
+    """Raise `InvalidRequest` or `RequestTooLong` if the request cannot run as asked; nothing else.
+
+    The prompt must leave room for one generated token. `clamp_length=False` (the public API and
+    the server, as vLLM's server): the prompt plus `max_tokens` must fit in max_model_len too;
+    True: a request that runs into max_model_len stops there with finish_reason "length"."""
+    n, limit = len(prompt_ids), limits.max_model_len
+    if not n:
+        raise InvalidRequest("the prompt is empty", "prompt")
+    if n >= limit:
+        raise RequestTooLong(f"This model's maximum context length is {limit} tokens, and the prompt has {n} tokens "
+                             f"(max_model_len is {limit}: the prompt plus at least one generated token must fit). "
+                             "Please reduce the length of the prompt.", "prompt")
+    if min(prompt_ids) < 0 or max(prompt_ids) >= limits.vocab_size:
+        bad = next(t for t in prompt_ids if not 0 <= t < limits.vocab_size)
+        raise InvalidRequest(f"token id {bad} is outside the vocabulary (size {limits.vocab_size})", "prompt")
+    if not clamp_length and n + sampling.max_tokens > limit:
+        raise RequestTooLong(f"This model's maximum context length is {limit} tokens. However, you requested "
+                             f"{n + sampling.max_tokens} tokens ({n} in the prompt, {sampling.max_tokens} in the "
+                             "completion). Please reduce the length of the prompt or completion.", "max_tokens")
 
 
 class Status(enum.Enum):
