@@ -209,7 +209,7 @@ class LLM:
                 raise AdapterNotFound(f"adapter {name!r} is not registered", "name")
             e = eng.store.get(name)
             return {"name": e.name, "ranks": dict(e.ranks), "max_rank": e.max_rank, "source": e.source,
-                    "resident": eng.pages.is_resident(e.name)}
+                    "resident": eng.cache.is_resident(e.name)}
 
     # -- requests ---------------------------------------------------------------------
     def _ids(self, prompt: Prompt) -> list:
