@@ -17,6 +17,9 @@ donated through every step and swap-in, so each later pool update (a step
 writing K/V into a reused page, an adapter scattered over it) takes N+1's
 output pool as input and runs after N+1. Requests that stop by length are
 known in advance and never scheduled past their last token.
+The same order makes prefix blocks safe to share: a page becomes a cached block
+only once the steps writing it are dispatched, so a step of another sequence
+reading it takes their output pool, and no step writes into a block.
 """
 from __future__ import annotations
 
