@@ -199,7 +199,7 @@ class Scheduler:
             r.pages_registered = full
 
     def _reserve(self, r: Request, n: int) -> bool:
-        """KV pages for r's next n tokens (the page table evicts idle adapters for them if it must)."""
+        """KV pages for r's next n tokens (the cache evicts idle adapters or blocks for them if it must)."""
         try:
             self.pages.extend(r.id_int, r.num_computed + n)
             return True

@@ -113,7 +113,7 @@ class _Resident:
     refcount: int = 0
 
 
-ADAPTER, BLOCK_ITEM = "adapter", "block"  # kinds of items in the one LRU: (ADAPTER, name), (BLOCK_ITEM, page)
+IDLE_ADAPTER, IDLE_BLOCK = "adapter", "block"  # items of the one LRU: (IDLE_ADAPTER, name), (IDLE_BLOCK, page)
 
 
 class PoolCache:
@@ -183,7 +183,7 @@ class PoolCache:
         if e is None:
             e = self._swap_in(name)
         elif e.refcount == 0:
-            self._idle_remove((ADAPTER, name))
+            self._idle_remove((IDLE_ADAPTER, name))
         e.refcount += 1
         self._resident.move_to_end(name)
 
@@ -195,7 +195,7 @@ class PoolCache:
         e.refcount -= 1
         self._resident.move_to_end(name)
         if e.refcount == 0:
-            self._idle_add((ADAPTER, name), len(e.pages))
+            self._idle_add((IDLE_ADAPTER, name), len(e.pages))
 
     def _swap_in(self, name: str) -> _Resident:
         entry = self.store.get(name)
@@ -205,11 +205,11 @@ class PoolCache:
         for item, n in self._lru.items():
             if free >= need and entry_free:
                 break
-            if item[0] == BLOCK_ITEM and free >= need:
+            if item[0] == IDLE_BLOCK and free >= need:
                 continue  # only an adapter's eviction frees a table entry
             evict.append(item)
             free += n
-            entry_free = entry_free or item[0] == ADAPTER
+            entry_free = entry_free or item[0] == IDLE_ADAPTER
         if free < need:
             raise OutOfPages(need, self.pages.free_count, self.evictable_pages(), what)
         if not entry_free:
@@ -240,13 +240,13 @@ class PoolCache:
         self._evict_items(victims)
 
     def _evict_items(self, items: list) -> None:
-        blocks = [page for kind, page in items if kind == BLOCK_ITEM]
+        blocks = [page for kind, page in items if kind == IDLE_BLOCK]
         for kind, name in items:
-            if kind == ADAPTER:
+            if kind == IDLE_ADAPTER:
                 self._evict(name)
         if blocks:
             for page in blocks:
-                self._idle_remove((BLOCK_ITEM, page))
+                self._idle_remove((IDLE_BLOCK, page))
                 del self._blocks[self._key_of.pop(page)]
             self.pages.drop_blocks(np.array(blocks, np.int32))
 
@@ -259,7 +259,7 @@ class PoolCache:
 
     def _evict(self, name: str) -> None:
         e = self._resident.pop(name)
-        self._idle_remove((ADAPTER, name))
+        self._idle_remove((IDLE_ADAPTER, name))
         self.pages.release_held(e.holder)
         self.tables.clear(e.index)
         self._free_entries.append(e.index)
@@ -318,12 +318,12 @@ class PoolCache:
     def blocks_idle(self, pages: np.ndarray) -> None:
         """The page table: these blocks' refcounts reached 0. They join the LRU as its most recent items."""
         for page in pages.tolist():
-            self._idle_add((BLOCK_ITEM, page), 1)
+            self._idle_add((IDLE_BLOCK, page), 1)
 
     def blocks_taken(self, pages: np.ndarray) -> None:
         """The page table: these idle blocks are shared by a sequence again."""
         for page in pages.tolist():
-            self._idle_remove((BLOCK_ITEM, page))
+            self._idle_remove((IDLE_BLOCK, page))
 
     def stats(self) -> dict:
         return {"adapters_resident": len(self._resident),
@@ -370,8 +370,8 @@ class PoolCache:
             fail(f"cached keys' pages {sorted(self._blocks.values())} != the page table's blocks {sorted(block_pages)}")
         if any(self._key_of.get(p) != k for k, p in self._blocks.items()) or len(self._key_of) != len(self._blocks):
             fail("page -> key is not the inverse of key -> page")
-        idle = {(ADAPTER, n): len(e.pages) for n, e in self._resident.items() if e.refcount == 0}
-        idle.update({(BLOCK_ITEM, p): 1 for p in block_pages if refs[p] == 0})
+        idle = {(IDLE_ADAPTER, n): len(e.pages) for n, e in self._resident.items() if e.refcount == 0}
+        idle.update({(IDLE_BLOCK, p): 1 for p in block_pages if refs[p] == 0})
         if dict(self._lru) != idle:
             fail(f"LRU items {sorted(self._lru, key=str)} != idle adapters and blocks {sorted(idle, key=str)}")
         if self._evictable != sum(idle.values()):
