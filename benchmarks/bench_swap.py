@@ -27,7 +27,7 @@ from benchmarks import common  # noqa: E402
 from slora_jax.adapters.store import AdapterStore, _mover, pinned_sharding, to_device  # noqa: E402
 from slora_jax.config import load_model_config  # noqa: E402
 from slora_jax.config import EngineConfig  # noqa: E402
-from slora_jax.memory.cache import AdapterCache  # noqa: E402
+from slora_jax.memory.cache import PoolCache  # noqa: E402
 from slora_jax.memory.layout import PoolLayout  # noqa: E402
 from slora_jax.memory.pages import PageTable  # noqa: E402
 from slora_jax.memory.pool import DevicePool  # noqa: E402
@@ -83,7 +83,7 @@ def main():
     lay = PoolLayout.create(cfg, EngineConfig(page_rows=page_rows, max_model_len=page_rows), need_pages)
     pool = DevicePool(lay, dtype)
     pages = PageTable(lay)
-    res = AdapterCache(lay, store, pages, pool, 64, capacity=len(ranks) * count_many)
+    res = PoolCache(lay, store, pages, pool, 64, capacity=len(ranks) * count_many)
     print(f"pool {pool.nbytes / 2**30:.1f} GiB for {need_pages} pages", flush=True)
 
     def swap(names):

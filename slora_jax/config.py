@@ -172,6 +172,8 @@ class EngineConfig:
     # dispatch step N+1 before reading step N's tokens (docs/ARCHITECTURE.md, the host loop); False: read each step's
     # tokens before scheduling the next (simpler to reason about, the device idles while the host works)
     async_steps: bool = True
+    # keep full KV pages as cached prefix blocks and reuse them for requests that start alike (memory/cache.py)
+    prefix_cache: bool = True
 
     def replace(self, **kw: Any) -> "EngineConfig":
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}

@@ -159,6 +159,9 @@ def test_sharded_outputs_equal_single_device(model_file, tp):
     if "greedy" not in _REF:
         _REF["greedy"] = [o.token_ids for o in ref.generate(prompts, adapter=adapters, sampling=sp)]
     assert [o.token_ids for o in llm.generate(prompts, adapter=adapters, sampling=sp)] == _REF["greedy"]
+    hits = llm.stats()["prefix_hit_tokens"]  # again: full pages now come from the prefix cache, sharded like the pool
+    assert [o.token_ids for o in llm.generate(prompts, adapter=adapters, sampling=sp)] == _REF["greedy"]
+    assert llm.stats()["prefix_hit_tokens"] > hits
     sh = llm.engine.pool.array.sharding
     assert sh.spec == jax.sharding.PartitionSpec(None, None, "tp") and len(sh.device_set) == tp
     llm.engine.pages.check_invariants()

@@ -6,11 +6,17 @@ donated scatter. Buffers live in JAX `pinned_host` memory where the backend
 has it: on the H200, host->device runs at ~48 GB/s from pinned buffers and
 ~9 GB/s from pageable numpy. The host copy is the source of truth; the device
 pool only caches resident adapters.
+
+Each entry carries a digest of its weights (`weights_digest`, computed once at
+registration): the adapter's identity for the prefix cache, whose KV blocks
+are keyed by it and never by the name, so a name re-registered with other
+weights never meets the old weights' KV.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import threading
 from typing import Iterable, Optional
 
@@ -31,6 +37,7 @@ class AdapterEntry:
     n_rows: int
     buffer: object  # [L, n_rows, W]: a pinned_host jax array, or numpy
     source: str = "pytree"
+    digest: bytes = b""  # weights_digest: what its KV depends on, never its name
 
     @property
     def max_rank(self) -> int:
@@ -39,6 +46,16 @@ class AdapterEntry:
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.buffer.shape)) * self.buffer.dtype.itemsize
+
+
+def weights_digest(packed: np.ndarray, ranks: dict) -> bytes:
+    """16-byte blake2b of an adapter's packed rows (scaling is folded into them), ranks and dtype: equal
+    digests mean equal weights, whatever the names."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((sorted(ranks.items()), str(packed.dtype), tuple(packed.shape))).encode())
+    if packed.size:
+        h.update(np.ascontiguousarray(packed).view(np.uint8))
+    return h.digest()
 
 
 def pinned_sharding(device=None, like=None):
@@ -118,7 +135,8 @@ class AdapterStore:
     def add(self, lw: LoraWeights, replace: bool = False) -> AdapterEntry:
         lw.validate(self.cfg, self.max_rank)
         packed = layout.pack(self.cfg, lw.modules, self.dtype, self.tp)
-        entry = AdapterEntry(lw.name, lw.ranks, packed.shape[1], self._host_buffer(packed), lw.source)
+        entry = AdapterEntry(lw.name, lw.ranks, packed.shape[1], self._host_buffer(packed), lw.source,
+                             weights_digest(packed, lw.ranks))
         return self._insert(entry, replace)
 
     def _insert(self, entry: AdapterEntry, replace: bool) -> AdapterEntry:
@@ -145,8 +163,10 @@ class AdapterStore:
         (distinct weights; a copy runs at memory speed, bf16 arithmetic in numpy
         does not). `shared=True` makes them all alias one buffer: a swap-in moves
         the same bytes, but host memory holds one copy (benchmarks with more
-        adapters than host memory). The rows are random in the packed layout itself, so the A/B
-        they stand for differ with the tp they are packed for (layout.pack).
+        adapters than host memory); being the same weights, they then share one
+        identity, so one's cached prefix blocks serve the others. The rows are
+        random in the packed layout itself, so the A/B they stand for differ
+        with the tp they are packed for (layout.pack).
         """
         if rank > self.max_rank:
             raise AdapterError(f"rank {rank} is above max_rank={self.max_rank}")
@@ -157,12 +177,16 @@ class AdapterStore:
                     * std).astype(self.dtype)
         out = []
         one = self._host_buffer(template) if shared else None
+        # the weights are the template and a factor: digest the template once (thousands of adapters)
+        base = weights_digest(template, ranks)
         for i, name in enumerate(names):
             if shared:
-                out.append(self._insert(AdapterEntry(name, dict(ranks), n_rows, one, "synthetic-shared"), False))
+                out.append(self._insert(AdapterEntry(name, dict(ranks), n_rows, one, "synthetic-shared", base),
+                                        False))
                 continue
             packed = template.copy()
             packed[:, 0] = template[:, 0] * self.dtype.type(1.0 + 0.001 * (i % 997))
+            digest = hashlib.blake2b(base + b"%d" % (i % 997), digest_size=16).digest()
             out.append(self._insert(AdapterEntry(name, dict(ranks), n_rows, self._host_buffer(packed),
-                                                 "synthetic"), replace=False))
+                                                 "synthetic", digest), replace=False))
         return out

@@ -21,7 +21,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from ..memory.cache import AdapterCache
+from ..memory.cache import PoolCache
 from ..memory.pages import PageTable
 from ..model.inputs import LoraInput, StepInput
 from .scheduler import ScheduledStep
@@ -50,7 +50,7 @@ def max_batch_rows(max_running: int) -> int:
 
 
 class BatchBuilder:
-    def __init__(self, pages: PageTable, cache: AdapterCache, max_running: int, max_batch_tokens: int):
+    def __init__(self, pages: PageTable, cache: PoolCache, max_running: int, max_batch_tokens: int):
         self.pages, self.cache = pages, cache
         self.width = pages.layout.pages_per_seq
         self.max_b = max_batch_rows(max_running)
@@ -100,7 +100,7 @@ class BatchBuilder:
                 assert known == n - 1 and r.pending == 1, (r.id, lo, n, len(ids), r.pending)
                 feed[s + n - 1] = r.pending_row
             positions[s: s + n] = np.arange(lo, lo + n)
-            kv_rows[s: s + n] = self.pages.kv_rows(r.id_int, lo, lo + n)
+            kv_rows[s: s + n] = self.pages.write_rows(r.id_int, lo, lo + n)  # never into a shared block
             kv_lens[i] = lo + n
         block_tables = np.zeros((b, self.width), np.int32)
         block_tables[:nb] = self.pages.block_table([r.id_int for r in reqs], self.width)

@@ -17,6 +17,9 @@ donated through every step and swap-in, so each later pool update (a step
 writing K/V into a reused page, an adapter scattered over it) takes N+1's
 output pool as input and runs after N+1. Requests that stop by length are
 known in advance and never scheduled past their last token.
+The same order makes prefix blocks safe to share: a page becomes a cached block
+only once the steps writing it are dispatched, so a step of another sequence
+reading it takes their output pool, and no step writes into a block.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from ..adapters.store import AdapterStore
 from ..config import EngineConfig, ModelConfig
 from ..errors import AdapterExists, AdapterInUse, AdapterNotFound, CapacityError, RequestTooLong
 from ..memory import layout
-from ..memory.cache import AdapterCache, default_capacity
+from ..memory.cache import PoolCache, default_capacity
 from ..memory.pages import PageTable
 from ..memory.pool import DevicePool, choose_num_pages
 from ..model.weights import dtype_of
@@ -98,10 +101,10 @@ class Engine:
         self.pages = PageTable(lay)
         self.store = AdapterStore(cfg, ecfg.max_rank, dtype, tp=ecfg.tp,
                                   pool_sharding=self.pool.array.sharding if self.mesh else None)
-        self.cache = AdapterCache(lay, self.store, self.pages, self.pool, ecfg.max_rank,
-                                  ecfg.max_resident_adapters or default_capacity(lay, ecfg.max_running))
+        self.cache = PoolCache(lay, self.store, self.pages, self.pool, ecfg.max_rank,
+                               ecfg.max_resident_adapters or default_capacity(lay, ecfg.max_running))
         self.scheduler = Scheduler(self.pages, self.cache, ecfg.max_running, ecfg.max_batch_tokens,
-                                   ecfg.early_abort_s)
+                                   ecfg.early_abort_s, ecfg.prefix_cache)
         self.builder = BatchBuilder(self.pages, self.cache, ecfg.max_running, ecfg.max_batch_tokens)
         self._inflight: Optional[InFlight] = None
         self.requests: dict = {}
@@ -290,7 +293,7 @@ class Engine:
         return False
 
     def _finish(self, r: Request, reason: str, delta: str = "", error: Optional[str] = None) -> Request:
-        self.scheduler.finish(r)
+        self.scheduler.finish(r, cache=reason != "error")  # a failed step's pages are not cached
         r.finish_reason, r.error = reason, error
         r.finish_time = time.monotonic()
         self.counters["requests_aborted" if reason == "abort" else "requests_finished"] += 1
@@ -391,7 +394,8 @@ class Engine:
             p, c = self.pages.stats(), self.cache.stats()
             return {
                 "pages_total": p["pages_total"], "pages_free": p["pages_free"], "pages_kv": p["pages_kv"],
-                "pages_adapter": p["pages_adapter"], "page_rows": p["page_rows"],
+                "pages_adapter": p["pages_adapter"], "pages_cached": p["pages_cached"], "page_rows": p["page_rows"],
+                "prefix_blocks": c["prefix_blocks"], **self.scheduler.counters,
                 "adapters_registered": len(self.store), "adapters_resident": c["adapters_resident"],
                 "adapter_entries": c["adapter_entries"], "swaps_in": c["swaps_in"], "swaps_out": c["swaps_out"],
                 "requests_running": len(self.scheduler.running),

@@ -1,11 +1,26 @@
-"""The adapter cache: the one owner of everything an adapter has on the device.
+"""The pool cache: the one owner of evictable device state in the unified pool.
 
-Resident adapters are kept in LRU order with a refcount (running sequences
-using them); only idle (refcount 0) ones are evicted. For each resident
-adapter the cache holds its pool pages (allocated from the page table), its
-entry in the kernels' tables, and the swap counters; prefetches of adapters
-that queued requests will need are in flight here too. When a sequence needs
-pages, the page table asks the cache (`make_room`) to evict idle adapters.
+Besides running sequences' private KV, the pool holds two kinds of things,
+both owned here:
+
+* **resident adapters**: for each, its pool pages (allocated from the page
+  table), its entry in the kernels' tables, a refcount (running sequences
+  using it) and the swap counters; prefetches of adapters that queued
+  requests will need are in flight here too;
+* **cached prefix blocks**: full KV pages whose tokens are final, keyed by a
+  hash chain (`chain_keys`) over (the adapter's identity: a digest of its
+  weights taken at registration, or the base model's; the page's tokens; the
+  previous page's key). New sequences share them read-only (the page table
+  counts their users) and compute only what follows.
+
+Everything idle (an adapter no running sequence uses, a block no sequence
+lists) is in ONE least-recently-used order, and eviction takes from its
+front whichever kind comes first: when a sequence needs pages (the page
+table asks `make_room`) and when an adapter is swapped in. A key stands for
+its whole prefix, so a lookup (`match`) walks the chain key by key and stops
+at the first one missing: an evicted middle block ends a match, it never
+leaves a hole. A finished sequence's blocks become idle last page first, so
+chains lose their tails before their heads.
 
 Swap-in = one host->device transfer of the adapter's compact buffer (started
 early by `prefetch` where possible, so it overlaps the running step) + one
@@ -21,20 +36,36 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import itertools
 import logging
+from typing import Optional
 
 import numpy as np
 
 from ..adapters.store import AdapterStore, to_device
 from ..config import LORA_MODULES
 from .layout import PoolLayout, module_tables
-from .pages import OutOfPages, PageTable
+from .pages import BLOCK, OutOfPages, PageTable
 from .pool import DevicePool
 
 log = logging.getLogger(__name__)
 
 MAX_PREFETCH = 8  # adapters whose host->device copy may be in flight at once (bounds their device memory)
+BASE_IDENTITY = hashlib.blake2b(b"slora-jax base model", digest_size=16).digest()
+
+
+def chain_keys(parent: bytes, tokens, page_rows: int) -> list:
+    """Keys of the full pages of `tokens`, following the page keyed `parent` (for the first page: the
+    adapter's identity). key = blake2b(parent key + the page's int32 token ids): it stands for the identity
+    and every token up to the page's end, which is all the page's K/V depend on."""
+    data = np.ascontiguousarray(tokens, dtype=np.int32)
+    out = []
+    for i in range(len(data) // page_rows):
+        parent = hashlib.blake2b(parent + data[i * page_rows: (i + 1) * page_rows].tobytes(),
+                                 digest_size=16).digest()
+        out.append(parent)
+    return out
 
 
 class CacheFull(OutOfPages):
@@ -82,7 +113,10 @@ class _Resident:
     refcount: int = 0
 
 
-class AdapterCache:
+IDLE_ADAPTER, IDLE_BLOCK = "adapter", "block"  # items of the one LRU: (IDLE_ADAPTER, name), (IDLE_BLOCK, page)
+
+
+class PoolCache:
     def __init__(self, layout: PoolLayout, store: AdapterStore, pages: PageTable, pool: DevicePool, max_rank: int,
                  capacity: int):
         if capacity < 1:
@@ -94,6 +128,11 @@ class AdapterCache:
         self._free_entries = list(range(capacity - 1, -1, -1))  # popping yields low entries first
         self._holders = itertools.count()
         self._inflight: dict = {}  # name -> device copy being transferred (prefetch)
+        # idle adapters and idle blocks, least recently used first: item -> its pages
+        self._lru: collections.OrderedDict[tuple, int] = collections.OrderedDict()
+        self._evictable = 0  # sum of the LRU's pages
+        self._blocks: dict[bytes, int] = {}  # chain key -> page of every cached block (in use or idle)
+        self._key_of: dict[int, bytes] = {}  # page -> its key
         self.swaps_in = 0
         self.swaps_out = 0
         pages.set_reclaimer(self)
@@ -120,12 +159,16 @@ class AdapterCache:
         """Pages a swap-in of `name` would take (0 if resident)."""
         return 0 if name in self._resident else self.layout.adapter_pages(self.store.get(name).n_rows)
 
-    def _idle(self) -> list:
-        return [n for n, e in self._resident.items() if e.refcount == 0]
-
     def evictable_pages(self) -> int:
-        """Pages held by idle adapters."""
-        return sum(len(e.pages) for e in self._resident.values() if e.refcount == 0)
+        """Pages of idle adapters and idle blocks."""
+        return self._evictable
+
+    def _idle_add(self, item: tuple, n_pages: int) -> None:
+        self._lru[item] = n_pages
+        self._evictable += n_pages
+
+    def _idle_remove(self, item: tuple) -> None:
+        self._evictable -= self._lru.pop(item)
 
     def can_take(self, name: str) -> bool:
         """Whether `name` is resident or a table entry can be found for it (free, or an idle adapter's)."""
@@ -139,6 +182,8 @@ class AdapterCache:
         e = self._resident.get(name)
         if e is None:
             e = self._swap_in(name)
+        elif e.refcount == 0:
+            self._idle_remove((IDLE_ADAPTER, name))
         e.refcount += 1
         self._resident.move_to_end(name)
 
@@ -149,24 +194,27 @@ class AdapterCache:
             raise RuntimeError(f"release({name!r}): refcount is already 0")
         e.refcount -= 1
         self._resident.move_to_end(name)
+        if e.refcount == 0:
+            self._idle_add((IDLE_ADAPTER, name), len(e.pages))
 
     def _swap_in(self, name: str) -> _Resident:
         entry = self.store.get(name)
         need = self.layout.adapter_pages(entry.n_rows)
         what = f"swap in adapter {name!r} ({need} pages)"
         evict, free, entry_free = [], self.pages.free_count, bool(self._free_entries)
-        for n in self._idle():
+        for item, n in self._lru.items():
             if free >= need and entry_free:
                 break
-            evict.append(n)
-            free += len(self._resident[n].pages)
-            entry_free = True
+            if item[0] == IDLE_BLOCK and free >= need:
+                continue  # only an adapter's eviction frees a table entry
+            evict.append(item)
+            free += n
+            entry_free = entry_free or item[0] == IDLE_ADAPTER
         if free < need:
             raise OutOfPages(need, self.pages.free_count, self.evictable_pages(), what)
         if not entry_free:
             raise CacheFull(self.capacity, what)
-        for n in evict:
-            self._evict(n)
+        self._evict_items(evict)
         holder = next(self._holders)
         pages = self.pages.hold(holder, need, what)
         rows = self.layout.adapter_pool_rows(pages, entry.n_rows)
@@ -181,11 +229,26 @@ class AdapterCache:
         return res
 
     def make_room(self, n_pages: int) -> None:
-        """Evict idle adapters, least recently used first, until `n_pages` pages are free or none is left."""
-        for n in self._idle():
-            if self.pages.free_count >= n_pages:
-                return
-            self._evict(n)
+        """Evict idle adapters and blocks, least recently used first, until `n_pages` pages are free or
+        nothing idle is left."""
+        victims, free = [], self.pages.free_count
+        for item, n in self._lru.items():
+            if free >= n_pages:
+                break
+            victims.append(item)
+            free += n
+        self._evict_items(victims)
+
+    def _evict_items(self, items: list) -> None:
+        blocks = [page for kind, page in items if kind == IDLE_BLOCK]
+        for kind, name in items:
+            if kind == IDLE_ADAPTER:
+                self._evict(name)
+        if blocks:
+            for page in blocks:
+                self._idle_remove((IDLE_BLOCK, page))
+                del self._blocks[self._key_of.pop(page)]
+            self.pages.drop_blocks(np.array(blocks, np.int32))
 
     def evict(self, name: str) -> None:
         """Swap `name` out now (it must be idle)."""
@@ -196,6 +259,7 @@ class AdapterCache:
 
     def _evict(self, name: str) -> None:
         e = self._resident.pop(name)
+        self._idle_remove((IDLE_ADAPTER, name))
         self.pages.release_held(e.holder)
         self.tables.clear(e.index)
         self._free_entries.append(e.index)
@@ -216,17 +280,62 @@ class AdapterCache:
                 continue
             self._inflight[name] = to_device(self.store.get(name).buffer, self.pool.array.sharding)
 
+    # -- prefix blocks ---------------------------------------------------------------
+    def identity(self, adapter: Optional[str]) -> bytes:
+        """The root of an adapter's chain keys: its weights' digest (the base model: its own)."""
+        return BASE_IDENTITY if adapter is None else self.store.get(adapter).digest
+
+    def match(self, keys: list) -> np.ndarray:
+        """int32 pages of the longest run of leading `keys` that are cached (one chain: the first miss ends it)."""
+        out = []
+        for key in keys:
+            page = self._blocks.get(key)
+            if page is None:
+                break
+            out.append(page)
+        return np.array(out, np.int32)
+
+    def register(self, seq_id: int, first: int, keys: list) -> int:
+        """Pages first, first + 1, ... of `seq_id` (full, their tokens final, written by dispatched steps)
+        have these keys: cache them as blocks. A page that is already a block (shared from the cache) or
+        whose key is cached already (the same prefix computed by another sequence at the same time) stays as
+        it is. Returns how many became blocks."""
+        pages = self.pages.seq_pages(seq_id)[first: first + len(keys)]
+        kinds = self.pages.owner_kind[pages]
+        index, new = [], []
+        for i, key in enumerate(keys):
+            if kinds[i] == BLOCK:
+                assert self._key_of[int(pages[i])] == key, (seq_id, first + i)
+            elif key not in self._blocks:
+                index.append(first + i)
+                new.append(key)
+        if index:
+            for key, page in zip(new, self.pages.seal(seq_id, index).tolist()):
+                self._blocks[key] = page
+                self._key_of[page] = key
+        return len(index)
+
+    def blocks_idle(self, pages: np.ndarray) -> None:
+        """The page table: these blocks' refcounts reached 0. They join the LRU as its most recent items."""
+        for page in pages.tolist():
+            self._idle_add((IDLE_BLOCK, page), 1)
+
+    def blocks_taken(self, pages: np.ndarray) -> None:
+        """The page table: these idle blocks are shared by a sequence again."""
+        for page in pages.tolist():
+            self._idle_remove((IDLE_BLOCK, page))
+
     def stats(self) -> dict:
         return {"adapters_resident": len(self._resident),
                 "adapters_in_use": sum(1 for e in self._resident.values() if e.refcount),
                 "adapter_entries": self.capacity, "pages_evictable": self.evictable_pages(),
-                "swaps_in": self.swaps_in, "swaps_out": self.swaps_out}
+                "prefix_blocks": len(self._blocks), "swaps_in": self.swaps_in, "swaps_out": self.swaps_out}
 
     # -- invariants ------------------------------------------------------------------
     def check_invariants(self) -> None:
         """Raise AssertionError unless the cache agrees with itself and with the page table."""
         def fail(msg):
-            raise AssertionError(f"AdapterCache invariant violated: {msg}")
+            raise AssertionError(f"PoolCache invariant violated: {msg}")
 
         entries = [e.index for e in self._resident.values()]
         if len(set(entries)) != len(entries):
@@ -255,6 +364,20 @@ class AdapterCache:
         for i in self._free_entries:
             if self.tables.ranks[i].any():
                 fail(f"free table entry {i} has ranks {self.tables.ranks[i].tolist()}")
+        kind, refs = self.pages.owner_kind, self.pages.refcount
+        block_pages = set(np.flatnonzero(kind == BLOCK).tolist())
+        if set(self._blocks.values()) != block_pages or len(self._blocks) != len(block_pages):
+            fail(f"cached keys' pages {sorted(self._blocks.values())} != the page table's blocks {sorted(block_pages)}")
+        if any(self._key_of.get(p) != k for k, p in self._blocks.items()) or len(self._key_of) != len(self._blocks):
+            fail("page -> key is not the inverse of key -> page")
+        idle = {(IDLE_ADAPTER, n): len(e.pages) for n, e in self._resident.items() if e.refcount == 0}
+        idle.update({(IDLE_BLOCK, p): 1 for p in block_pages if refs[p] == 0})
+        if dict(self._lru) != idle:
+            fail(f"LRU items {sorted(self._lru, key=str)} != idle adapters and blocks {sorted(idle, key=str)}")
+        if self._evictable != sum(idle.values()):
+            fail(f"evictable {self._evictable} != {sum(idle.values())} pages of idle adapters and blocks")
+
+
 
 
 def default_capacity(layout: PoolLayout, max_running: int) -> int:
