@@ -25,6 +25,8 @@ _ENGINE_COUNTERS = (
     ("slora_engine_requests_aborted", "Engine requests aborted (client gone or early abort).", "requests_aborted"),
     ("slora_engine_steps", "Engine steps run.", "steps"),
     ("slora_preemptions", "Requests preempted for KV pages (recomputed later).", "preemptions"),
+    ("slora_prefix_query_tokens", "Prompt tokens looked up in the prefix cache.", "prefix_query_tokens"),
+    ("slora_prefix_hit_tokens", "Prompt tokens whose KV the prefix cache supplied.", "prefix_hit_tokens"),
 )
 _ENGINE_GAUGES = (
     ("slora_pool_pages_capacity", "Pages in the unified device pool.", "pages_total"),
@@ -54,7 +56,7 @@ class _EngineCollector:
         swaps.add_metric(["out"], s.get("swaps_out", 0))
         yield swaps
         pages = GaugeMetricFamily("slora_pool_pages", "Pages of the unified device pool by kind.", labels=["kind"])
-        for kind in ("kv", "adapter", "free"):
+        for kind in ("kv", "adapter", "cached", "free"):
             pages.add_metric([kind], s.get(f"pages_{kind}", 0))
         yield pages
         for name, help_text, key in _ENGINE_GAUGES:

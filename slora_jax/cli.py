@@ -55,6 +55,8 @@ def _engine_kw(args) -> dict:
             kw[key] = getattr(args, key)
     if getattr(args, "sync_steps", False):
         kw["async_steps"] = False
+    if getattr(args, "no_prefix_cache", False):
+        kw["prefix_cache"] = False
     return kw
 
 
@@ -86,7 +88,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rank", type=int, default=None)
     p.add_argument("--dtype", default=None, choices=["auto", "bfloat16", "float32", "float16"],
                    help="default auto: float32 on CPU, bfloat16 on GPU/TPU")
-    p.add_argument("--kernels", default=None, choices=["auto", "pallas", "xla"])
     for key in ENGINE_FLAGS:
         p.add_argument("--" + key.replace("_", "-"), type=int, default=None,
                        help="default: the model's max_position_embeddings" if key == "max_model_len" else None)
@@ -96,6 +97,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="drop requests still waiting for their first token after this many seconds")
     p.add_argument("--sync-steps", action="store_true",
                    help="read each step's tokens before building the next (default: one step behind)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="recompute every prompt (default: reuse the KV of cached prefixes, keyed by adapter weights)")
+    p.add_argument("--kernels", default=None, choices=["auto", "pallas", "xla", "triton", "mosaic"])
 
 
 def _generate_args(g: argparse.ArgumentParser) -> None:

@@ -165,7 +165,7 @@ class EngineConfig:
     # entries of the LoRA kernels' adapter tables: the most adapters resident at once (None: what the pool
     # could hold, capped; memory/cache.py default_capacity). Fixed at start-up so churn never recompiles.
     max_resident_adapters: Optional[int] = None
-    kernels: str = "auto"  # auto | pallas | xla
+    kernels: str = "auto"  # a pallas_kernels backend: auto | pallas | xla | triton | mosaic (pallas_kernels.kernel_set)
     dtype: str = "auto"  # auto: float32 on CPU (exact against HF), bfloat16 on accelerators (LLM resolves it)
     seed: int = 0
     tp: int = 1
