@@ -20,7 +20,8 @@ the device's read limit measured at the start of the run (common.device_limits:
 The HF PEFT baseline (Llama-2-7B only) runs in a subprocess (torch and JAX in
 one process would fight over device memory).
 
-    python benchmarks/bench_decode.py --out $OUT [--models llama-7b,llama3-8b] [--skip-peft] [--quick]
+    python benchmarks/bench_decode.py --out $OUT [--models llama-7b,llama3-8b] [--batches 32,256]
+        [--command-buffers default|off|on] [--skip-peft] [--quick]
 
 Rows go to <out>/decode.json, merged with the rows of other models already there.
 """
@@ -179,6 +180,7 @@ def decode_row(llm, batch, context, mode, rank, steps, limits, model):
         "host_build_ms": host * 1e3, "first_steps_s": first_s, **limits.fractions(moved, dt),
         "bytes_per_step": moved, **limits.row_fields(), "device": common.device_name(),
         "kernels": eng.runner.kernels.name, "git_commit": common.git_commit(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 
@@ -217,6 +219,7 @@ def bench_model(preset, args, limits, ranks) -> list:
                 print("SKIP", skipped[-1], flush=True)
                 continue
             row = decode_row(llm, batch, ctx, mode, rank, args.steps, limits, model)
+            row["command_buffers"] = args.command_buffers
             rows.append(row)
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
             save(args.out, rows)  # partial results survive a timeout
@@ -264,7 +267,10 @@ def main():
     ap.add_argument("--ranks", default="8,64")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU: checks the script runs")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--command-buffers", default="default", choices=sorted(common.COMMAND_BUFFERS),
+                    help="XLA command buffers (CUDA graphs) for the step programs (common.COMMAND_BUFFERS)")
     args = ap.parse_args()
+    common.use_command_buffers(args.command_buffers)  # before the backend starts
     os.makedirs(args.out, exist_ok=True)
     presets = args.models.split(",")
     if args.quick:
