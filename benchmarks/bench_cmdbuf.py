@@ -49,6 +49,8 @@ def main():
     ap.add_argument("--timeout", type=int, default=240, help="seconds for each setting's process")
     ap.add_argument("--quick", action="store_true", help="tiny model on CPU: checks the script runs")
     args = ap.parse_args()
+    if args.quick:  # bench_decode's --quick runs the tiny model at batch 4 and 8
+        args.batches = "4"
     rows = []
     for setting in args.settings.split(","):
         rows += run_setting(setting, args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -216,20 +217,31 @@ def test_saturated_run_offers_everything_at_once(tiny_saturated):
     assert any("offered at once" in note for note in d["notes"])
 
 
-def test_report_writes_table_and_plots(tiny_results, tmp_path):
-    from slora_jax.bench.report import END, START, write_report
+def test_report_writes_table_and_plots(tiny_results, tiny_saturated, tmp_path):
+    from slora_jax.bench.report import END, HEADLINE, START, write_report
 
-    out, _ = tiny_results
+    results = tmp_path / "results"
+    results.mkdir()
+    for d in (tiny_results[0], tiny_saturated[0]):  # stored results of both modes, as benchmarks/results holds them
+        for f in d.glob("*.json"):
+            shutil.copy(f, results / f.name)
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n\nkept text\n")
     plots = tmp_path / "plots"
-    res = write_report(str(out), str(md), str(plots))
+    res = write_report(str(results), str(md), str(plots))
     text = md.read_text()
     assert "kept text" in text and text.count(START) == 1 and text.count(END) == 1
+    # the headline first, leading with the saturated run; the offered-load table labelled as such
+    assert text.index(HEADLINE[0]) < text.index("kept text") < text.index(START)
+    sat = json.loads((results / "tiny-sat-3.json").read_text())
+    head = text[: text.index(HEADLINE[1])]
+    assert f"| tiny | 3 | **{sat['throughput_req_s']:.2f}** |" in head and f"{sat['lora_vs_base']:.3f}" in head
+    assert "Not measured yet" in head  # no decode or kernel rows in these results: said, not invented
+    assert "### tiny: saturated" in text and "### tiny: offered load (4 req/s)" in text
     assert "| n adapters |" in text and "| 3 |" in text
-    assert "slo_vs_rate.png" in text and "throughput_vs_adapters.png" in text
+    assert "slo_vs_rate.png" in text and "throughput_vs_adapters.png" in text and "saturated.png" in text
     for p in res["plots"]:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    write_report(str(out), str(md), str(plots))  # a second run replaces the section
-    assert md.read_text().count(START) == 1
+    write_report(str(results), str(md), str(plots))  # a second run replaces the sections
+    assert md.read_text() == text
