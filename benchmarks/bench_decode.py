@@ -63,8 +63,8 @@ def modes(ranks: list) -> list:
 
 def fill_pool_random(pool) -> None:
     """Random bf16 in every layer of the pool, one donated layer write at a time (never on zeros)."""
-    def fill(arr, layer, key):
-        val = jax.random.normal(key, arr.shape[1:], jnp.float32).astype(arr.dtype) * 0.5
+    def fill(arr, layer, key):  # drawn in the pool's dtype: a float32 layer would be a large temporary
+        val = jax.random.normal(key, arr.shape[1:], arr.dtype) * jnp.asarray(0.5, arr.dtype)
         return jax.lax.dynamic_update_index_in_dim(arr, val, layer, 0)
 
     fill = jax.jit(fill, donate_argnums=0)
@@ -188,7 +188,7 @@ def build_llm(preset: str, rows_spec, ranks, quick: bool):
     """The model with a pool sized for the batches of `rows_spec`; every decode bucket they use compiled."""
     max_b = max(b for b, _ in rows_spec)
     max_ctx = max(c for _, c in rows_spec)
-    extra = {"num_pages": 256, "dtype": "float32"} if quick else {"mem_fraction": 0.80}
+    extra = {"num_pages": 256, "dtype": "float32"} if quick else {"mem_fraction": 0.90}
     llm = LLM(preset, max_rank=max(ranks), max_running=max_b, max_batch_tokens=max(max_b, 512),
               max_model_len=max_ctx + 64, **extra)
     eng = llm.engine
