@@ -203,7 +203,8 @@ def build_llm(preset: str, rows_spec, ranks, quick: bool):
     return llm
 
 
-def bench_model(preset, args, limits, ranks) -> list:
+def bench_model(preset, args, limits, ranks) -> tuple[list, list]:
+    """(rows, skipped rows) of one model preset."""
     model, rows_spec = MODELS[preset]
     if args.batches:
         keep = {int(b) for b in args.batches.split(",")}
