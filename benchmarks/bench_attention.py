@@ -11,7 +11,7 @@
     ([kv_heads, pages, page_size, head_dim]) and the XLA reference (skipped where its
     gather would pass ~10 GB); the same for Llama-3-8B GQA (32 q / 8 kv heads) at
     context 2048/8192; and prefill of 4 x 512 new tokens (and 4 x 512 tokens after a
-    1536-token prefix);
+    1536-token prefix, and 4 x 2048 new tokens), reported against the bf16 matmul rate too;
 (c) sweeps a few tunables of our kernels at two decode shapes and the prefill shape
     (kernel names "pallas:<tunables>"; the fastest per shape is printed).
 
@@ -20,10 +20,13 @@ interpret mode: runs the whole script on a CPU, to check the script itself).
 speedup_vs_xla / speedup_vs_upstream: that baseline's time over the row's time at the
 same shape (null where the baseline was not run).
 
-Rows {kernel, phase, batch, rank, context, time_us, gbps, roofline_fraction,
-speedup_vs_xla, speedup_vs_upstream, device, ...} go to <out>/kernels_attention.json.
-bytes = K and V read once + q read + out written; roofline_fraction = (bytes / time)
-/ common.hbm_bandwidth(). Timing: common.time_loop (a loop inside one jit).
+Rows {kernel, phase, model, batch, rank, context, time_us, gbps, read_roofline_fraction,
+copy_roofline_fraction, speedup_vs_xla, speedup_vs_upstream, device, ...} go to
+<out>/kernels_attention.json (model: llama-2-7b for the MHA shapes, llama-3.1-8b for GQA).
+bytes = K and V read once + q read + out written; the fractions divide bytes / time by the read
+limit and the copy bandwidth measured at the start of the run (common.device_limits); prefill rows
+also carry tflops and flop_fraction (causal FLOPs / time over the bf16 matmul rate measured then).
+Timing: common.time_loop (a loop inside one jit).
 """
 from __future__ import annotations
 
@@ -56,22 +59,21 @@ class Cfg:
     interpret = False
     mha, gqa = LLAMA7B, LLAMA3_8B
     batches, contexts, gqa_contexts = (32, 128), (512, 2048, 8192), (2048, 8192)
-    prefill = ((512, 4, 0), (512, 4, 1536))  # (chunk, sequences, prefix)
+    prefill = ((512, 4, 0), (512, 4, 1536), (2048, 4, 0))  # (chunk, sequences, prefix)
     sweep_shapes = ((128, 2048, "mha"), (32, 2048, "gqa"))
     upstream_kw: dict = {}
     max_len = None  # clip correctness lengths (smoke)
-    hbm_gib = 2.0
+    flops = True  # the prefill rows need the matmul rate (common.device_limits)
 
     @classmethod
     def smoke(cls):
         cls.interpret = True
         cls.mha, cls.gqa = dict(hq=4, hkv=4, hd=16), dict(hq=8, hkv=2, hd=16)
         cls.batches, cls.contexts, cls.gqa_contexts = (2,), (64,), (64,)
-        cls.prefill = ((16, 2, 0), (16, 2, 32))
+        cls.prefill = ((16, 2, 0), (16, 2, 32), (32, 2, 0))
         cls.sweep_shapes = ((2, 64, "mha"), (2, 64, "gqa"))
         cls.upstream_kw = dict(interpret=True, k_splits=1)
         cls.max_len = 40
-        cls.hbm_gib = 0.125
 
 
 def _upstream():
@@ -190,12 +192,22 @@ def correctness() -> list[str]:
 
 
 # --------------------------------------------------------------------------- (b) timings
-def _row(kernel, phase, batch, ctx, seconds, nbytes, bw, device, **extra):
+def _model(heads) -> str:
+    """The Llama whose attention shape this is (the GQA shape is Llama-3.1-8B's)."""
+    return "llama-3.1-8b" if heads["hkv"] < heads["hq"] else "llama-2-7b"
+
+
+def _row(kernel, phase, batch, ctx, seconds, nbytes, limits, device, heads, flops=None, **extra):
     gbps = nbytes / seconds / 1e9
-    row = dict(kernel=kernel, phase=phase, batch=batch, rank=0, context=ctx,
-               time_us=round(seconds * 1e6, 2), gbps=round(gbps, 1),
-               roofline_fraction=round(nbytes / seconds / bw, 4), speedup_vs_xla=None,
-               speedup_vs_upstream=None, device=device)
+    row = dict(kernel=kernel, phase=phase, model=_model(heads), heads=f"{heads['hq']}/{heads['hkv']}",
+               batch=batch, rank=0, context=ctx, time_us=round(seconds * 1e6, 2), gbps=round(gbps, 1),
+               **limits.fractions(nbytes, seconds), speedup_vs_xla=None, speedup_vs_upstream=None,
+               device=device, **limits.row_fields())
+    if flops is not None:
+        row["tflops"] = round(flops / seconds / 1e12, 1)
+        if limits.matmul_flops:
+            row.update(flop_fraction=round(flops / seconds / limits.matmul_flops, 4),
+                       matmul_tflops=round(limits.matmul_flops / 1e12, 1))
     row.update(extra)
     return row
 
@@ -214,12 +226,12 @@ def _print(r):
     def f(x, fmt):
         return format(x, fmt) if x is not None else "-"
     print(f"{r['phase']:>14} {r['kernel']:<34} B={r['batch']:<4} ctx={r['context']:<5} "
-          f"{r['time_us']:>9.1f} us {r['gbps']:>7.0f} GB/s  roof {r['roofline_fraction']:.2f}  "
+          f"{r['time_us']:>9.1f} us {r['gbps']:>7.0f} GB/s  read roof {r['read_roofline_fraction']:.2f}  "
           f"vs xla {f(r['speedup_vs_xla'], '.2f')}  vs upstream "
           f"{f(r['speedup_vs_upstream'], '.2f')}", flush=True)
 
 
-def time_decode(batch, ctx, heads, bw, device, upstream, *, tunables=(), with_baselines=True,
+def time_decode(batch, ctx, heads, limits, device, upstream, *, tunables=(), with_baselines=True,
                 phase="decode", page_rows=16):
     """Rows for our kernel (default + each tunables dict), upstream and XLA at one shape."""
     hq, hkv, hd = heads["hq"], heads["hkv"], heads["hd"]
@@ -236,8 +248,7 @@ def time_decode(batch, ctx, heads, bw, device, upstream, *, tunables=(), with_ba
                 lambda q, pool, layer, bt, n, tun=tun: attention.paged_attention_decode(
                     q, pool, layer, bt, n, interpret=Cfg.interpret, **kw, **tun),
                 (q, pool, layer, bt, n))
-            rows.append(_row(name, phase, batch, ctx, s, nbytes, bw, device, heads=f"{hq}/{hkv}",
-                             tunables=tun))
+            rows.append(_row(name, phase, batch, ctx, s, nbytes, limits, device, heads, tunables=tun))
         except Exception as e:
             print(f"{phase} {name} B={batch} ctx={ctx}: {type(e).__name__}: {e}")
     if with_baselines:
@@ -245,8 +256,7 @@ def time_decode(batch, ctx, heads, bw, device, upstream, *, tunables=(), with_ba
             s = common.time_loop(
                 lambda q, pool, layer, bt, n: reference.paged_attention_decode(
                     q, pool, layer, bt, n, **kw), (q, pool, layer, bt, n))
-            rows.append(_row("xla", phase, batch, ctx, s, nbytes, bw, device,
-                             heads=f"{hq}/{hkv}"))
+            rows.append(_row("xla", phase, batch, ctx, s, nbytes, limits, device, heads))
         del pool
         gc.collect()
         if upstream is not None:
@@ -258,8 +268,7 @@ def time_decode(batch, ctx, heads, bw, device, upstream, *, tunables=(), with_ba
                 s = common.time_loop(lambda q, kp, vp, bt, n: upstream(q, kp, vp, bt, n,
                                                                        **Cfg.upstream_kw),
                                      (q, kp, vp, bt, n))
-                rows.append(_row("upstream", phase, batch, ctx, s, nbytes, bw, device,
-                                 heads=f"{hq}/{hkv}"))
+                rows.append(_row("upstream", phase, batch, ctx, s, nbytes, limits, device, heads))
                 del kp, vp
             except Exception as e:
                 print(f"upstream B={batch} ctx={ctx}: {type(e).__name__}: {e}")
@@ -267,7 +276,7 @@ def time_decode(batch, ctx, heads, bw, device, upstream, *, tunables=(), with_ba
     return _fill_speedups(rows)
 
 
-def time_prefill(chunk, nseq, prefix, heads, bw, device, *, tunables=(), phase="prefill"):
+def time_prefill(chunk, nseq, prefix, heads, limits, device, *, tunables=(), phase="prefill"):
     hq, hkv, hd = heads["hq"], heads["hkv"], heads["hd"]
     q, pool, bt, qs, kv = prefill_inputs(jax.random.PRNGKey(3), [chunk] * nseq, [prefix] * nseq,
                                          **heads, page_rows=16)
@@ -286,17 +295,16 @@ def time_prefill(chunk, nseq, prefix, heads, bw, device, *, tunables=(), phase="
                 lambda q, pool, layer, bt, qs, kv, tun=tun: attention.paged_attention_prefill(
                     q, pool, layer, bt, qs, kv, interpret=Cfg.interpret, **kw, **tun),
                 (q, pool, layer, bt, qs, kv), iters=10)
-            rows.append(_row(name, phase, nseq, ctx, s, nbytes, bw, device, heads=f"{hq}/{hkv}",
-                             tokens=nseq * chunk, tflops=round(flops / s / 1e12, 1),
-                             tunables=tun))
+            rows.append(_row(name, phase, nseq, ctx, s, nbytes, limits, device, heads, flops=flops,
+                             tokens=nseq * chunk, tunables=tun))
         except Exception as e:
             print(f"{phase} {name}: {type(e).__name__}: {e}")
     if not tunables and nseq * chunk * ctx * hkv * hd * 2 * (2 + 4) <= GATHER_LIMIT:
         s = common.time_loop(
             lambda q, pool, layer, bt, qs, kv: reference.paged_attention_prefill(
                 q, pool, layer, bt, qs, kv, **kw), (q, pool, layer, bt, qs, kv), iters=10)
-        rows.append(_row("xla", phase, nseq, ctx, s, nbytes, bw, device, heads=f"{hq}/{hkv}",
-                         tokens=nseq * chunk, tflops=round(flops / s / 1e12, 1)))
+        rows.append(_row("xla", phase, nseq, ctx, s, nbytes, limits, device, heads, flops=flops,
+                         tokens=nseq * chunk))
     return _fill_speedups(rows)
 
 
@@ -319,16 +327,16 @@ PREFILL_SWEEP = [  # the defaults (block_q 64, block_kv 64, 4 warps, 2 stages) a
 
 def timings(run: common.KernelBenchRun) -> None:
     """(b): decode MHA, decode GQA and prefill, each against upstream and XLA where they run."""
-    print(f"== (b) timings; HBM roofline {run.bw / 1e12:.2f} TB/s")
+    print(f"== (b) timings; {run.limits.describe()}")
     upstream = _upstream()
     for batch in Cfg.batches:
         for ctx in Cfg.contexts:
-            run.emit(time_decode(batch, ctx, Cfg.mha, run.bw, run.device, upstream))
+            run.emit(time_decode(batch, ctx, Cfg.mha, run.limits, run.device, upstream))
     for batch in Cfg.batches:
         for ctx in Cfg.gqa_contexts:
-            run.emit(time_decode(batch, ctx, Cfg.gqa, run.bw, run.device, upstream, phase="decode-gqa"))
+            run.emit(time_decode(batch, ctx, Cfg.gqa, run.limits, run.device, upstream, phase="decode-gqa"))
     for chunk, nseq, prefix in Cfg.prefill:
-        run.emit(time_prefill(chunk, nseq, prefix, Cfg.mha, run.bw, run.device))
+        run.emit(time_prefill(chunk, nseq, prefix, Cfg.mha, run.limits, run.device))
 
 
 def sweep(run: common.KernelBenchRun) -> None:
@@ -339,13 +347,13 @@ def sweep(run: common.KernelBenchRun) -> None:
         tunables = DECODE_SWEEP + [dict(block_kv=64, num_warps=4, num_stages=2,
                                         num_splits=8)] * (kind == "gqa")
         phase = f"decode-{kind}-sweep"
-        res = run.emit(time_decode(batch, ctx, heads, run.bw, run.device, None, tunables=tunables,
+        res = run.emit(time_decode(batch, ctx, heads, run.limits, run.device, None, tunables=tunables,
                                    with_baselines=False, phase=phase))
         if res:
             best = min(res, key=lambda r: r["time_us"])
             print(f"   best {phase} B={batch} ctx={ctx}: {best['kernel']}")
     chunk, nseq, prefix = Cfg.prefill[0]
-    res = run.emit(time_prefill(chunk, nseq, prefix, Cfg.mha, run.bw, run.device,
+    res = run.emit(time_prefill(chunk, nseq, prefix, Cfg.mha, run.limits, run.device,
                                 tunables=PREFILL_SWEEP, phase="prefill-sweep"))
     if res:
         print(f"   best prefill: {min(res, key=lambda r: r['time_us'])['kernel']}")

@@ -8,23 +8,27 @@
     M = 3 fused shrink, tunables other than the defaults) plus one float32 case:
     prints PASS/FAIL and the relative error; padding / rank-0 rows must be exactly 0
     (shrink) or untouched (expand); exit status 1 if any check failed;
-(b) times shrink + expand of one 4096-wide projection (Llama-7B, W = 4096, bf16
+(b) times shrink + expand of one 4096-wide projection (Llama-2-7B: pool width W = 4096, bf16
     pool with a random row permutation) for decode batch 32/128/512 with
     all-distinct adapters of rank 8/16/64, and prefill of 4 x 512 tokens with 4
-    adapters, for "pallas" (pallas_kernels.gpu.lora, default tunables) and "xla" (the reference);
+    adapters, for "pallas" (pallas_kernels.gpu.lora, default tunables) and "xla" (the reference); then
+    the Llama-3.1-8B pool (W = 1024: each 4096-wide matrix row spans 4 pool rows) at decode
+    batch 128/512, ranks 8/16/64;
 (c) sweeps a few tunables of each kernel (each variant with the other kernel's defaults),
     within the time budget; the defaults and the one-token mode (block_t = 1) among them.
 
-Rows {kernel, phase, batch, rank, context (0), time_us, gbps, roofline_fraction,
-speedup_vs_xla, device, ...} go to <out>/kernels_lora.json (the sweep's rows too,
-with phase "...-sweep-shrink" / "...-sweep-expand" and their tunables). bytes = x
-read + each distinct adapter row (A and B) read once + y read and written;
-roofline_fraction = (bytes / time) / common.hbm_bandwidth(). Timing:
+Rows {kernel, phase, model, batch, rank, context (0), time_us, gbps, read_roofline_fraction,
+copy_roofline_fraction, speedup_vs_xla, device, ...} go to <out>/kernels_lora.json (the sweep's
+rows too, with phase "...-sweep-shrink" / "...-sweep-expand" and their tunables). bytes = x
+read + each distinct adapter row (A and B) read once + y read and written; the fractions divide
+bytes / time by the read limit and by the copy bandwidth measured at the start of the run
+(common.device_limits). Timing:
 common.time_loop (20 calls unrolled inside one jit); each call takes y from the last
 as its x, so nothing is hoisted, and the calls rotate among sets of adapter rows
 (sized past the L2 cache), so none reads its rows from the cache. Rows of (b) also
 carry device_us (every kernel of a call, from a profiler trace: no host launch
-gaps, the figure comparable to a CUDA-graph timing), device_roofline_fraction, and each
+gaps, the figure comparable to a CUDA-graph timing), device_read_roofline_fraction (and
+device_copy_roofline_fraction), and each
 kernel's share (device_us_shrink, device_us_expand; sweep rows too).
 """
 from __future__ import annotations
@@ -52,26 +56,29 @@ class Cfg:
     """Shapes and modes; `--smoke` shrinks them to run the script on a CPU (interpret)."""
 
     interpret = False
-    d = 4096  # hidden size = W (Llama-7B)
+    d = 4096  # hidden size (the projection is d -> d)
+    w = 4096  # pool row width (Llama-2-7B: = d)
+    model = "llama-2-7b"
+    # the Llama-3.1-8B pool (W = num_kv_heads * head_dim = 1024), decode only: (batches, ranks)
+    gqa = dict(model="llama-3.1-8b", w=1024, batches=(128, 512), ranks=(8, 16, 64))
     batches, ranks = (32, 128, 512), (8, 16, 64)
     prefill = (4, 512)  # sequences x tokens, one adapter each
     sweep_decode = ((32, 16), (512, 8), (128, 16), (32, 64), (512, 16), (128, 64), (32, 8), (128, 8),
                     (512, 64))  # most telling first
     sweep_prefill_rank = 16
     budget_s = 330.0  # the sweep starts no new shape past this
-    hbm_gib = 2.0
     big = True  # correctness shapes at Llama sizes
     max_sets = 20  # rotated input sets per timing (lora_inputs)
 
     @classmethod
     def smoke(cls):
         cls.interpret = True
-        cls.d = 128
+        cls.d = cls.w = 128
+        cls.gqa = dict(model="llama-3.1-8b", w=32, batches=(9,), ranks=(8,))
         cls.batches, cls.ranks = (4, 9), (8, 16)
         cls.prefill = (2, 40)
         cls.sweep_decode = ((9, 16),)
         cls.sweep_prefill_rank = 8
-        cls.hbm_gib = 0.125
         cls.big = False
         cls.max_sets = 3
 
@@ -211,29 +218,32 @@ def correctness() -> list[str]:
 L2_FLUSH_BYTES = 256 << 20  # adapter rows touched across the rotated input sets: several times the H200's L2
 
 
-def lora_inputs(seed, seg_lens, rank, d):
-    """One projection d -> d, W = d, every segment its own adapter (distinct pool rows).
+def lora_inputs(seed, seg_lens, rank, d, w=None):
+    """One projection d -> d over a pool of width w (default d), every segment its own adapter (distinct
+    pool rows; a matrix row spans d / w pool rows).
 
     Returns (args, arg_sets, nbytes): args for common.time_loop, and further sets of the
     non-carry args, each naming other pool rows, enough that the rows read by one call are no longer
     in the L2 cache when its set comes round again (METHOD.md: rotate among several input sets).
     """
+    w = w or d
+    k = _cdiv(d, w)  # pool rows per matrix row
     ns = len(seg_lens)
     t = int(sum(seg_lens))
-    n_rows = 2 * ns * rank
-    n_sets = max(1, min(Cfg.max_sets, _cdiv(L2_FLUSH_BYTES, n_rows * d * 2)))
+    n_rows = 2 * ns * rank * k  # pool rows of one set: A and B of every segment's adapter
+    n_sets = max(1, min(Cfg.max_sets, _cdiv(L2_FLUSH_BYTES, n_rows * w * 2)))
     key = jax.random.PRNGKey(seed)
     k1, k2 = jax.random.split(key)
     total = n_sets * n_rows + 8
-    pool = (jax.random.normal(k1, (2, total, d), jnp.float32) * 0.02).astype(jnp.bfloat16)
+    pool = (jax.random.normal(k1, (2, total, w), jnp.float32) * 0.02).astype(jnp.bfloat16)
     perm = np.random.default_rng(seed).permutation(total)[: n_sets * n_rows].astype(np.int32)
     y = jax.random.normal(k2, (t, d), jnp.bfloat16)
     starts = jnp.asarray(np.concatenate([[0], np.cumsum(seg_lens)]).astype(np.int32))
     ranks = jnp.full((1, ns), rank, jnp.int32)
     sets = []
     for rows in perm.reshape(n_sets, n_rows):
-        a_rows = jnp.asarray(rows[: ns * rank].reshape(1, ns, rank, 1))
-        b_rows = jnp.asarray(rows[ns * rank:].reshape(ns, rank, 1))
+        a_rows = jnp.asarray(rows[: ns * rank * k].reshape(1, ns, rank, k))
+        b_rows = jnp.asarray(rows[ns * rank * k:].reshape(ns, rank, k))
         sets.append((pool, starts, ranks, a_rows, b_rows))
     nbytes = (t * d * 2  # x read
               + 2 * ns * rank * d * 2  # A and B rows, each distinct row once
@@ -265,15 +275,14 @@ def _parts(parts: dict) -> dict:
     return {f"device_us_{k.split('_')[1]}": round(v, 2) for k, v in parts.items()}
 
 
-def _row(kernel, phase, batch, rank, seconds, nbytes, bw, device, device_us=None, **extra):
+def _row(kernel, phase, batch, rank, seconds, nbytes, limits, device, model, device_us=None, **extra):
     gbps = nbytes / seconds / 1e9
-    row = dict(kernel=kernel, phase=phase, batch=batch, rank=rank, context=0,
-               time_us=round(seconds * 1e6, 2), gbps=round(gbps, 1),
-               roofline_fraction=round(nbytes / seconds / bw, 4), speedup_vs_xla=None,
-               device=device)
-    if device_us:  # kernels' device time per call, and the roofline fraction it reaches
+    row = dict(kernel=kernel, phase=phase, model=model, batch=batch, rank=rank, context=0,
+               time_us=round(seconds * 1e6, 2), gbps=round(gbps, 1), **limits.fractions(nbytes, seconds),
+               speedup_vs_xla=None, device=device, **limits.row_fields())
+    if device_us:  # kernels' device time per call, and the roofline fractions it reaches
         row.update(device_us=round(device_us, 2),
-                   device_roofline_fraction=round(nbytes / (device_us * 1e-6) / bw, 4))
+                   **{"device_" + k: v for k, v in limits.fractions(nbytes, device_us * 1e-6).items()})
     row.update(extra)
     return row
 
@@ -281,29 +290,32 @@ def _row(kernel, phase, batch, rank, seconds, nbytes, bw, device, device_us=None
 def _print(r):
     sp = r["speedup_vs_xla"]
     print(f"{r['phase']:>22} {r['kernel']:<40} B={r['batch']:<4} r={r['rank']:<3} "
-          f"{r['time_us']:>9.1f} us {r['gbps']:>7.0f} GB/s  roof {r['roofline_fraction']:.2f}  "
+          f"{r['time_us']:>9.1f} us {r['gbps']:>7.0f} GB/s  read roof {r['read_roofline_fraction']:.2f}  "
           f"device {format(r['device_us'], '7.1f') + ' us' if r.get('device_us') else '-':>10}  "
           f"vs xla {'-' if sp is None else format(sp, '.2f')}"
           + (f"  (shrink {r['device_us_shrink']:.1f} + expand {r['device_us_expand']:.1f} us)"
              if "device_us_shrink" in r else ""), flush=True)
 
 
-def time_case(phase, seg_lens, rank, bw, device, *, batch, shrink_sweep=(), expand_sweep=()):
-    """Default tunables, Pallas and the XLA reference (no sweep given), or the sweep's tunables alone."""
-    args, arg_sets, nbytes = lora_inputs(len(seg_lens) * 1000 + rank, seg_lens, rank, Cfg.d)
+def time_case(phase, seg_lens, rank, limits, device, *, batch, shrink_sweep=(), expand_sweep=(), model=None,
+              w=None):
+    """Default tunables, Pallas and the XLA reference (no sweep given), or the sweep's tunables alone.
+    `model`, `w`: the pool's model and row width (default: Cfg's, Llama-2-7B)."""
+    model, w = model or Cfg.model, w or Cfg.w
+    args, arg_sets, nbytes = lora_inputs(len(seg_lens) * 1000 + rank, seg_lens, rank, Cfg.d, w)
     t, ns, d = int(sum(seg_lens)), len(seg_lens), Cfg.d
-    extra = dict(tokens=t, segments=ns)
+    extra = dict(tokens=t, segments=ns, pool_width=w)
     rows = []
     sweeping = bool(shrink_sweep or expand_sweep)
     if not sweeping:
-        tun = dict(shrink=lora.shrink_defaults(t, ns, 1, rank, d, d),
-                   expand=lora.expand_defaults(t, ns, rank, d))
+        tun = dict(shrink=lora.shrink_defaults(t, ns, 1, rank, d, w),
+                   expand=lora.expand_defaults(t, ns, rank, w))
         for impl in ("pallas", "xla"):
             # with the device time of every kernel of a call (profiler trace: the LoRA kernels and
             # XLA's y + delta, or the reference's ops), the figure comparable to a CUDA-graph timing
             s, dev, parts = common.time_loop(_both(impl, {}, {}), args, arg_sets=arg_sets,
                                              split=KERNEL_PARTS)
-            rows.append(_row(impl, phase, batch, rank, s, nbytes, bw, device, device_us=dev,
+            rows.append(_row(impl, phase, batch, rank, s, nbytes, limits, device, model, device_us=dev,
                              **(_parts(parts) if impl == "pallas" else {}), **extra))
         rows[0]["tunables"] = tun
         for r in rows:
@@ -315,7 +327,8 @@ def time_case(phase, seg_lens, rank, bw, device, *, batch, shrink_sweep=(), expa
                 body = _both("pallas", tun, {}) if kind == "shrink" else _both("pallas", {}, tun)
                 s, dev, parts = common.time_loop(body, args, arg_sets=arg_sets, split=KERNEL_PARTS)
                 rows.append(_row(common.tunables_name(kind, tun), f"{phase}-sweep-{kind}", batch, rank, s,
-                                 nbytes, bw, device, device_us=dev, tunables=tun, **_parts(parts), **extra))
+                                 nbytes, limits, device, model, device_us=dev, tunables=tun, **_parts(parts),
+                                 **extra))
             except Exception as e:
                 print(f"{phase} {kind} {tun}: {type(e).__name__}: {e}")
     del args, arg_sets
@@ -342,15 +355,20 @@ EXPAND_SWEEP_PREFILL = [
 
 
 def timings(run: common.KernelBenchRun) -> None:
-    """(b): pallas and xla shrink + expand, decode at every batch x rank, then prefill at every rank."""
-    print(f"== (b) timings, shrink + expand of one {Cfg.d}-wide projection; "
-          f"HBM roofline {run.bw / 1e12:.2f} TB/s")
+    """(b): pallas and xla shrink + expand, decode at every batch x rank, then prefill at every rank
+    (Llama-2-7B pool), then decode on the Llama-3.1-8B pool."""
+    print(f"== (b) timings, shrink + expand of one {Cfg.d}-wide projection; {run.limits.describe()}")
     for batch in Cfg.batches:
         for rank in Cfg.ranks:
-            run.emit(time_case("decode", [1] * batch, rank, run.bw, run.device, batch=batch))
+            run.emit(time_case("decode", [1] * batch, rank, run.limits, run.device, batch=batch))
     nseq, chunk = Cfg.prefill
     for rank in Cfg.ranks:
-        run.emit(time_case("prefill", [chunk] * nseq, rank, run.bw, run.device, batch=nseq))
+        run.emit(time_case("prefill", [chunk] * nseq, rank, run.limits, run.device, batch=nseq))
+    g = Cfg.gqa
+    for batch in g["batches"]:
+        for rank in g["ranks"]:
+            run.emit(time_case("decode", [1] * batch, rank, run.limits, run.device, batch=batch,
+                               model=g["model"], w=g["w"]))
 
 
 def sweep(run: common.KernelBenchRun) -> None:
@@ -365,7 +383,7 @@ def sweep(run: common.KernelBenchRun) -> None:
         if run.elapsed() > Cfg.budget_s:
             print(f"   sweep stopped: past the {Cfg.budget_s:.0f}s budget")
             break
-        res = run.emit(time_case(phase, lens, rank, run.bw, run.device, batch=batch,
+        res = run.emit(time_case(phase, lens, rank, run.limits, run.device, batch=batch,
                                  shrink_sweep=ss, expand_sweep=es))
         for kind in ("shrink", "expand"):
             part = [r for r in res if r["phase"].endswith(kind)]

@@ -1,8 +1,10 @@
 """Adapter swap-in on the GPU: host store (pinned_host) -> device pool pages.
 
 1. Pinned host->device bandwidth (the denominator), measured in the same run.
-2. Swap-in time and GB/s per Llama-7B q,k,v,o adapter at ranks 8/16/64, singly and 256 at once.
-3. Overlap: a decode-sized step (reading ~13 GB, like a 7B decode step) alone and with swaps in flight.
+2. Swap-in time and GB/s per Llama-7B q,k,v,o adapter at ranks 8/16/64, singly and up to 256 at once (as
+   many as fit the device: the pool of all of them plus their copies in flight within 70 % of its free memory).
+3. Overlap: a decode-sized step (reading up to ~13 GB, like a 7B decode step; less where the device has
+   not the room) alone and with swaps in flight.
 4. Host memory for N Llama-7B rank-8 adapters registered in the store (default 5,000; time-capped).
 
     python benchmarks/bench_swap.py --out $OUT [--quick] [--n-host 5000]
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -27,6 +30,7 @@ from benchmarks import common  # noqa: E402
 from slora_jax.adapters.store import AdapterStore, _mover, pinned_sharding, to_device  # noqa: E402
 from slora_jax.config import load_model_config  # noqa: E402
 from slora_jax.config import EngineConfig  # noqa: E402
+from slora_jax.memory import layout  # noqa: E402
 from slora_jax.memory.cache import PoolCache  # noqa: E402
 from slora_jax.memory.layout import PoolLayout  # noqa: E402
 from slora_jax.memory.pages import PageTable  # noqa: E402
@@ -39,6 +43,20 @@ def pinned_bandwidth(nbytes: int) -> float:
     src = jax.device_put(host, sh) if sh is not None else host
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return nbytes / common.median_seconds(to_device, src, dev)
+
+
+def many_that_fit(cfg, ranks, dtype) -> int:
+    """Adapters per rank for the "at once" rows: 256, or fewer (a power of two) where the pool of all of
+    them and the copies of the largest rank's in flight would pass 70 % of the free device memory."""
+    one = {r: cfg.num_layers * layout.num_rows(cfg, {m: r for m in ("q_proj", "k_proj", "v_proj", "o_proj")})
+           * layout.row_width(cfg) * jnp.dtype(dtype).itemsize for r in ranks}
+    free = common.free_device_bytes()
+    if free is None:
+        return 256
+    n = 256
+    while n > 16 and n * (sum(one.values()) + max(one.values())) > 0.7 * free:
+        n //= 2
+    return n
 
 
 def rss_gb() -> float:
@@ -74,7 +92,7 @@ def main():
     page_rows = 16
     ranks = (8, 16, 64)
     store = AdapterStore(cfg, max_rank=64, dtype=dtype)
-    count_many = 256 if not args.quick else 16
+    count_many = 16 if args.quick else many_that_fit(cfg, ranks, dtype)
     for r in ranks:
         store.add_synthetic([f"r{r}-{i}" for i in range(count_many)], r, seed=r)
     rows_per_rank = {r: store.get(f"r{r}-0").n_rows for r in ranks}
@@ -116,6 +134,8 @@ def main():
             res.evict(n)
         print(json.dumps(out[-2]), "\n", json.dumps(out[-1]), flush=True)
 
+    del res, pages, pool  # the overlap step takes the room the pool had
+    gc.collect()
     overlap = overlap_rows(store, [f"r16-{i}" for i in range(min(32, count_many))], dev, args.quick)
     hostmem = host_memory(cfg, dtype, dev, args) if args.n_host > 0 else None  # None: keep swap_host.json's
     common.write_json(os.path.join(args.out, "swap.json"),
@@ -129,7 +149,8 @@ def overlap_rows(store, names, dev, quick) -> list:
     alone, the transfers of `names` alone, then both dispatched together. hidden_fraction = the time
     saved over running them back to back, over the shorter of the two (1 = fully overlapped).
     """
-    n_w = (13 << 30) // 2 if not quick else (64 << 20) // 2
+    free = common.free_device_bytes()
+    n_w = (min(13 << 30, int(0.3 * free)) if free else 13 << 30) // 2 if not quick else (64 << 20) // 2
     w = jax.random.normal(jax.random.PRNGKey(0), (n_w // 4096, 4096), jnp.bfloat16)
     x = jnp.ones((8, w.shape[0]), jnp.bfloat16)
 

@@ -10,6 +10,7 @@ bench_attention.py): their options, the order of their phases and their output.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import gzip
 import json
@@ -17,7 +18,7 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -130,9 +131,87 @@ def median_seconds(fn: Callable, *args, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def hbm_bandwidth(gib: float = 2.0) -> float:
-    """Bytes/s of `y = x + 1` over `gib` GiB of bf16 (bytes read + written): the roofline denominator."""
-    n = int(gib * (1 << 30)) // 2
+# -- XLA command buffers (CUDA graphs) ---------------------------------------------------------
+# XLA_FLAGS of each setting the command-buffer stage compares. "default": what this jax does unless told;
+# "off": no command buffers; "on": every kind of thunk XLA may capture in one, however short the sequence.
+COMMAND_BUFFERS = {
+    "default": "",
+    "off": "--xla_gpu_enable_command_buffer=",
+    "on": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=1",
+}
+
+
+def use_command_buffers(setting: str) -> str:
+    """Add `setting`'s flags to XLA_FLAGS (before the backend starts: call it before any device work).
+    Returns the resulting XLA_FLAGS."""
+    flags = COMMAND_BUFFERS[setting]
+    if flags:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+    return os.environ.get("XLA_FLAGS", "")
+
+
+# -- the roofline: what the device can read, measured in the same process --------------------
+GIB = 1 << 30
+READ_GIB = 8.0  # the read measurements stream this much (less only where the device has not the room)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceLimits:
+    """The roofline denominators, measured at the start of a bench run (DESIGN.md section 7).
+
+    read_bps: the device's read limit, the best of a read-only reduction and a bf16 GEMV over
+    `read_bytes` (a decode step, a LoRA kernel and decode attention only read, so they are held to
+    it); copy_bps: `y = x + 1` (bytes read + written), the denominator of earlier runs, kept beside it;
+    matmul_flops: a bf16 matrix product's rate (prefill attention's compute roofline), None if unmeasured.
+    """
+
+    read_bps: float
+    reduce_bps: float
+    gemv_bps: float
+    copy_bps: float
+    read_bytes: int
+    matmul_flops: Optional[float] = None
+
+    def fractions(self, nbytes: float, seconds: float) -> dict:
+        """A row's roofline fields for `nbytes` moved (the fewest the work must move) in `seconds`."""
+        bps = nbytes / seconds
+        return {"read_roofline_fraction": round(bps / self.read_bps, 4),
+                "copy_roofline_fraction": round(bps / self.copy_bps, 4)}
+
+    def row_fields(self) -> dict:
+        """The denominators themselves, for each row (TB/s, TFLOP/s)."""
+        return {"read_limit_tbps": round(self.read_bps / 1e12, 4), "copy_limit_tbps": round(self.copy_bps / 1e12, 4)}
+
+    def describe(self) -> str:
+        s = (f"read limit {self.read_bps / 1e12:.3f} TB/s (reduction {self.reduce_bps / 1e12:.3f}, bf16 GEMV "
+             f"{self.gemv_bps / 1e12:.3f}, over {self.read_bytes / GIB:.2f} GiB); copy {self.copy_bps / 1e12:.3f} TB/s")
+        return s + (f"; bf16 matmul {self.matmul_flops / 1e12:.0f} TFLOP/s" if self.matmul_flops else "")
+
+
+def free_device_bytes() -> Optional[int]:
+    """Bytes the first device can still allocate (None on a CPU, which keeps no such count)."""
+    stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def _best_seconds(fn, *args, calls: int = 4, repeats: int = 5) -> float:
+    """Best seconds per call of `fn(*args)`: `calls` dispatched back to back, blocked on once, `repeats`
+    times after a warm-up (the capability: clocks and caches at their best, launch gaps amortized)."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready([fn(*args) for _ in range(calls)])
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
+
+
+def copy_bandwidth(gib: float = 2.0) -> float:
+    """Bytes/s of `y = x + 1` over `gib` GiB of bf16, bytes read + written, best donated pass."""
+    n = int(gib * GIB) // 2
     x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.bfloat16)  # not zeros (METHOD.md)
     f = jax.jit(lambda a: a + 1, donate_argnums=0)
     for _ in range(3):  # warm up: compile, clocks
@@ -143,7 +222,51 @@ def hbm_bandwidth(gib: float = 2.0) -> float:
         x = jax.block_until_ready(f(x))
         times.append(time.perf_counter() - t0)
     del x
-    return 2 * n * 2 / min(times)  # the device's capability: its best pass
+    return 2 * n * 2 / min(times)
+
+
+def read_bandwidth(gib: float) -> tuple[float, float, int]:
+    """(reduction bytes/s, GEMV bytes/s, bytes read) over one random bf16 [N, 4096] buffer of `gib` GiB.
+
+    Reduction: the sum over N (a [4096] float32 result) and over 4096 (an [N] result), the better of the
+    two; GEMV: [N, 4096] @ [4096, 32] (bytes: the buffer read, the [N, 32] product written)."""
+    cols = 4096
+    rows = max(1, int(gib * GIB) // (2 * cols))
+    buf = jax.random.normal(jax.random.PRNGKey(1), (rows, cols), jnp.bfloat16)
+    v = jax.random.normal(jax.random.PRNGKey(2), (cols, 32), jnp.bfloat16)
+    nbytes = rows * cols * 2
+    reduce_s = min(_best_seconds(jax.jit(lambda a: jnp.sum(a, axis=0, dtype=jnp.float32)), buf),
+                   _best_seconds(jax.jit(lambda a: jnp.sum(a, axis=1, dtype=jnp.float32)), buf))
+    gemv_s = _best_seconds(jax.jit(lambda a, b: a @ b), buf, v)
+    del buf
+    return nbytes / reduce_s, (nbytes + rows * 32 * 2) / gemv_s, nbytes
+
+
+def matmul_flops(n: int = 8192) -> float:
+    """FLOP/s of one bf16 [n, n] @ [n, n] (float32 accumulation), best of a few."""
+    a = jax.random.normal(jax.random.PRNGKey(3), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.PRNGKey(4), (n, n), jnp.bfloat16)
+    s = _best_seconds(jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(x.dtype)), a, b)
+    return 2 * n ** 3 / s
+
+
+def device_limits(read_gib: Optional[float] = None, copy_gib: float = 2.0, flops: bool = False,
+                  smoke: bool = False) -> DeviceLimits:
+    """Measure the roofline denominators now (call it before the bench allocates its own arrays).
+
+    The read buffer is READ_GIB (8 GiB), or 40 % of the free device memory where that is less;
+    `smoke` (a CPU check of the script) shrinks everything to a few MiB."""
+    if smoke:
+        read_gib, copy_gib = 1 / 16, 1 / 16
+    elif read_gib is None:
+        free = free_device_bytes()
+        read_gib = READ_GIB if free is None else min(READ_GIB, 0.4 * free / GIB)
+    reduce_bps, gemv_bps, nbytes = read_bandwidth(read_gib)
+    copy_bps = copy_bandwidth(min(copy_gib, read_gib))
+    peak = matmul_flops(256 if smoke else 8192) if flops else None
+    lim = DeviceLimits(max(reduce_bps, gemv_bps), reduce_bps, gemv_bps, copy_bps, nbytes, peak)
+    print(f"device limits: {lim.describe()}", flush=True)
+    return lim
 
 
 def write_json(path: str, rows) -> None:
@@ -173,7 +296,7 @@ class KernelBenchRun:
     def __init__(self, print_row: Callable[[dict], None]):
         self.t_start = time.perf_counter()
         self.device = device_name()
-        self.bw: float = 0.0  # bytes/s, measured before the timings
+        self.limits: Optional[DeviceLimits] = None  # measured before the timings
         self.rows: list = []
         self.commit = git_commit()
         self._print_row = print_row
@@ -195,7 +318,8 @@ def kernel_bench_main(argv, *, doc: str, cfg, correctness: Callable[[], list],
                       print_row: Callable[[dict], None], out_file: str) -> int:
     """(a) correctness, (b) timings, (c) a tunables sweep, rows to <out>/`out_file`; exit status 1 on a FAIL.
 
-    `cfg` is the script's shape class (`smoke()`, `interpret`, `hbm_gib`);
+    `cfg` is the script's shape class (`smoke()`, `interpret`, `flops`: whether its rows need the
+    matmul rate);
     `correctness()` returns the names of failed checks; `timings` and `sweep`
     print their section header and `emit` their rows.
     """
@@ -210,11 +334,12 @@ def kernel_bench_main(argv, *, doc: str, cfg, correctness: Callable[[], list],
         cfg.smoke()
     run = KernelBenchRun(print_row)
     print(f"device {run.device}, jax {jax.__version__}, commit {run.commit}")
+    if not args.check_only:  # first, while the device is empty
+        run.limits = device_limits(flops=getattr(cfg, "flops", False), smoke=args.smoke)
 
     print(f"== (a) correctness (interpret={cfg.interpret}) vs the XLA reference")
     failures = correctness()
     if not args.check_only:
-        run.bw = hbm_bandwidth(cfg.hbm_gib)
         timings(run)
         if not args.no_sweep:
             sweep(run)

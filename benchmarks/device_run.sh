@@ -1,65 +1,120 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: run benchmark stages in order inside a time budget; results land in $OUT.
+# One call on the GPU machine: run benchmark stages in order inside a time budget; results come back in $OUT.
 #
-#   bash benchmarks/device_run.sh STAGE...     (from the repo root, on the device machine)
+#   GIT_COMMIT=<hash> bash benchmarks/device_run.sh STAGE...     (from the repo root, on the device machine)
+#   bash benchmarks/device_run.sh --list                          (the stages and their usual seconds)
 #
-# Stages: check (Pallas engine == XLA engine), decode (+ HF PEFT), swap, http, s1, s2, s4, tp and
-# profile-tp (2 GPUs), profile, lora and attention (kernel benchmarks; lora-table: lora without its
-# sweep), rate-s1 and rate-s2 (the setting at n = 2,000 and its max-rate search only). A stage starts only
-# if its usual duration fits in what is left of BUDGET_S (default 560 s,
-# under the 600 s limit of one call). Logs go to $OUT/<stage>.log; JSON results to $OUT/r/ (at most 8
-# files come back from $OUT, so the stages of one call should stay few). The server stages need the
-# wheels of `bash benchmarks/fetch_wheels.sh` carried as `.whl` (the device machine has no fastapi).
+# The three calls of issue #16 (usual seconds on an H100 80 GB; an H200 is faster; each under BUDGET_S):
+#   call 1: lora-table attention-table decode-7b            (~480 s)
+#   call 2: decode-8b cmdbuf s1-8b-sat profile-8b           (~520 s; cmdbuf and profile-8b are diagnoses)
+#   call 3: s1-sat s2-sat rate-s1                           (~550 s)
+# A stage starts only if its usual duration fits in what is left of BUDGET_S (default 565 s, under the
+# 600 s limit of one call) and is stopped when the budget runs out. Everything a stage writes (its log,
+# its JSON results) goes to $WORK (logs) and $WORK/r (results), packed after every stage into
+# $OUT/results.tar.gz (one file: at most 8 come back from $OUT); $OUT/summary.txt holds each stage's
+# status and last lines. Unpack into benchmarks/results with `python benchmarks/collect.py <tarball>...`.
+# The stages share a JAX compilation cache (JAX_COMPILATION_CACHE_DIR), so a stage that compiles the
+# programs an earlier stage of the same call compiled takes them from it. Sizes derive from the device's
+# memory (XLA_PYTHON_CLIENT_MEM_FRACTION: the share JAX may take). The http stage needs the wheels of
+# `bash benchmarks/fetch_wheels.sh` carried as `.whl` (the device machine has no fastapi).
 set -u
-OUT=${OUT:?set by the device machine}
-BUDGET_S=${BUDGET_S:-560}
+BUDGET_S=${BUDGET_S:-565}
 START=$(date +%s)
-mkdir -p "$OUT/r"
 export PYTHONUNBUFFERED=1 XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=${XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB:-100}
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/slora-jax-cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-1}
 export GIT_COMMIT=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+WORK=${WORK:-/tmp/slora-device-run}
+R=$WORK/r
+mkdir -p "$R"
+
+# stage -> "usual seconds|command" (the bench settings also cut themselves at time_budget_s)
+BENCH="python3 -m slora_jax.cli bench --out $R --set time_budget_s=${BENCH_BUDGET_S:-480} --config configs"
+# saturated: n = 5 and 2,000 on the same 1,000 requests offered at once, base-only beside them (every step
+# program compiled first; base-only runs first, then n = 5, then n = 2,000)
+SAT="python3 -m slora_jax.cli bench --out $R --set saturate=true --set n_adapters=[5,2000] --set time_budget_s=230 --config configs"
+# the max-rate search alone at n = 2,000 (no base-only or PEFT runs; a 10 s main run at the offered 10 req/s):
+# rates in rising order up to the first failing one, at most 64 req/s
+RATE="python3 -m slora_jax.cli bench --out $R --set time_budget_s=170 --set n_adapters=[2000] --set duration_s=10 --set peft.enabled=false --set base_only=false --set rate_search.max_probes=12 --config configs"
+declare -A STAGES=(
+    [check]="150|python3 benchmarks/gpu_engine_check.py"
+    [lora]="450|python3 benchmarks/bench_lora.py --out $R"
+    [lora-table]="200|python3 benchmarks/bench_lora.py --out $R --no-sweep"
+    [attention]="220|python3 benchmarks/bench_attention.py --out $R"
+    [attention-table]="120|python3 benchmarks/bench_attention.py --out $R --no-sweep"
+    [decode]="330|python3 benchmarks/bench_decode.py --out $R"
+    [decode-7b]="160|python3 benchmarks/bench_decode.py --out $R --models llama-7b --skip-peft"
+    [decode-7b-peft]="260|python3 benchmarks/bench_decode.py --out $R --models llama-7b"
+    [decode-8b]="140|python3 benchmarks/bench_decode.py --out $R --models llama3-8b --skip-peft"
+    [cmdbuf]="110|python3 benchmarks/bench_cmdbuf.py --out $R"
+    [profile]="90|python3 benchmarks/profile_step.py --out $R"
+    [profile-8b]="90|python3 benchmarks/profile_step.py --out $R --model llama3-8b --batches 32,256"
+    [profile-8b-cb]="80|python3 benchmarks/profile_step.py --out $R --model llama3-8b --command-buffers on"
+    [swap]="90|python3 benchmarks/bench_swap.py --out $R --n-host 0"
+    [http]="190|python3 benchmarks/bench_http.py --model configs/llama-7b.json --adapters 1000 --rank 16 --clients 64 --duration 20 --warmup 3 --out $R/bench_http.json"
+    [s1]="520|$BENCH/bench-S1.json"
+    [s2]="520|$BENCH/bench-S2.json"
+    [s4]="520|$BENCH/bench-S4.json"
+    [s1-sat]="200|$SAT/bench-S1.json"
+    [s2-sat]="170|$SAT/bench-S2.json --set base_only=false"
+    [s1-8b-sat]="180|$SAT/bench-S1-8B.json"
+    [rate-s1]="180|$RATE/bench-S1.json"
+    [rate-s2]="180|$RATE/bench-S2.json"
+    [rate-s1-8b]="180|$RATE/bench-S1-8B.json"
+    [tp]="200|python3 benchmarks/gpu_tp_check.py --out $R"
+    [profile-tp]="120|python3 benchmarks/profile_step.py --out $R --tp 2"
+)
+
+# SMOKE=1: each stage's command on a CPU, with its script's own smoke option (tiny shapes, interpret mode)
+# and the S-LoRA settings on the tiny model: checks the stages themselves, not a figure (tests/test_gpu_scripts.py)
+smoke_args() {
+    case "$1" in
+        *bench_lora.py*|*bench_attention.py*) echo "--smoke" ;;
+        *bench_decode.py*|*bench_cmdbuf.py*|*profile_step.py*|*bench_swap.py*) echo "--quick" ;;
+        *"slora_jax.cli bench"*) echo "--set model=configs/tiny.json --set kernels=xla --set dtype=float32" \
+            "--set engine.num_pages=256 --set engine.max_running=4 --set engine.max_batch_tokens=32" \
+            "--set engine.max_model_len=32 --set input_range=[2,8] --set output_range=[2,6] --set rate=4" \
+            "--set duration_s=2 --set saturate_requests=8 --set rate_search.probe_s=1.5" \
+            "--set rate_search.rates=[1,4,16] --set warmup.duration_s=0 --set peft.enabled=false" \
+            "--set adapter_host_memory=shared --set time_budget_s=120 --set progress=false" ;;
+    esac
+}
+
+if [ "${1:-}" = "--list" ]; then
+    for s in "${!STAGES[@]}"; do echo "$s ${STAGES[$s]%%|*}s: ${STAGES[$s]#*|}"; done | sort
+    exit 0
+fi
+OUT=${OUT:?set by the device machine}
+mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-
-# stage -> "usual seconds|command" (the bench settings cut themselves at time_budget_s)
-BENCH="python3 -m slora_jax.cli bench --out $OUT/r --set time_budget_s=${BENCH_BUDGET_S:-480} --config configs"
-# the max-rate search alone at n = 2,000 (no base-only or PEFT runs), two of these fit one call
-RATE="python3 -m slora_jax.cli bench --out $OUT/r --set time_budget_s=250 --set n_adapters=[2000] --set peft.enabled=false --set base_only=false --config configs"
-declare -A STAGES=(
-    [check]="150|python3 benchmarks/gpu_engine_check.py"
-    [decode]="220|python3 benchmarks/bench_decode.py --out $OUT/r"
-    [swap]="70|python3 benchmarks/bench_swap.py --out $OUT/r --n-host 0"
-    [http]="190|python3 benchmarks/bench_http.py --model configs/llama-7b.json --adapters 1000 --rank 16 --clients 64 --duration 20 --warmup 3 --out $OUT/r/bench_http.json"
-    [s1]="520|$BENCH/bench-S1.json"
-    [s2]="520|$BENCH/bench-S2.json"
-    [s4]="520|$BENCH/bench-S4.json"
-    [rate-s1]="260|$RATE/bench-S1.json"
-    [rate-s2]="260|$RATE/bench-S2.json"
-    [tp]="200|python3 benchmarks/gpu_tp_check.py --out $OUT/r"
-    [profile]="90|python3 benchmarks/profile_step.py --out $OUT/r"
-    [profile-tp]="120|python3 benchmarks/profile_step.py --out $OUT/r --tp 2"
-    [lora]="420|python3 benchmarks/bench_lora.py --out $OUT/r"
-    [lora-table]="150|python3 benchmarks/bench_lora.py --out $OUT/r --no-sweep"
-    [attention]="150|python3 benchmarks/bench_attention.py --out $OUT/r"
-)
+echo "commit $GIT_COMMIT, stages: $*" > "$OUT/summary.txt"
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader >> "$OUT/summary.txt" 2>&1
 
 status=0
 for stage in "$@"; do
     spec=${STAGES[$stage]:-}
     if [ -z "$spec" ]; then
-        echo "unknown stage '$stage' (known: ${!STAGES[*]})"; status=2; continue
+        echo "unknown stage '$stage' (known: ${!STAGES[*]})" | tee -a "$OUT/summary.txt"; status=2; continue
     fi
     need=${spec%%|*}
     left=$(( BUDGET_S - ($(date +%s) - START) ))
     if [ "$need" -gt "$left" ]; then
-        echo "SKIP $stage: needs ~${need}s, ${left}s left"; continue
+        echo "SKIP $stage: needs ~${need}s, ${left}s left" | tee -a "$OUT/summary.txt"; continue
     fi
-    echo "== $stage (${left}s left)"
-    timeout "$left" bash -c "${spec#*|}" > "$OUT/$stage.log" 2>&1
+    echo "== $stage (${left}s left)" | tee -a "$OUT/summary.txt"
+    t0=$(date +%s)
+    cmd=${spec#*|}
+    [ "${SMOKE:-0}" = 1 ] && cmd="$cmd $(smoke_args "$cmd")"
+    timeout "$left" bash -c "$cmd" > "$WORK/$stage.log" 2>&1
     rc=$?
     [ $rc -ne 0 ] && status=1
-    echo "== $stage rc=$rc in $(( $(date +%s) - START ))s"
-    grep -v -E "it/s\]|rematerialization" "$OUT/$stage.log" | tail -8
+    echo "== $stage rc=$rc in $(( $(date +%s) - t0 ))s (usual ${need}s), $(( $(date +%s) - START ))s in all" \
+        | tee -a "$OUT/summary.txt"
+    grep -v -E "it/s\]|rematerialization" "$WORK/$stage.log" | tail -12 | tee -a "$OUT/summary.txt"
+    tar -czf "$OUT/results.tar.gz" -C "$WORK" .  # after every stage: a call cut short keeps what was done
 done
 exit $status

@@ -46,7 +46,7 @@ def correctness(tp: int) -> dict:
             "pages_kv_after": res[tp][2], "ok": err < 1e-4 and same == len(prompts) and res[tp][2] == 0}
 
 
-def speed(tp: int, hbm: float) -> list:
+def speed(tp: int, limits) -> list:
     rows = []
     for t in (1, tp):
         t0 = time.time()
@@ -56,7 +56,7 @@ def speed(tp: int, hbm: float) -> list:
         print(f"tp={t}: engine ready in {time.time() - t0:.0f}s", flush=True)
         for batch in (32, 128):
             for mode in ("none", "distinct"):
-                row = decode_row(llm, batch, 512, mode, 8, 20, hbm)
+                row = decode_row(llm, batch, 512, mode, 8, 20, limits, "llama-2-7b")
                 row["tp"] = t
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("tp", "batch", "adapters", "tokens_per_s", "step_ms")}),
@@ -76,10 +76,11 @@ def main():
         sys.exit(f"needs at least 2 devices, found {tp}")
     os.makedirs(args.out, exist_ok=True)
     report = {"device": common.device_name(), "devices": tp, "commit": common.git_commit()}
+    limits = None if args.skip_speed else common.device_limits()  # first, while the devices are empty
     report["correctness"] = correctness(tp)
     print(json.dumps(report["correctness"]), flush=True)
     if not args.skip_speed:
-        report["decode"] = speed(tp, common.hbm_bandwidth(2.0))
+        report["decode"] = speed(tp, limits)
     common.write_json(os.path.join(args.out, "tp_check.json"), report)
     sys.exit(0 if report["correctness"]["ok"] else 1)
 

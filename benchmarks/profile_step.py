@@ -1,11 +1,16 @@
 """Where a decode step's device time goes: a jax.profiler trace of engine decode steps, summed per kernel.
 
-Llama-7B shape (random bf16 weights), one decode batch (bench_decode.decode_batch) with and without
-LoRA; `--steps` steps are traced after warm-up. The Perfetto trace's device-side events are summed by
+Llama-2-7B shape (or `--model llama3-8b`, Llama-3.1-8B; random bf16 weights), one decode batch per
+`--batches` entry (bench_decode.decode_batch) with and without LoRA; `--steps` steps are traced after
+warm-up. `--command-buffers off|on` profiles the step with XLA command buffers (CUDA graphs) set so
+(common.COMMAND_BUFFERS); the HLO counts say whether the compiled step holds any. The Perfetto trace's device-side events are summed by
 name and by kind (GEMM, Pallas LoRA, attention, other fusions, copies), per step. The kernel counts
 say how many launches LoRA adds per layer; their times say what each costs.
 
-    python benchmarks/profile_step.py --out $OUT [--batch 32] [--mode distinct] [--rank 8] [--tp 2]
+    python benchmarks/profile_step.py --out $OUT [--model llama3-8b] [--batches 32,256] [--mode distinct]
+        [--rank 8] [--tp 2] [--command-buffers on]
+
+Writes <out>/profile_step[_<model>][_tp<N>][_cb-<setting>].json: {device, model, tp, rows}.
 
 With --tp N (N GPUs), every device's events are summed: launches and us per step are over all N
 devices, and the collectives (NCCL all-reduces) get a kind of their own.
@@ -52,6 +57,7 @@ def hlo_counts(llm, step) -> dict:
 
 
 def profile(llm, batch, context, mode, rank, steps) -> dict:
+    """One decode batch's traced steps, summed per kernel name and per kind."""
     with decode_batch(llm, batch, context, mode, rank) as (dispatch, _, step):
         for _ in range(3):
             np.asarray(dispatch())  # compile, warm
@@ -83,24 +89,34 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--model", default="llama-7b")
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batches", default="32", help="decode batches to profile (comma-separated)")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--mode", default="distinct", choices=("one", "distinct"))
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (that many devices)")
+    ap.add_argument("--command-buffers", default="default", choices=sorted(common.COMMAND_BUFFERS))
     ap.add_argument("--quick", action="store_true", help="tiny model on CPU: checks the script runs")
     args = ap.parse_args()
+    xla_flags = common.use_command_buffers(args.command_buffers)  # before the backend starts
     extra = {"num_pages": 256, "dtype": "float32"} if args.quick else {"mem_fraction": 0.5}
+    preset = args.model
     if args.quick:
-        args.model, args.batch, args.context, args.rank = "tiny", 4, 32, 4
-    llm = LLM(args.model, max_rank=args.rank, max_running=args.batch, max_batch_tokens=max(args.batch, 256),
+        args.model, args.batches, args.context, args.rank = "tiny", "4", 32, 4
+    batches = [int(b) for b in args.batches.split(",")]
+    llm = LLM(args.model, max_rank=args.rank, max_running=max(batches), max_batch_tokens=max(max(batches), 256),
               max_model_len=args.context + 64, tp=args.tp, **extra)
     fill_pool_random(llm.engine.pool)
-    rows = [profile(llm, args.batch, args.context, mode, args.rank, args.steps) for mode in ("none", args.mode)]
+    rows = [profile(llm, batch, args.context, mode, args.rank, args.steps)
+            for batch in batches for mode in ("none", args.mode)]
     os.makedirs(args.out, exist_ok=True)
-    name = "profile_step.json" if args.tp == 1 else f"profile_step_tp{args.tp}.json"
-    common.write_json(os.path.join(args.out, name), {"device": common.device_name(), "tp": args.tp, "rows": rows})
+    name = ("profile_step" + ("" if preset == "llama-7b" else f"_{preset}") + (f"_tp{args.tp}" if args.tp > 1 else "")
+            + ("" if args.command_buffers == "default" else f"_cb-{args.command_buffers}") + ".json")
+    common.write_json(os.path.join(args.out, name), {
+        "device": common.device_name(), "model": llm.model_cfg.name, "tp": args.tp,
+        "command_buffers": args.command_buffers, "xla_flags": xla_flags, "git_commit": common.git_commit(),
+        "rows": rows})
+    print(f"wrote {name}")
     for r in rows:
         print(f"\nbatch {r['batch']} adapters {r['adapters']} rank {r['rank']}: "
               f"{r['device_us_per_step']:.0f} us of device events per step, wall {r['wall_us_per_step']:.0f} us, "

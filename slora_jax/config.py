@@ -150,17 +150,33 @@ class ModelConfig:
         return np.where(medium, smoothed, scaled)
 
 
+# The most sequences the default `max_running` lets run at once: its decode buckets (powers of two up to
+# it) are compiled in warm-up, so the cap bounds warm-up time, not what a device's memory could hold.
+MAX_RUNNING_CAP = 512
+
+
+def default_max_running(num_pages: int, page_rows: int, seq_len: int, cap: int = MAX_RUNNING_CAP) -> int:
+    """How many sequences of `seq_len` tokens the KV pages hold at once, at least 1 and at most `cap`."""
+    pages_per_seq = max(1, math.ceil(seq_len / page_rows))
+    return max(1, min(cap, num_pages // pages_per_seq))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """Serving knobs. `num_pages=None` sizes the pool from `mem_fraction` of free device memory."""
+    """Serving knobs. `num_pages=None` sizes the pool from `mem_fraction` of free device memory;
+    `max_running=None` runs as many sequences as those pages hold (`with_pages`), so a device with
+    more memory runs a larger batch."""
 
     num_pages: Optional[int] = None
     mem_fraction: float = 0.85
     page_rows: int = 16
     max_rank: int = 64
-    max_running: int = 64
+    max_running: Optional[int] = None  # None: default_max_running(num_pages, ...) once the pool is sized
     max_batch_tokens: int = 2048
     max_model_len: Optional[int] = None  # None: the model's max_position_embeddings, capped by the pool (LLM)
+    # the sequence length the default max_running plans a page budget for (None: max_model_len // 2);
+    # the scheduler still admits by the pages actually free, so this only sets the batch's upper bound
+    running_seq_len: Optional[int] = None
     early_abort_s: Optional[float] = None  # drop waiting requests older than this (S-LoRA's early abort)
     # entries of the LoRA kernels' adapter tables: the most adapters resident at once (None: what the pool
     # could hold, capped; memory/cache.py default_capacity). Fixed at start-up so churn never recompiles.
@@ -174,6 +190,16 @@ class EngineConfig:
     async_steps: bool = True
     # keep full KV pages as cached prefix blocks and reuse them for requests that start alike (memory/cache.py)
     prefix_cache: bool = True
+
+    def with_pages(self, num_pages: int) -> "EngineConfig":
+        """This config once the pool is sized: `num_pages` set, and `max_running` (if None) resolved to the
+        sequences of `running_seq_len` tokens those pages hold, up to MAX_RUNNING_CAP. The engine calls it
+        where it chooses the number of pages, before it builds anything sized by max_running (the batch
+        buckets, the sampled-token rows, the scheduler)."""
+        running = self.max_running
+        if running is None:
+            running = default_max_running(num_pages, self.page_rows, self.running_seq_len or self.max_model_len // 2)
+        return dataclasses.replace(self, num_pages=int(num_pages), max_running=int(running))
 
     def replace(self, **kw: Any) -> "EngineConfig":
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}

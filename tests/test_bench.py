@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -88,19 +89,53 @@ def test_summarize_counts_misses_and_unfinished():
     assert s["slo_attainment"] == pytest.approx(0.5)
 
 
-def test_rate_search_bisects_and_uses_known_points():
+def test_rate_search_stops_at_the_first_failing_rate():
     calls = []
 
     def probe(rate):
         calls.append(rate)
-        return 1.0 if rate <= 9 else 0.5
+        return 1.0 if rate <= 20 else 0.5
 
-    points = metrics.search_rates([2, 4, 6, 8, 10, 12, 16], probe, 0.9, known={10.0: 0.4})
-    assert metrics.max_sustainable_rate(points, 0.9) == 8
-    assert 10 not in calls and 16 not in calls and len(calls) <= 3
-    # out of time: the search stops and keeps what it measured
+    rates = [4, 8, 12, 16, 20, 24, 32, 40, 48, 64]
+    points = metrics.search_rates(rates, probe, 0.9, known={10.0: 1.0})
+    assert calls == [12, 16, 20, 24]  # in rising order from above the known pass, none after the first failure
+    assert metrics.max_sustainable_rate(points, 0.9) == 20
+    assert not metrics.rate_is_lower_bound(points, 0.9)
+    # a known failing rate bounds the scan from above: nothing at or past it is probed
+    calls.clear()
+    points = metrics.search_rates(rates, probe, 0.9, known={10.0: 1.0, 16.0: 0.2})
+    assert calls == [12] and metrics.max_sustainable_rate(points, 0.9) == 12
+    # the main run failing: the scan starts from the lowest rate
+    calls.clear()
+    points = metrics.search_rates(rates, lambda r: calls.append(r) or (1.0 if r <= 4 else 0.0), 0.9, known={10.0: 0.3})
+    assert calls == [4, 8] and metrics.max_sustainable_rate(points, 0.9) == 4
+
+
+def test_rate_search_reports_a_lower_bound_only_when_no_rate_failed():
+    points = metrics.search_rates([12, 16, 32, 64], lambda r: 1.0, 0.9, known={10.0: 1.0})
+    assert metrics.max_sustainable_rate(points, 0.9) == 64 and metrics.rate_is_lower_bound(points, 0.9)
+    # out of time before any failure: what passed is a lower bound
+    left = iter([1.0, 1.0])
+    points = metrics.search_rates([12, 16, 32, 64], lambda r: next(left, None), 0.9, known={10.0: 1.0})
+    assert sorted(points) == [10, 12, 16] and metrics.max_sustainable_rate(points, 0.9) == 16
+    assert metrics.rate_is_lower_bound(points, 0.9)
+    # nothing measured: no figure
     points = metrics.search_rates([2, 4, 8], lambda r: None, 0.9)
     assert metrics.max_sustainable_rate(points, 0.9) is None
+    # a rate that passed above a failing one (noise) does not count
+    assert metrics.max_sustainable_rate({8.0: 1.0, 12.0: 0.5, 16.0: 0.95}, 0.9) == 8
+
+
+def test_max_running_defaults_to_what_the_pages_hold():
+    from slora_jax.config import MAX_RUNNING_CAP, EngineConfig, default_max_running
+
+    assert default_max_running(6000, 16, 512) == 6000 // 32
+    assert default_max_running(10 ** 6, 16, 512) == MAX_RUNNING_CAP  # a bigger device, up to the compiled buckets
+    assert default_max_running(10, 16, 4096) == 1
+    cfg = EngineConfig(max_model_len=1024).with_pages(6000)  # plans for max_model_len // 2 tokens a sequence
+    assert cfg.num_pages == 6000 and cfg.max_running == 6000 // 32
+    assert EngineConfig(max_model_len=1024, running_seq_len=256).with_pages(6000).max_running == 6000 // 16
+    assert EngineConfig(max_running=64).with_pages(6000).max_running == 64  # given: kept
 
 
 def test_config_overrides():
@@ -108,11 +143,31 @@ def test_config_overrides():
     assert cfg["n_adapters"] == [5, 100] and cfg["rate"] == 2.5
     assert cfg["peft"]["enabled"] is False and cfg["peft"]["n_cap"] == 100
     assert cfg["engine"]["max_running"] == 8 and cfg["engine"]["max_model_len"] == 16
-    for name in ("bench-S1.json", "bench-S2.json", "bench-S4.json"):
+    for name in ("bench-S1.json", "bench-S2.json", "bench-S4.json", "bench-S1-8B.json"):
         c = load_config(os.path.join(ROOT, "configs", name))
         assert c["slo_ttft_s"] == 6 and c["input_range"] == [8, 512] and c["output_range"] == [8, 512]
         assert c["modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
         assert c["engine"]["max_model_len"] >= 1024
+        assert "max_running" not in c["engine"]  # no fixed cap: what the device's KV pages hold
+        assert c["saturate"] is False and c["saturate_requests"] >= 1000
+    assert load_config(os.path.join(ROOT, "configs", "bench-S1-8B.json"))["setting"] == "S1-8B"
+    assert max(load_config(os.path.join(ROOT, "configs", "bench-S1.json"))["rate_search"]["rates"]) == 64
+    assert load_config(TINY, {"saturate": "true"})["saturate"] is True
+
+
+@pytest.mark.xfail(raises=TypeError, strict=False,
+                   reason="needs the engine to resolve EngineConfig.with_pages(num_pages) where it sizes the pool")
+def test_engine_runs_what_its_pages_hold(tmp_path):
+    """A preset without max_running: the engine runs as many sequences as its pages hold."""
+    from slora_jax import LLM
+    from slora_jax.config import default_max_running
+
+    preset = json.loads(open(os.path.join(ROOT, "configs", "tiny.json")).read())
+    preset.pop("engine")
+    path = tmp_path / "tiny-auto.json"
+    path.write_text(json.dumps(preset))
+    llm = LLM(str(path), kernels="xla", dtype="float32", num_pages=160, max_model_len=64, max_batch_tokens=64)
+    assert llm.engine.scheduler.max_running == default_max_running(160, 16, 32) == 80
 
 
 # -- end to end on the tiny model ---------------------------------------------------------------
@@ -150,20 +205,58 @@ def test_tiny_run_writes_the_result_json(tiny_results):
     assert isinstance(d["notes"], list) and d["notes"]
 
 
-def test_report_writes_table_and_plots(tiny_results, tmp_path):
-    from slora_jax.bench.report import END, START, write_report
+SAT_KEYS = {"setting", "model", "n_adapters", "saturated", "requests", "throughput_req_s", "tokens_per_s",
+            "base_only_throughput_req_s", "lora_vs_base", "max_running", "device", "git_commit", "notes"}
 
-    out, _ = tiny_results
+
+@pytest.fixture(scope="module")
+def tiny_saturated(tmp_path_factory):
+    from slora_jax.bench.run import run_from_config
+
+    out = tmp_path_factory.mktemp("bench-sat")
+    return out, run_from_config(TINY, str(out), {"saturate": "true", "saturate_requests": "10", "kernels": "xla"})
+
+
+def test_saturated_run_offers_everything_at_once(tiny_saturated):
+    out, results = tiny_saturated
+    assert [r["n_adapters"] for r in results] == [3]
+    d = json.loads((out / "tiny-sat-3.json").read_text())
+    assert SAT_KEYS <= set(d) and d["saturated"] is True
+    assert not (out / "tiny-3.json").exists()  # the offered-load file is another run's
+    assert d["requests"] == 10 and d["run"]["finished"] == 10
+    assert d["max_running"] == 4  # the engine's own figure
+    assert d["throughput_req_s"] > 0 and d["tokens_per_s"] > 0 and d["base_only_throughput_req_s"] > 0
+    assert d["lora_vs_base"] == pytest.approx(d["throughput_req_s"] / d["base_only_throughput_req_s"])
+    assert d["base_only"]["requests"] == 10
+    assert "max_sustainable_rate" not in d and "peft" not in d  # no rate search, no PEFT
+    assert any("offered at once" in note for note in d["notes"])
+
+
+def test_report_writes_table_and_plots(tiny_results, tiny_saturated, tmp_path):
+    from slora_jax.bench.report import END, HEADLINE, START, write_report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    for d in (tiny_results[0], tiny_saturated[0]):  # stored results of both modes, as benchmarks/results holds them
+        for f in d.glob("*.json"):
+            shutil.copy(f, results / f.name)
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n\nkept text\n")
     plots = tmp_path / "plots"
-    res = write_report(str(out), str(md), str(plots))
+    res = write_report(str(results), str(md), str(plots))
     text = md.read_text()
     assert "kept text" in text and text.count(START) == 1 and text.count(END) == 1
+    # the headline first, leading with the saturated run; the offered-load table labelled as such
+    assert text.index(HEADLINE[0]) < text.index("kept text") < text.index(START)
+    sat = json.loads((results / "tiny-sat-3.json").read_text())
+    head = text[: text.index(HEADLINE[1])]
+    assert f"| tiny | 3 | **{sat['throughput_req_s']:.2f}** |" in head and f"{sat['lora_vs_base']:.3f}" in head
+    assert "Not measured yet" in head  # no decode or kernel rows in these results: said, not invented
+    assert "### tiny: saturated" in text and "### tiny: offered load (4 req/s)" in text
     assert "| n adapters |" in text and "| 3 |" in text
-    assert "slo_vs_rate.png" in text and "throughput_vs_adapters.png" in text
+    assert "slo_vs_rate.png" in text and "throughput_vs_adapters.png" in text and "saturated.png" in text
     for p in res["plots"]:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    write_report(str(out), str(md), str(plots))  # a second run replaces the section
-    assert md.read_text().count(START) == 1
+    write_report(str(results), str(md), str(plots))  # a second run replaces the sections
+    assert md.read_text() == text

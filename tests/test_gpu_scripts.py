@@ -1,6 +1,7 @@
-"""The GPU benchmark scripts on a CPU: the kernel bench runs end to end (--smoke, interpret mode) and the
-micro report renders the stored H200 results. Neither times anything here; they catch a script that
-would fail on the device machine, where a call costs minutes of device time."""
+"""The GPU benchmark scripts on a CPU: the kernel bench runs end to end (--smoke, interpret mode), the
+device_run.sh stages of issue #16 run with their smoke options (SMOKE=1) and the one report generator
+renders what they wrote and the stored GPU results. Nothing is timed here; they catch a script that would
+fail on the device machine, where a call costs minutes of device time."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -26,18 +28,61 @@ def test_lora_bench_smoke_rows_split_device_time_by_kernel(tmp_path):
     rows = json.load(open(tmp_path / "kernels_lora.json"))
     pallas = [r for r in rows if r["kernel"] == "pallas"]
     assert pallas and {r["phase"] for r in pallas} == {"decode", "prefill"}
+    assert {r["model"] for r in pallas} == {"llama-2-7b", "llama-3.1-8b"}  # the 8B rows: a narrower pool
     for r in pallas:
         assert r["git_commit"] == "test-commit"
+        assert r["read_roofline_fraction"] > 0 and r["copy_roofline_fraction"] > 0 and r["read_limit_tbps"] > 0
         # a CPU trace names XLA's thunks, not the kernels: the split is only checked for its shape here
         assert 0 <= r["device_us_shrink"] + r["device_us_expand"] <= r["device_us"], r
     decode = next(r for r in pallas if r["phase"] == "decode")
     assert decode["tunables"]["shrink"]["block_t"] == 1  # the decode default: one token per program
 
 
-def test_micro_report_renders_the_stored_results(tmp_path):
+def test_device_run_stages_smoke(tmp_path):
+    """The stages of the three GPU calls that the kernel smoke test does not cover, as device_run.sh runs
+    them, then the report over what they wrote."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", GIT_COMMIT="test-commit", SMOKE="1", OUT=str(out), WORK=str(work),
+               BUDGET_S="1500", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    stages = ["decode-7b", "decode-8b", "cmdbuf", "profile-8b", "s1-sat", "rate-s1"]
+    proc = subprocess.run(["bash", "benchmarks/device_run.sh", *stages], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1500)
+    summary = (out / "summary.txt").read_text()
+    assert proc.returncode == 0, summary + proc.stdout[-3000:] + proc.stderr[-2000:]
+    for stage in stages:
+        assert f"== {stage} rc=0" in summary, summary
+    with tarfile.open(out / "results.tar.gz") as tar:  # the one file that comes back holds everything
+        names = set(tar.getnames())
+    for name in ("r/decode.json", "r/decode_cmdbuf.json", "r/profile_step_llama3-8b.json", "r/S1-sat-5.json",
+                 "r/S1-sat-2000.json", "r/S1-2000.json", "s1-sat.log"):
+        assert "./" + name in names, names
+    res = work / "r"
+    decode = json.loads((res / "decode.json").read_text())
+    assert decode and all(r["read_roofline_fraction"] > 0 and "copy_roofline_fraction" in r for r in decode)
+    assert {r["command_buffers"] for r in json.loads((res / "decode_cmdbuf.json").read_text())} == {"off", "on"}
+    sat = json.loads((res / "S1-sat-2000.json").read_text())
+    assert sat["saturated"] and sat["lora_vs_base"] > 0 and sat["git_commit"] == "test-commit"
+    # the one report generator, over these results: the headline leads with them
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\nhand-written text\n")
+    proc = _run(["-m", "slora_jax.bench.report", "--results", str(res), "--md", str(md), "--plots",
+                 str(tmp_path / "plots")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = md.read_text()
+    assert text.index("<!-- headline:start -->") < text.index("hand-written text")
+    head = text[: text.index("<!-- headline:end -->")]
+    assert "| S1 | 2000 |" in head and "Not measured yet" not in head.split("Read-roofline")[0]
+    assert "decode, tiny, distinct" not in head  # rank 8 rows only: the tiny smoke used rank 4
+    assert "### S1: Llama-7B, rank 8: saturated" in text and "### S1: Llama-7B, rank 8: offered load" in text
+    assert "| off | tiny |" in text  # the command-buffer table
+    assert (tmp_path / "plots" / "saturated.png").stat().st_size > 0
+
+
+def test_report_renders_the_stored_results(tmp_path):
     md = tmp_path / "BENCHMARKS.md"
     shutil.copy(os.path.join(ROOT, "BENCHMARKS.md"), md)
-    proc = _run(["benchmarks/report.py", "--results", RESULTS, "--md", str(md), "--plots", str(tmp_path)],
+    proc = _run(["-m", "slora_jax.bench.report", "--results", RESULTS, "--md", str(md), "--plots", str(tmp_path)],
                 tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = md.read_text()
@@ -49,5 +94,15 @@ def test_micro_report_renders_the_stored_results(tmp_path):
             f"{p['device_us_expand']:.1f}) |") in text
     assert "Tunables sweep (`kernels_lora_sweep.json`" in text
     assert (tmp_path / "lora_decode.png").stat().st_size > 0
-    # the hand-written prose outside the generated section survives
+    # every generated section once, the headline first; the hand-written prose outside them survives
+    for marker in ("headline", "gpu-micro", "slora-bench"):
+        assert text.count(f"<!-- {marker}:start -->") == 1 and text.count(f"<!-- {marker}:end -->") == 1
+    assert text.index("<!-- headline:start -->") < text.index("<!-- gpu-micro:start -->")
     assert "## S-LoRA workload (S1 / S2 / S4)" in text
+    # the offered-load tables say so
+    assert "### S1: Llama-7B, rank 8: offered load (10 req/s)" in text
+    # a second run changes nothing
+    before = md.read_text()
+    assert _run(["-m", "slora_jax.bench.report", "--results", RESULTS, "--md", str(md), "--plots", str(tmp_path)],
+                tmp_path).returncode == 0
+    assert md.read_text() == before

@@ -9,7 +9,10 @@
   strictly within `slo_ttft_s` (S-LoRA's `attainment_func`, 6 s); a request
   that never got a first token (aborted, cut off) counts as a miss;
 - maximum sustainable rate: the highest offered rate whose SLO attainment is
-  at least `threshold` (90 %), found by bisection over a list of rates.
+  at least `threshold` (90 %), found by probing a list of rates in rising
+  order up to the first one that fails; a figure with no failing rate above
+  it (every listed rate passed, or the probes ran out of time) is only a
+  lower bound.
 """
 from __future__ import annotations
 
@@ -76,44 +79,50 @@ def summarize(records: Sequence[RequestRecord], elapsed_s: float, slo_ttft_s: fl
     }
 
 
+def _failing(points: dict, threshold: float) -> list:
+    return sorted(r for r, a in points.items() if a is not None and a < threshold)
+
+
 def max_sustainable_rate(points: dict, threshold: float = 0.9) -> Optional[float]:
-    """Highest rate in `points` ({rate: attainment}) whose attainment >= threshold (None if none)."""
-    ok = [r for r, a in points.items() if a is not None and a >= threshold]
+    """Highest rate in `points` ({rate: attainment}) that met `threshold`, below the lowest failing one
+    (None if none did)."""
+    fails = _failing(points, threshold)
+    ceiling = fails[0] if fails else float("inf")
+    ok = [r for r, a in points.items() if a is not None and a >= threshold and r < ceiling]
     return max(ok) if ok else None
+
+
+def rate_is_lower_bound(points: dict, threshold: float = 0.9) -> bool:
+    """True when no measured rate failed: the sustainable rate may lie above every rate measured."""
+    return not _failing(points, threshold)
 
 
 def search_rates(rates: Sequence[float], probe: Callable[[float], Optional[float]], threshold: float = 0.9,
                  known: Optional[dict] = None) -> dict:
-    """Bisection over sorted `rates` for the highest one with attainment >= threshold.
+    """Probe `rates` in rising order, from just above the highest known passing rate, up to the first one
+    that fails.
 
     Assumes attainment falls as the rate rises. `probe(rate)` returns the SLO
     attainment at that rate, or None when it ran out of time (the search stops
-    there). `known` holds already-measured {rate: attainment} (e.g. the main
-    run) and is used instead of probing where the search lands on those rates.
-    Returns every measured {rate: attainment} point, `known` included.
+    there: the result is then a lower bound). `known` holds already-measured
+    {rate: attainment} points (e.g. the main run): the scan starts above the
+    highest of them that passed (below the lowest that failed) and never
+    probes at or past a known failing rate. Returns every measured {rate:
+    attainment} point, `known` included.
     """
-    rates = sorted(set(float(r) for r in rates))
     points = {float(k): v for k, v in (known or {}).items()}
-    lo, hi = -1, len(rates)  # rates[lo] passes (or none), rates[hi] fails (or none)
-    # narrow with the known points first (they cost nothing), by monotonicity
-    for r, a in points.items():
-        if a is None:
+    fails = _failing(points, threshold)
+    ceiling = fails[0] if fails else float("inf")
+    floor = max((r for r, a in points.items() if a is not None and a >= threshold and r < ceiling), default=-1.0)
+    for rate in sorted(set(float(r) for r in rates)):
+        if rate <= floor or rate in points:
             continue
-        if a >= threshold:  # every listed rate <= r passes too
-            lo = max(lo, int(np.searchsorted(rates, r, side="right")) - 1)
-        else:  # every listed rate >= r fails too
-            hi = min(hi, int(np.searchsorted(rates, r, side="left")))
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        r = rates[mid]
-        a = points.get(r)
+        if rate >= ceiling:
+            break
+        a = probe(rate)
         if a is None:
-            a = probe(r)
-            if a is None:
-                break
-            points[r] = a
-        if a >= threshold:
-            lo = mid
-        else:
-            hi = mid
+            break
+        points[rate] = a
+        if a < threshold:
+            break
     return points

@@ -1,26 +1,31 @@
 """`slora-jax bench`: replay S-LoRA's workload in real time against the engine.
 
 One invocation serves one setting (configs/bench-*.json) for each n in its
-`n_adapters` list, all in this process, in this order:
+`n_adapters` list, all in this process. Offered load (the default), in order:
 
 1. HF PEFT baseline (peft_baseline.py) for each n up to `peft.n_cap`, on the
    head of the trace (`peft.duration_s`), stopped at `peft.time_limit_s`. It
    runs first, before JAX touches the device, and gives its GPU memory back
    when done, so that the engine's pool can then take most of the device.
 2. The engine: random weights of the model preset, max(n) synthetic adapters
-   (q,k,v,o; ranks round-robin), a warm-up replay (compiles the step programs
-   the workload hits), then
+   (q,k,v,o; ranks round-robin), every step program compiled (warm-up), then
 3. the base model alone (every request adapter=None) on the same trace: the
    ceiling LoRA serving is measured against;
 4. the S-LoRA run for each n (the same arrivals and lengths; only the adapter
-   indices depend on n);
-5. a short bisection over `rate_search.rates` per n (largest n first) for the
-   highest rate whose SLO attainment is >= `rate_search.threshold`, with
-   whatever is left of `time_budget_s` (probes stop as soon as every request's
-   first-token outcome is known).
+   indices depend on n), the trace offered at its rate: its throughput is
+   bounded by that rate;
+5. the maximum sustainable rate per n (largest n first): `rate_search.rates`
+   probed in rising order up to the first whose SLO attainment falls below
+   `rate_search.threshold`, with whatever is left of `time_budget_s`.
+
+Saturated (`--set saturate=true`): the capacity, not an offered load. Steps
+2-4 with `saturate_requests` requests all offered at once, base-only and each
+n on the same requests; no PEFT, no rate search. Each n's result carries
+`lora_vs_base` (its throughput over base-only's, same process).
 
 Every phase is time-bounded (see `DEFAULTS`). Results go to
-`<out>/<setting>-<n>.json`; report.py turns them into BENCHMARKS.md and plots.
+`<out>/<setting>-<n>.json` (saturated: `<out>/<setting>-sat-<n>.json`);
+report.py turns them into BENCHMARKS.md and plots.
 """
 from __future__ import annotations
 
@@ -64,11 +69,17 @@ DEFAULTS: dict = {
     "time_budget_grace_s": 30.0,  # main runs are cut at time_budget_s + this (results are written as they come)
     "kernels": "auto",
     "dtype": "bfloat16",
-    "engine": {},  # EngineConfig overrides: max_running, max_batch_tokens, num_pages | mem_fraction, ...
+    "engine": {},  # EngineConfig overrides: max_batch_tokens, num_pages | mem_fraction, max_running (default: what the
+    # KV pages hold), ...
     "warmup": {"rate": 10.0, "duration_s": 20.0, "max_drain_s": 40.0},  # per pass (LoRA, then base-only)
     "base_only": True,
-    "rate_search": {"enabled": True, "rates": [2, 4, 6, 8, 10, 12, 16, 20, 24], "probe_s": 15.0, "threshold": 0.9,
-                    "max_probes": 4},
+    "rate_search": {"enabled": True, "rates": [2, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 56, 64], "probe_s": 15.0,
+                    "threshold": 0.9, "max_probes": 4},
+    # saturated mode: `saturate_requests` requests of the setting's lengths and adapters, all offered at once;
+    # each run stops `saturate_max_s` after its start (unfinished requests count as such)
+    "saturate": False,
+    "saturate_requests": 1000,
+    "saturate_max_s": 240.0,
     "peft": {"enabled": True, "n_cap": 100, "duration_s": 30.0, "time_limit_s": 60.0, "max_batch": 32,
              "device": None, "subprocess": False},  # subprocess: run it in a child process (torch apart from JAX)
     "adapter_host_memory": "auto",  # distinct | shared | auto (shared above adapter_host_budget_gb)
@@ -282,9 +293,193 @@ def _stats_delta(before: dict, after: dict) -> dict:
     return {k: after.get(k, 0) - before.get(k, 0) for k in keys}
 
 
-def _peft_phase(cfg: dict, model_path: str, model_cfg, ns: list, traces: dict, prompts: list,
-                deadline: float) -> dict:
+@dataclasses.dataclass
+class Plan:
+    """What a run serves and within which time, decided before anything touches the device."""
+
+    cfg: dict
+    config_path: str
+    out_dir: str
+    model_path: str
+    model_cfg: object
+    ns: list
+    ranks: list
+    traces: dict  # n -> Trace (the same arrivals and lengths for every n)
+    prompts: list
+    t_start: float
+    deadline: float  # optional phases (PEFT, warm-up, rate search) stop here
+    hard_deadline: float  # main runs are cut here
+    date: str
+    command: str
+
+    @property
+    def slo(self) -> float:
+        return float(self.cfg["slo_ttft_s"])
+
+    @property
+    def saturate(self) -> bool:
+        return bool(self.cfg.get("saturate"))
+
+    def trace(self, n: int, rate: float, duration_s: float, seed: int) -> Trace:
+        c = self.cfg
+        return generate_trace(n, rate, duration_s, c["cv"], c["alpha"], c["input_range"], c["output_range"], seed)
+
+
+def plan_run(config_path: str, out_dir: str, overrides: Optional[dict] = None) -> Plan:
+    """The configuration, the model's shape, the traces and prompts, the deadlines."""
+    cfg = load_config(config_path, overrides)
+    t_start = time.monotonic()
+    deadline = t_start + float(cfg["time_budget_s"])
+    model_path = _resolve_model(cfg["model"], config_path)
+    model_cfg, _ = load_model_config(model_path)
+    ns = sorted(int(n) for n in cfg["n_adapters"])
+    plan = Plan(cfg, config_path, out_dir, model_path, model_cfg, ns, [int(r) for r in cfg["ranks"]], {}, [],
+                t_start, deadline, deadline + float(cfg.get("time_budget_grace_s", 30.0)),
+                datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                f"slora-jax bench --config {config_path} --out {out_dir}" + "".join(
+                    f" --set {k}={v}" for k, v in (overrides or {}).items()))
+    rate, duration = float(cfg["rate"]), float(cfg["duration_s"])
+    if plan.saturate:  # the requests of a trace at the setting's rate, long enough to hold them all
+        duration = (int(cfg["saturate_requests"]) + 0.5) / rate
+    seed = int(cfg["seed"])
+    plan.traces = {n: plan.trace(n, rate, duration, seed) for n in ns}
+    if plan.saturate:
+        plan.traces = {n: tr.at_once() for n, tr in plan.traces.items()}
+    plan.prompts = make_prompts(plan.traces[ns[0]], model_cfg.vocab_size, seed)  # the same lengths for every n
+    assert all(np.array_equal(plan.traces[n].prompt_len, plan.traces[ns[0]].prompt_len) for n in ns)
+    log.info("setting %s: model %s, n=%s, ranks %s, %s, %d requests", cfg["setting"], model_cfg.name, ns,
+             plan.ranks, "all offered at once" if plan.saturate else f"{rate:g} req/s over {duration:g} s",
+             len(plan.traces[ns[0]]))
+    return plan
+
+
+@dataclasses.dataclass
+class Served:
+    """The engine of a run and what it was set up with."""
+
+    llm: object
+    adapters_info: dict
+    engine_info: dict
+    setup_s: float
+    warmup_s: float = 0.0
+    programs_after_warmup: int = 0
+
+    @property
+    def engine(self):
+        return self.llm.engine
+
+    def programs(self) -> int:
+        return self.engine.runner.cache_size()
+
+    def stats(self) -> dict:
+        return self.llm.stats()
+
+
+def start_engine(plan: Plan) -> Served:
+    """Random weights of the preset, the pool, the synthetic adapters of the largest n."""
+    import jax
+
+    cfg = plan.cfg
+    if cfg.get("compile_cache_dir"):
+        jax.config.update("jax_compilation_cache_dir", cfg["compile_cache_dir"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    from ..api import LLM
+
+    t = time.monotonic()
+    llm = LLM(plan.model_path, max_rank=max(plan.ranks), dtype=cfg["dtype"], kernels=cfg["kernels"],
+              seed=int(cfg["seed"]), **cfg["engine"])
+    adapters_info = register_adapters(llm, plan.ns[-1], plan.ranks, cfg["modules"], cfg["adapter_host_memory"],
+                                      float(cfg["adapter_host_budget_gb"]), int(cfg["seed"]))
+    st = llm.stats()
+    engine_info = dataclasses.asdict(llm.engine_cfg)
+    engine_info.update({"num_pages": st["pages_total"], "pool_bytes": st["pool_bytes"], "kernels": st["kernels"],
+                        "max_running": llm.engine.scheduler.max_running})
+    return Served(llm, adapters_info, engine_info, time.monotonic() - t)
+
+
+def warm_up(plan: Plan, served: Served) -> None:
+    """Compile every step program, then (optionally) replay a short trace to warm everything else.
+
+    Batches without any adapter run a program without LoRA, so the base-only run gets a pass of its own."""
+    cfg, wc, engine = plan.cfg, plan.cfg["warmup"], served.engine
+    t = time.monotonic()
+    n_bucket_programs = engine.warmup(lora=True)  # every bucket shape, with and without LoRA, compiled in parallel
+    log.info("compiled %d step programs (every bucket shape) in %.1f s", n_bucket_programs, time.monotonic() - t)
+    if float(wc.get("duration_s", 0)) > 0:
+        seed = int(cfg["seed"]) + 1
+        wtrace = plan.trace(plan.ns[-1], float(wc["rate"]), float(wc["duration_s"]), seed)
+        wprompts = make_prompts(wtrace, plan.model_cfg.vocab_size, seed)
+        passes = [("warm-up", lambda i: adapter_name(int(wtrace.adapter[i])))]
+        if cfg.get("base_only", True):
+            passes.append(("warm-up base-only", lambda i: None))
+        for desc, adapter_of in passes:
+            wr = replay(engine, wtrace, adapter_of, wprompts, plan.slo, max_drain_s=float(wc["max_drain_s"]),
+                        deadline=plan.deadline, desc=desc, progress=bool(cfg["progress"]))
+            log.info("%s: %d requests, %.1f s, stopped: %s, %d compiled programs", desc, len(wr.records),
+                     time.monotonic() - t, wr.stopped, served.programs())
+    served.warmup_s = time.monotonic() - t
+    served.programs_after_warmup = served.programs()
+
+
+def timed_run(plan: Plan, served: Served, trace: Trace, adapter_of, desc: str) -> dict:
+    """One replay of `trace` (the plan's prompts), summarized; cut at the hard deadline."""
+    before, p0 = served.stats(), served.programs()
+    drain = float(plan.cfg["saturate_max_s"] if plan.saturate else plan.cfg["max_drain_s"])
+    rep = replay(served.engine, trace, adapter_of, plan.prompts, plan.slo, max_drain_s=drain,
+                 deadline=plan.hard_deadline, desc=desc, progress=bool(plan.cfg["progress"]))
+    s = metrics.summarize(rep.records, rep.elapsed_s, plan.slo)
+    s.update({"stopped": rep.stopped, "compiled_during": served.programs() - p0,
+              "engine": _stats_delta(before, served.stats())})
+    log.info("%s: %.3f req/s, %.1f tok/s, avg latency %.2f s, avg ttft %.2f s, SLO %.2f, stopped: %s", desc,
+             s["throughput_req_s"], s["tokens_per_s"], s["avg_latency_s"] or -1, s["avg_ttft_s"] or -1,
+             s["slo_attainment"] or 0.0, s["stopped"])
+    return s
+
+
+def lora_run(plan: Plan, served: Served, n: int) -> dict:
+    tr = plan.traces[n]
+    return timed_run(plan, served, tr, lambda i: adapter_name(int(tr.adapter[i])), f"{plan.cfg['setting']} n={n}")
+
+
+def base_only_run(plan: Plan, served: Served) -> Optional[dict]:
+    """The base model alone on the same requests (None where the setting turns it off)."""
+    if not plan.cfg.get("base_only", True):
+        return None
+    return timed_run(plan, served, plan.traces[plan.ns[0]], lambda i: None, "base-only")
+
+
+def search_rate(plan: Plan, served: Served, n: int, known: dict, budget_s: float) -> tuple[dict, str]:
+    """The maximum sustainable rate at n within `budget_s`: (every measured {rate: attainment}, a note)."""
+    rs, cfg = plan.cfg["rate_search"], plan.cfg
+    probe_cost = float(rs["probe_s"]) + plan.slo + 2.0
+    budget_s = min(budget_s, probe_cost * int(rs.get("max_probes", 4)))
+    t_n = time.monotonic()
+    probed: list = []
+    out_of_time: list = []
+    seed = int(cfg["seed"]) + 2
+
+    def probe(rate: float):
+        if time.monotonic() - t_n + probe_cost > budget_s:
+            out_of_time.append(rate)
+            return None
+        tr = plan.trace(n, rate, float(rs["probe_s"]), seed)
+        rep = replay(served.engine, tr, lambda i: adapter_name(int(tr.adapter[i])),
+                     make_prompts(tr, plan.model_cfg.vocab_size, seed), plan.slo, max_drain_s=plan.slo + 1.0,
+                     stop_when_slo_known=True, deadline=min(time.monotonic() + 2 * probe_cost, plan.hard_deadline),
+                     desc=f"rate {rate:g} n={n}", progress=bool(cfg["progress"]))
+        a = metrics.slo_attainment(rep.records, plan.slo)
+        probed.append(rate)
+        log.info("probe n=%d rate %g: SLO attainment %.3f (%d requests)", n, rate, a or 0.0, len(rep.records))
+        return a
+
+    points = metrics.search_rates(rs["rates"], probe, float(rs["threshold"]), known=known)
+    return points, rate_note(points, rs, probed, bool(out_of_time), float(cfg["rate"]))
+
+
+def _peft_phase(plan: Plan) -> dict:
     """n -> (PEFT summary or None, note), for every n. One PEFT model (the largest n within the cap) serves all."""
+    cfg, model_path, model_cfg, ns = plan.cfg, plan.model_path, plan.model_cfg, plan.ns
+    traces, prompts, deadline = plan.traces, plan.prompts, plan.deadline
     pc = cfg["peft"]
     out: dict = {}
     if not pc.get("enabled", True):
@@ -351,203 +546,153 @@ def _peft_phase(cfg: dict, model_path: str, model_cfg, ns: list, traces: dict, p
 def rate_note(points: dict, rs: dict, probed: list, out_of_time: bool, main_rate: float) -> str:
     thr = float(rs["threshold"])
     best = metrics.max_sustainable_rate(points, thr)
-    head = (f"max sustainable rate (SLO attainment >= {thr:g}): bisection over {sorted(rs['rates'])} req/s with "
-            f"{rs['probe_s']:g} s probes and the main run at {main_rate:g} req/s; probed {sorted(probed)}")
+    head = (f"max sustainable rate (SLO attainment >= {thr:g}): rates {sorted(rs['rates'])} req/s probed in rising "
+            f"order up to the first that fails, {rs['probe_s']:g} s probes, the main run at {main_rate:g} req/s; "
+            f"probed {sorted(probed)}")
     if out_of_time:
-        head += "; the search stopped early (time budget), so the figure is a lower bound"
+        head += "; the probes stopped early (time budget)"
     if best is None:
         return head + "; no measured rate met the target"
-    if best >= max(max(rs["rates"]), main_rate):
-        return head + f"; even the highest rate ({best:g} req/s) met the target: a lower bound"
+    if metrics.rate_is_lower_bound(points, thr):
+        return head + f"; no measured rate failed, so {best:g} req/s is a lower bound"
     return head
 
 
-def run_from_config(config_path: str, out_dir: str, overrides: Optional[dict] = None) -> list[dict]:
-    """Run the setting of `config_path` (with `--set` overrides); write and return one result per n.
+def _notes(plan: Plan, served: Served, s: dict, base: Optional[dict], extra: Sequence[str]) -> list:
+    notes = [x for x in extra if x]
+    if s["stopped"] != "done":
+        notes.append(f"the run was cut ({s['stopped']}) with {s['unfinished']} of {s['requests']} requests "
+                     "unfinished; throughput counts the finished ones over the run's wall time")
+    if s["compiled_during"]:
+        notes.append(f"{s['compiled_during']} step programs were compiled during the timed run (warm-up did not "
+                     "cover them); their compile time is inside these figures")
+    if base and base["compiled_during"]:
+        notes.append(f"{base['compiled_during']} step programs were compiled during the base-only run")
+    if base and base["stopped"] != "done":
+        notes.append(f"the base-only run was cut ({base['stopped']}) with {base['unfinished']} requests unfinished")
+    if served.adapters_info["adapter_host_memory"] == "shared":
+        notes.append("the synthetic adapters share one host buffer per rank (to fit host memory); a swap-in "
+                     "copies the same bytes as with distinct buffers")
+    if plan.saturate:
+        notes.append(f"saturated: all {s['requests']} requests offered at once; throughput = finished requests / "
+                     "the wall time from the first arrival to the last finish (the drain of the last ones included)")
+    elif float(plan.cfg["duration_s"]) < 120:
+        notes.append(f"a {plan.cfg['duration_s']:g} s trace ({s['requests']} requests) at an offered "
+                     f"{plan.cfg['rate']:g} req/s where S-LoRA's Table 3 ran 120 s; throughput is bounded by the "
+                     "offered rate (up to the trace's sampling noise)")
+    return notes
 
-    Each `<out>/<setting>-<n>.json` is written as soon as its main run is done
-    and rewritten once its rate search is, so a run killed late keeps them.
-    """
-    cfg = load_config(config_path, overrides)
-    t_start = time.monotonic()
-    deadline = t_start + float(cfg["time_budget_s"])  # optional phases stop here
-    hard_deadline = deadline + float(cfg.get("time_budget_grace_s", 30.0))  # main runs are cut here
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = f"slora-jax bench --config {config_path} --out {out_dir}" + "".join(
-        f" --set {k}={v}" for k, v in (overrides or {}).items())
-    model_path = _resolve_model(cfg["model"], config_path)
-    model_cfg, _ = load_model_config(model_path)
-    ns = sorted(int(n) for n in cfg["n_adapters"])
-    ranks = [int(r) for r in cfg["ranks"]]
-    slo = float(cfg["slo_ttft_s"])
-    seed = int(cfg["seed"])
-    progress = bool(cfg["progress"])
-    rs = cfg["rate_search"]
 
-    def trace_for(n: int, rate: float, duration: float, seed: int) -> Trace:
-        return generate_trace(n, rate, duration, cfg["cv"], cfg["alpha"], cfg["input_range"], cfg["output_range"],
-                              seed)
-
-    traces = {n: trace_for(n, cfg["rate"], cfg["duration_s"], seed) for n in ns}
-    prompts = make_prompts(traces[ns[0]], model_cfg.vocab_size, seed)  # the lengths are the same for every n
-    assert all(np.array_equal(traces[n].prompt_len, traces[ns[0]].prompt_len) for n in ns)
-    log.info("setting %s: model %s, n=%s, ranks %s, rate %g req/s, %d requests over %g s", cfg["setting"],
-             model_cfg.name, ns, ranks, cfg["rate"], len(traces[ns[0]]), cfg["duration_s"])
-
-    # 1. HF PEFT, before JAX takes the device
-    peft = _peft_phase(cfg, model_path, model_cfg, ns, traces, prompts, deadline)
-
-    # 2. the engine
+def result(plan: Plan, served: Served, n: int, s: dict, base: Optional[dict], points: dict, notes: list,
+           peft_s: Optional[dict] = None) -> dict:
+    """One n's result JSON."""
     import jax
 
-    if cfg.get("compile_cache_dir"):
-        jax.config.update("jax_compilation_cache_dir", cfg["compile_cache_dir"])
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    from ..api import LLM
-
-    t = time.monotonic()
-    llm = LLM(model_path, max_rank=max(ranks), dtype=cfg["dtype"], kernels=cfg["kernels"], seed=seed,
-              **cfg["engine"])
-    engine = llm.engine
-    adapters_info = register_adapters(llm, ns[-1], ranks, cfg["modules"], cfg["adapter_host_memory"],
-                                      float(cfg["adapter_host_budget_gb"]), seed)
-    setup_s = time.monotonic() - t
-    st = llm.stats()
-    engine_info = dataclasses.asdict(llm.engine_cfg)
-    engine_info.update({"num_pages": st["pages_total"], "pool_bytes": st["pool_bytes"], "kernels": st["kernels"]})
-    n_programs = engine.runner.cache_size
-
-    # warm-up: compile every step program, then (optionally) replay a short trace to warm everything else.
-    # Batches without any adapter run a program without LoRA, so the base-only run gets a pass of its own.
-    wc = cfg["warmup"]
-    t = time.monotonic()
-    n_bucket_programs = engine.warmup(lora=True)  # every bucket shape, with and without LoRA, compiled in parallel
-    log.info("compiled %d step programs (every bucket shape) in %.1f s", n_bucket_programs, time.monotonic() - t)
-    if float(wc.get("duration_s", 0)) > 0:
-        wtrace = trace_for(ns[-1], float(wc["rate"]), float(wc["duration_s"]), seed + 1)
-        wprompts = make_prompts(wtrace, model_cfg.vocab_size, seed + 1)
-        passes = [("warm-up", lambda i: adapter_name(int(wtrace.adapter[i])))]
-        if cfg.get("base_only", True):
-            passes.append(("warm-up base-only", lambda i: None))
-        for desc, adapter_of in passes:
-            wr = replay(engine, wtrace, adapter_of, wprompts, slo, max_drain_s=float(wc["max_drain_s"]),
-                        deadline=deadline, desc=desc, progress=progress)
-            log.info("%s: %d requests, %.1f s, stopped: %s, %d compiled programs", desc, len(wr.records),
-                     time.monotonic() - t, wr.stopped, n_programs())
-    warmup_s = time.monotonic() - t
-    programs_after_warmup = n_programs()
-
-    def timed_run(trace: Trace, adapter_of, desc: str) -> dict:
-        before, p0 = llm.stats(), n_programs()
-        rep = replay(engine, trace, adapter_of, prompts, slo, max_drain_s=float(cfg["max_drain_s"]),
-                     deadline=hard_deadline, desc=desc, progress=progress)
-        s = metrics.summarize(rep.records, rep.elapsed_s, slo)
-        s.update({"stopped": rep.stopped, "compiled_during": n_programs() - p0,
-                  "engine": _stats_delta(before, llm.stats())})
-        return s
-
-    # 3. the base model alone on the same trace
-    base = None
-    if cfg.get("base_only", True):
-        base = timed_run(traces[ns[0]], lambda i: None, "base-only")
-        log.info("base only: %.3f req/s, %.1f tok/s, SLO %.2f, stopped: %s", base["throughput_req_s"],
-                 base["tokens_per_s"], base["slo_attainment"] or 0.0, base["stopped"])
-
-    dev, commit = device_name(), git_commit()
-    os.makedirs(out_dir, exist_ok=True)
-
-    def result(n: int, s: dict, points: dict, search_note: str) -> dict:
-        peft_s, peft_note = peft.get(n, (None, "HF PEFT not run"))
-        notes = [peft_note, search_note]
-        if s["stopped"] != "done":
-            notes.append(f"the run was cut ({s['stopped']}) with {s['unfinished']} of {s['requests']} requests "
-                         "unfinished; throughput counts the finished ones over the run's wall time")
-        if s["compiled_during"]:
-            notes.append(f"{s['compiled_during']} step programs were compiled during the timed run (warm-up did not "
-                         "cover them); their compile time is inside these figures")
-        if base and base["compiled_during"]:
-            notes.append(f"{base['compiled_during']} step programs were compiled during the base-only run")
-        if adapters_info["adapter_host_memory"] == "shared":
-            notes.append("the synthetic adapters share one host buffer per rank (to fit host memory); a swap-in "
-                         "copies the same bytes as with distinct buffers")
-        if float(cfg["duration_s"]) < 120:
-            notes.append(f"a {cfg['duration_s']:g} s trace ({s['requests']} requests) where S-LoRA's Table 3 ran "
-                         "120 s; throughput is bounded by the offered rate (up to the trace's sampling noise)")
-        return {
-            "setting": cfg["setting"], "model": model_cfg.name, "model_config": cfg["model"], "n_adapters": n,
-            "ranks": ranks, "modules": list(cfg["modules"]), "rate": float(cfg["rate"]), "cv": float(cfg["cv"]),
-            "alpha": float(cfg["alpha"]), "duration_s": float(cfg["duration_s"]),
-            "input_range": list(cfg["input_range"]), "output_range": list(cfg["output_range"]), "seed": seed,
-            "slo_ttft_s": slo,
-            "requests": s["requests"], "throughput_req_s": s["throughput_req_s"], "tokens_per_s": s["tokens_per_s"],
-            "avg_latency_s": s["avg_latency_s"], "avg_ttft_s": s["avg_ttft_s"], "slo_attainment": s["slo_attainment"],
-            "max_sustainable_rate": metrics.max_sustainable_rate(points, float(rs["threshold"])),
+    cfg, rs = plan.cfg, plan.cfg["rate_search"]
+    thr = float(rs["threshold"])
+    base_tp = None if base is None else base["throughput_req_s"]
+    out = {
+        "setting": cfg["setting"], "model": plan.model_cfg.name, "model_config": cfg["model"], "n_adapters": n,
+        "ranks": plan.ranks, "modules": list(cfg["modules"]), "saturated": plan.saturate, "rate": float(cfg["rate"]),
+        "cv": float(cfg["cv"]), "alpha": float(cfg["alpha"]), "duration_s": float(cfg["duration_s"]),
+        "input_range": list(cfg["input_range"]), "output_range": list(cfg["output_range"]),
+        "seed": int(cfg["seed"]), "slo_ttft_s": plan.slo,
+        "requests": s["requests"], "throughput_req_s": s["throughput_req_s"], "tokens_per_s": s["tokens_per_s"],
+        "avg_latency_s": s["avg_latency_s"], "avg_ttft_s": s["avg_ttft_s"], "slo_attainment": s["slo_attainment"],
+        "base_only_throughput_req_s": base_tp,
+        "base_only_tokens_per_s": None if base is None else base["tokens_per_s"],
+        "lora_vs_base": s["throughput_req_s"] / base_tp if base_tp else None,
+        "max_running": served.engine_info["max_running"],
+        "device": device_name(), "jax_version": jax.__version__, "git_commit": git_commit(), "date": plan.date,
+        "command": plan.command, "notes": notes, "run": s, "base_only": base,
+        "engine": served.engine_info, "adapters": served.adapters_info,
+        "timing": {"setup_s": served.setup_s, "warmup_s": served.warmup_s,
+                   "total_s": time.monotonic() - plan.t_start,
+                   "compiled_programs_after_warmup": served.programs_after_warmup,
+                   "compiled_programs": served.programs()},
+    }
+    if not plan.saturate:
+        out.update({
+            "max_sustainable_rate": metrics.max_sustainable_rate(points, thr),
+            "max_sustainable_rate_is_lower_bound": metrics.rate_is_lower_bound(points, thr),
             "baseline_peft_throughput_req_s": None if peft_s is None else peft_s["throughput_req_s"],
-            "base_only_throughput_req_s": None if base is None else base["throughput_req_s"],
-            "device": dev, "jax_version": jax.__version__, "git_commit": commit, "date": date, "command": command,
-            "notes": notes,
-            "run": s, "base_only": base, "peft": peft_s,
-            "rate_search": {"threshold": float(rs["threshold"]), "probe_s": float(rs["probe_s"]),
+            "peft": peft_s,
+            "rate_search": {"threshold": thr, "probe_s": float(rs["probe_s"]), "rates": sorted(rs["rates"]),
                             "points": {f"{k:g}": v for k, v in sorted(points.items())}},
-            "engine": engine_info, "adapters": adapters_info,
-            "timing": {"setup_s": setup_s, "warmup_s": warmup_s, "total_s": time.monotonic() - t_start,
-                       "compiled_programs_after_warmup": programs_after_warmup,
-                       "compiled_programs": n_programs()},
-        }
+        })
+    return out
 
-    def write(res: dict) -> None:
-        path = os.path.join(out_dir, f"{res['setting']}-{res['n_adapters']}.json")
-        with open(path, "w") as f:
-            json.dump(res, f, indent=1)
-        log.info("wrote %s", path)
 
-    # 4. S-LoRA at each n
+def write_result(plan: Plan, res: dict) -> str:
+    tag = "-sat" if res.get("saturated") else ""
+    path = os.path.join(plan.out_dir, f"{res['setting']}{tag}-{res['n_adapters']}.json")
+    os.makedirs(plan.out_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    log.info("wrote %s", path)
+    return path
+
+
+def run_saturated(plan: Plan, served: Served) -> list[dict]:
+    """Base-only, then each n, on the same requests offered at once; one result per n."""
+    base = base_only_run(plan, served)
+    results = []
+    for n in plan.ns:
+        if time.monotonic() > plan.hard_deadline - 5:
+            log.error("time budget used up: no saturated run for n=%d (raise time_budget_s or split n_adapters)", n)
+            continue
+        s = lora_run(plan, served, n)
+        res = result(plan, served, n, s, base, {}, _notes(plan, served, s, base, ()))
+        write_result(plan, res)
+        results.append(res)
+        if res["lora_vs_base"] is not None:
+            log.info("%s n=%d saturated: %.2f req/s, base only %.2f, LoRA / base %.3f, max_running %d",
+                     plan.cfg["setting"], n, res["throughput_req_s"], res["base_only_throughput_req_s"],
+                     res["lora_vs_base"], res["max_running"])
+    return results
+
+
+def run_offered(plan: Plan, served: Served, peft: dict) -> list[dict]:
+    """Base-only, each n at the offered rate, then the rate search (largest n first); one result per n.
+
+    Each result is written as soon as its main run is done and rewritten once its rate search is, so a
+    run killed late keeps them."""
+    cfg, rs = plan.cfg, plan.cfg["rate_search"]
+    base = base_only_run(plan, served)
     main: dict = {}
     results: dict = {}
-    for n in ns:
-        if time.monotonic() > hard_deadline - 5:
+
+    def emit(n: int, points: dict, search_note: str) -> None:
+        peft_s, peft_note = peft.get(n, (None, "HF PEFT not run"))
+        results[n] = result(plan, served, n, main[n], base, points,
+                            _notes(plan, served, main[n], base, (peft_note, search_note)), peft_s)
+        write_result(plan, results[n])
+
+    for n in plan.ns:
+        if time.monotonic() > plan.hard_deadline - 5:
             log.error("time budget used up: no run for n=%d (raise time_budget_s or split n_adapters)", n)
             continue
-        tr = traces[n]
-        s = timed_run(tr, lambda i, tr=tr: adapter_name(int(tr.adapter[i])), f"{cfg['setting']} n={n}")
-        main[n] = s
-        log.info("%s n=%d: %.3f req/s, %.1f tok/s, avg latency %.2f s, avg ttft %.2f s, SLO %.2f, stopped: %s",
-                 cfg["setting"], n, s["throughput_req_s"], s["tokens_per_s"], s["avg_latency_s"] or -1,
-                 s["avg_ttft_s"] or -1, s["slo_attainment"] or 0.0, s["stopped"])
-        results[n] = result(n, s, {float(cfg["rate"]): s["slo_attainment"]}, "max sustainable rate: not searched yet")
-        write(results[n])
-
-    # 5. maximum sustainable rate, with what is left of the budget: the largest n first (the hardest case,
-    # and the one S-LoRA's goals name), so a short budget still searches where it matters
-    done = [n for n in reversed(ns) if n in main]
+        main[n] = lora_run(plan, served, n)
+        emit(n, {float(cfg["rate"]): main[n]["slo_attainment"]}, "max sustainable rate: not searched yet")
+    # the largest n first (the hardest case, and the one S-LoRA's goals name), so a short budget still
+    # searches where it matters
+    done = [n for n in reversed(plan.ns) if n in main]
     for k, n in enumerate(done):
         known = {float(cfg["rate"]): main[n]["slo_attainment"]}
         if not rs.get("enabled", True):
-            results[n] = result(n, main[n], known, "max sustainable rate: search disabled (rate_search.enabled)")
-            write(results[n])
+            emit(n, known, "max sustainable rate: search disabled (rate_search.enabled)")
             continue
-        probe_cost = float(rs["probe_s"]) + slo + 2.0
-        budget_n = min((deadline - time.monotonic()) / (len(done) - k), probe_cost * int(rs.get("max_probes", 4)))
-        t_n = time.monotonic()
-        probed: list = []
-        out_of_time: list = []
+        points, note = search_rate(plan, served, n, known, (plan.deadline - time.monotonic()) / (len(done) - k))
+        emit(n, points, note)
+    return [results[n] for n in plan.ns if n in results]
 
-        def probe(rate: float, n=n, t_n=t_n, budget_n=budget_n, probed=probed, out_of_time=out_of_time):
-            if time.monotonic() - t_n + probe_cost > budget_n:
-                out_of_time.append(rate)
-                return None
-            tr = trace_for(n, rate, float(rs["probe_s"]), seed + 2)
-            rep = replay(engine, tr, lambda i: adapter_name(int(tr.adapter[i])),
-                         make_prompts(tr, model_cfg.vocab_size, seed + 2), slo, max_drain_s=slo + 1.0,
-                         stop_when_slo_known=True, deadline=min(time.monotonic() + 2 * probe_cost, hard_deadline),
-                         desc=f"rate {rate:g} n={n}", progress=progress)
-            a = metrics.slo_attainment(rep.records, slo)
-            probed.append(rate)
-            log.info("probe n=%d rate %g: SLO attainment %.3f (%d requests)", n, rate, a or 0.0, len(rep.records))
-            return a
 
-        points = metrics.search_rates(rs["rates"], probe, float(rs["threshold"]), known=known)
-        results[n] = result(n, main[n], points, rate_note(points, rs, probed, bool(out_of_time), cfg["rate"]))
-        write(results[n])
-    log.info("setting %s done in %.0f s", cfg["setting"], time.monotonic() - t_start)
-    return [results[n] for n in ns if n in results]
+def run_from_config(config_path: str, out_dir: str, overrides: Optional[dict] = None) -> list[dict]:
+    """Run the setting of `config_path` (with `--set` overrides); write and return one result per n."""
+    plan = plan_run(config_path, out_dir, overrides)
+    peft = {} if plan.saturate else _peft_phase(plan)  # before JAX takes the device
+    served = start_engine(plan)
+    warm_up(plan, served)
+    results = run_saturated(plan, served) if plan.saturate else run_offered(plan, served, peft)
+    log.info("setting %s done in %.0f s", plan.cfg["setting"], time.monotonic() - plan.t_start)
+    return results

@@ -45,6 +45,10 @@ class Trace:
         k = int(np.searchsorted(self.arrival_s, duration_s, side="right"))
         return Trace(self.arrival_s[:k], self.adapter[:k], self.prompt_len[:k], self.output_len[:k], self.n_adapters)
 
+    def at_once(self) -> "Trace":
+        """The same requests, all arriving at time 0 (a saturated run: the capacity, not an offered load)."""
+        return dataclasses.replace(self, arrival_s=np.zeros_like(self.arrival_s))
+
     def scaled(self, factor: float) -> "Trace":
         """The same requests arriving `factor` times faster (arrival times divided by factor)."""
         return dataclasses.replace(self, arrival_s=self.arrival_s / factor)

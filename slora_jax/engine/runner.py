@@ -1,9 +1,13 @@
-"""The jitted model step (pool donated) and on-device sampling.
+"""The jitted model step (pool donated) and on-device sampling (sampling.py).
 
 A step takes the previous step's sampled tokens (`prev`, on the device) and
 returns its own, padded to the same fixed length: token rows the host could
 not fill (their token is still on the device) are gathered from `prev` inside
 the step, so the host never waits for a step before dispatching the next.
+The step program ends with each row's greedy token; a batch with a row that
+samples at random also runs a small sampling program over the step's logits,
+dispatched right behind it (no sort over the vocabulary unless some row asks
+for top-k / top-p, and then only its K most likely tokens).
 """
 from __future__ import annotations
 
@@ -23,28 +27,8 @@ from pallas_kernels import KernelSet
 from .. import parallel
 from ..model.inputs import StepInput
 from ..model.tp_kernels import shard_kernels
+from . import sampling
 from .batch import SamplingArrays
-
-
-def sample(logits: jax.Array, s: SamplingArrays) -> jax.Array:
-    """Greedy where temperature == 0; else temperature, top-k, top-p with a per-request seeded key.
-
-    The key of a request's n-th token is fold_in(PRNGKey(seed), n), so a seeded
-    request gives the same tokens whatever batch it runs in.
-    """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    x = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
-    order = jnp.argsort(-x, axis=-1)
-    xs = jnp.take_along_axis(x, order, axis=-1)
-    rank = jnp.arange(x.shape[-1])[None, :]
-    keep = (s.top_k[:, None] <= 0) | (rank < s.top_k[:, None])
-    probs = jax.nn.softmax(jnp.where(keep, xs, -jnp.inf), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before this token
-    keep &= before < s.top_p[:, None]
-    keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.PRNGKey(seed), n))(s.seeds, s.counters)
-    choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, xs, -jnp.inf))
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(s.temperature > 0, sampled, greedy)
 
 
 class ModelRunner:
@@ -61,6 +45,7 @@ class ModelRunner:
             self._replicated = parallel.replicated(mesh)
         self.kernels = kernels
         self._compiled: dict = {}  # input signature -> ahead-of-time compiled step (precompile)
+        self._samplers: dict = {}  # (k, logits and sampling signature) -> compiled sampling program
         self._compiled_lock = threading.Lock()
         # `prev` of a step that follows no step in flight. Committed like a step's output: jit keys its
         # cache on committedness, so an uncommitted array here would give each program a second entry.
@@ -75,6 +60,7 @@ class ModelRunner:
                              compiler_options=opts)
         self._logits = jax.jit(functools.partial(ModelRunner._logits_fn, self.graphdef, kernels),
                                donate_argnums=(1,), compiler_options=opts)
+        self._sample = jax.jit(sampling.sample, static_argnames="k")
 
     @staticmethod
     def _forward(graphdef, kernels, state, pool, inp: StepInput):
@@ -85,10 +71,13 @@ class ModelRunner:
 
     @classmethod
     def _step_fn(cls, graphdef, kernels, state, pool, inp: StepInput, samp: SamplingArrays, prev):
+        """-> (greedy tokens padded like `prev`, logits, pool). `samp` only keys the program by the batch's
+        shapes: its values are read by the sampling program (`step`), which rows at random need."""
+        del samp
         tokens = jnp.where(inp.feed >= 0, prev[jnp.maximum(inp.feed, 0)], inp.tokens)
         logits, pool = cls._forward(graphdef, kernels, state, pool, dataclasses.replace(inp, tokens=tokens))
-        sampled = sample(logits, samp)
-        return jnp.zeros_like(prev).at[: sampled.shape[0]].set(sampled), pool
+        best = sampling.greedy(logits)
+        return jnp.zeros_like(prev).at[: best.shape[0]].set(best), logits, pool
 
     @classmethod
     def _logits_fn(cls, graphdef, kernels, state, pool, inp: StepInput):
@@ -104,11 +93,14 @@ class ModelRunner:
 
         `prev`: the tokens returned by the step dispatched before this one, if `inp.feed` reads any."""
         prev = self.no_tokens if prev is None else prev
+        k = sampling.plan(samp)  # read on the host, from the batch's own arrays, before they move
         inp, samp = self._place(inp), self._place(samp)
         exe = self._compiled.get(_signature(inp, samp))
-        if exe is not None:
-            return exe(self.state, pool, inp, samp, prev)
-        return self._step(self.state, pool, inp, samp, prev)
+        tokens, logits, pool = (exe or self._step)(self.state, pool, inp, samp, prev)
+        if k is not None:
+            exe = self._samplers.get((k, _sampler_signature(logits, samp)))
+            tokens = exe(logits, samp, tokens) if exe is not None else self._sample(logits, samp, tokens, k=k)
+        return tokens, pool
 
     def precompile(self, pool, examples: list, workers: int | None = None) -> int:
         """Compile the step for every (StepInput, SamplingArrays) example shape, in parallel threads.
@@ -116,19 +108,33 @@ class ModelRunner:
         A Llama-7B step program takes ~8 s to compile on the H200 host and an engine has ~30 bucket
         shapes; XLA compiles outside the GIL, so threads turn minutes of warm-up into tens of seconds.
         Tracing and lowering hold the GIL, so they run one at a time in this thread, each program's
-        compile starting as soon as it is lowered. Returns how many programs were new.
+        compile starting as soon as it is lowered. The sampling programs of each shape (temperature
+        only, and top-k / top-p with the default candidates) are compiled too, so a request that samples
+        never waits for a compile; they are small and not counted. Returns how many step programs were new.
         """
         workers = workers or os.cpu_count() or 1
         futures: dict = {}
+        samplers: dict = {}
         with ThreadPoolExecutor(max(1, workers), thread_name_prefix="slora-compile") as compile_pool:
             for inp, samp in examples:  # each compile starts as soon as its program is lowered
                 inp, samp = self._place(inp), self._place(samp)
                 sig = _signature(inp, samp)
-                if sig not in self._compiled and sig not in futures:
-                    futures[sig] = compile_pool.submit(self.lower(pool, inp, samp).compile)
+                if sig in self._compiled or sig in futures:
+                    continue
+                lowered = self.lower(pool, inp, samp)
+                futures[sig] = compile_pool.submit(lowered.compile)
+                if self.mesh is None:  # on a mesh the sampling programs compile on first use (their shardings)
+                    tokens, logits, _ = lowered.out_info
+                    for k in (0, sampling.TOP_P_CANDIDATES):
+                        key = (k, _sampler_signature(logits, samp))
+                        if key not in self._samplers and key not in samplers:
+                            samplers[key] = compile_pool.submit(
+                                self._sample.lower(logits, samp, tokens, k=k).compile)
             done = {sig: f.result() for sig, f in futures.items()}
+            done_samplers = {key: f.result() for key, f in samplers.items()}
         with self._compiled_lock:
             self._compiled.update(done)
+            self._samplers.update(done_samplers)
         return len(done)
 
     def lower(self, pool, inp: StepInput, samp: SamplingArrays):
@@ -141,7 +147,8 @@ class ModelRunner:
 
     def cache_size(self) -> int:
         """Compiled programs so far (the no-recompilation test reads it)."""
-        return len(self._compiled) + self._step._cache_size() + self._logits._cache_size()
+        return (len(self._compiled) + len(self._samplers) + self._step._cache_size() + self._logits._cache_size()
+                + self._sample._cache_size())
 
 
 def _signature(inp: StepInput, samp: SamplingArrays) -> tuple:
@@ -149,3 +156,7 @@ def _signature(inp: StepInput, samp: SamplingArrays) -> tuple:
     leaves, tree = jax.tree.flatten((inp, samp))
     return tree, tuple((x.shape, x.dtype) for x in leaves)
 
+
+def _sampler_signature(logits, samp: SamplingArrays) -> tuple:
+    """What selects a compiled sampling program besides its k: the logits' and the sampling arrays' shapes."""
+    return tuple(logits.shape), str(logits.dtype), tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(samp))
