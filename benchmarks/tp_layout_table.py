@@ -14,6 +14,8 @@ Per model, rank and tp, for one adapter on all seven modules:
   [M, T, R] result (q,k,v together, o, gate/up together, down: 4 per layer, 7 * R floats per token per
   layer); "replicated" adds none. The base model's own (2 per layer, [T, hidden] in the model dtype) are
   given for scale: they are the same in both layouts.
+- host MiB: the adapter's buffer in the host store, packed for the pool (every device's columns, so
+  tp times the MiB per device): what a registered adapter costs in host memory, resident or not.
 - index KiB/step: the int32 pool-row tables of one step's LoRA kernels ([NS, R, K] per module and half,
   R = the rank as max_rank) for `--segments` adapters in the batch; every device receives them whole.
   They grow with K, so with the replicated halves' many pool rows per matrix row.
@@ -64,7 +66,7 @@ def rows(ranks, tps, dtype_bytes: int, segments: int):
                 for lt in ("sharded", "replicated"):
                     b = adapter_bytes_per_device(cfg, rank, tp, lt, dtype_bytes)
                     n, payload = lora_collectives(cfg, rank, lt, tp)
-                    out[lt] = {"mib": b / MIB, "kv_tokens": b / kv_bytes_per_token_per_device(cfg, tp, dtype_bytes),
+                    out[lt] = {"mib": b / MIB, "host_mib": tp * b / MIB, "kv_tokens": b / kv_bytes_per_token_per_device(cfg, tp, dtype_bytes),
                                "all_reduces": n, "kib_per_token": payload / 1024,
                                "index_kib": index_table_bytes(cfg, rank, tp, lt, segments) / 1024}
                 out["base_all_reduces"] = 2 * cfg.num_layers
@@ -79,24 +81,32 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype-bytes", type=int, default=2, help="adapter and activation element size (bf16: 2)")
     ap.add_argument("--segments", type=int, default=32, help="distinct adapters in a step (index tables)")
     args = ap.parse_args(argv)
-    current = None
+    by_model: dict = {}
     for cfg, r in rows(args.ranks, args.tp, args.dtype_bytes, args.segments):
-        if r["model"] != current:
-            current = r["model"]
-            print(f"\n### {current}: hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, "
-                  f"{cfg.num_layers} layers, {cfg.num_heads}/{cfg.num_kv_heads} heads, pool row W = "
-                  f"{layout.row_width(cfg)}; base all-reduces per step {r['base_all_reduces']}, "
-                  f"{r['base_kib_per_token']:.0f} KiB per token\n")
-            print("| rank | tp | one device MiB | MiB/device sharded | MiB/device replicated | x | "
-                  "KV tokens/device sharded | replicated | LoRA all-reduces/step sharded | replicated | "
-                  f"LoRA KiB/token sharded | replicated | index KiB/step ({args.segments} adapters) sharded | "
-                  "replicated |")
-            print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        s, p = r["sharded"], r["replicated"]
-        print(f"| {r['rank']} | {r['tp']} | {r['single_device_mib']:.1f} | {s['mib']:.1f} | {p['mib']:.1f} | "
-              f"{p['mib'] / s['mib']:.2f} | {s['kv_tokens']:.0f} | {p['kv_tokens']:.0f} | {s['all_reduces']} | "
-              f"{p['all_reduces']} | {s['kib_per_token']:.1f} | {p['kib_per_token']:.1f} | {s['index_kib']:.0f} | "
-              f"{p['index_kib']:.0f} |")
+        by_model.setdefault(r["model"], (cfg, []))[1].append(r)
+    for label, (cfg, rs) in by_model.items():
+        print(f"\n### {label}: hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, {cfg.num_layers} "
+              f"layers, {cfg.num_heads}/{cfg.num_kv_heads} heads, pool row W = {layout.row_width(cfg)}\n")
+        print("Memory per adapter (sharded / replicated):\n")
+        print("| rank | tp | one device MiB | MiB per device | replicated / sharded | as KV tokens per device | "
+              "host MiB |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rs:
+            s_, p_ = r["sharded"], r["replicated"]
+            print(f"| {r['rank']} | {r['tp']} | {r['single_device_mib']:.1f} | {s_['mib']:.1f} / {p_['mib']:.1f} | "
+                  f"{p_['mib'] / s_['mib']:.2f}x | {s_['kv_tokens']:.0f} / {p_['kv_tokens']:.0f} | "
+                  f"{s_['host_mib']:.0f} / {p_['host_mib']:.0f} |")
+        print(f"\nPer step (sharded / replicated); the base model's own: {rs[0]['base_all_reduces']} all-reduces, "
+              f"{rs[0]['base_kib_per_token']:.0f} KiB per token:\n")
+        print(f"| rank | tp | LoRA all-reduces | LoRA all-reduce KiB per token | adapter HBM MiB read per device "
+              f"({args.segments} adapters) | index table KiB ({args.segments} adapters) |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for r in rs:
+            s_, p_ = r["sharded"], r["replicated"]
+            n = args.segments
+            print(f"| {r['rank']} | {r['tp']} | {s_['all_reduces']} / {p_['all_reduces']} | "
+                  f"{s_['kib_per_token']:.1f} / {p_['kib_per_token']:.1f} | {n * s_['mib']:.0f} / {n * p_['mib']:.0f} | "
+                  f"{s_['index_kib']:.0f} / {p_['index_kib']:.0f} |")
 
 
 if __name__ == "__main__":

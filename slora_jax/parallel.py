@@ -57,18 +57,22 @@ def _divides(cfg: ModelConfig, t: int) -> bool:
     return all(d % t == 0 for d in (cfg.num_heads, cfg.num_kv_heads, cfg.hidden_size, cfg.intermediate_size))
 
 
+# The half of each module's adapter that every device holds whole, per lora_tp; the other half (both,
+# where none is named) is split like the module's base weight.
+WHOLE_HALF = {"replicated": {**{m: "A" for m in COLUMN_PARALLEL}, **{m: "B" for m in ROW_PARALLEL}},
+              "sharded": {}}
+
+
 def lora_widths(cfg: ModelConfig, module: str, tp: int, lora_tp: str = "replicated") -> tuple[int, int]:
-    """(elements of an A^T row, of a B row) of `module` that each device holds: a half split like the base
-    weight gives every device 1/tp of the row, a whole half the full row. A^T rows have d_in elements
-    (A's columns), B rows d_out."""
-    if lora_tp not in LORA_TP:
+    """(elements of an A^T row, of a B row) of `module` that each device holds: the full row of a whole
+    half (WHOLE_HALF), 1/tp of it for a split one. A^T rows have d_in elements (A's columns), B rows d_out."""
+    if lora_tp not in WHOLE_HALF:
         raise ConfigError(f"lora_tp must be one of {list(LORA_TP)}, got {lora_tp!r}")
+    if module not in COLUMN_PARALLEL + ROW_PARALLEL:
+        raise ValueError(f"{module!r} is not a LoRA target module")
     d_in, d_out = cfg.module_shape(module)
-    if module in COLUMN_PARALLEL:  # B split by output columns like W; A whole when replicated
-        return (d_in if lora_tp == "replicated" else d_in // tp), d_out // tp
-    if module in ROW_PARALLEL:  # A split by input rows like W; B whole when replicated
-        return d_in // tp, (d_out if lora_tp == "replicated" else d_out // tp)
-    raise ValueError(f"{module!r} is not a LoRA target module")
+    whole = WHOLE_HALF[lora_tp].get(module)
+    return (d_in if whole == "A" else d_in // tp), (d_out if whole == "B" else d_out // tp)
 
 
 def make_mesh(cfg: ModelConfig, tp: int, devices: Optional[Sequence] = None) -> Mesh:

@@ -148,7 +148,9 @@ class AdapterStore:
         does not). `shared=True` makes them all alias one buffer: a swap-in moves
         the same bytes, but host memory holds one copy (benchmarks with more
         adapters than host memory). The rows are random in the packed layout itself, so the A/B
-        they stand for differ with the tp and lora_tp they are packed for (layout.pack).
+        they stand for differ with the tp and lora_tp they are packed for (layout.pack); under
+        lora_tp="replicated" each device's copy of a whole row is random too, so the devices do not
+        agree on one A/B (the step costs the same; benchmarks need no more).
         """
         if rank > self.max_rank:
             raise AdapterError(f"rank {rank} is above max_rank={self.max_rank}")

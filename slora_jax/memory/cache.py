@@ -87,9 +87,6 @@ class AdapterCache:
                  capacity: int):
         if capacity < 1:
             raise ValueError(f"the adapter cache needs at least one table entry, got {capacity}")
-        if store.module_rows != layout.module_rows:
-            raise ValueError(f"the store packs adapter rows {store.module_rows} but the pool's layout has "
-                             f"{layout.module_rows} (built for another tp or lora_tp)")
         self.layout, self.store, self.pages, self.pool = layout, store, pages, pool
         self.capacity = capacity
         self.tables = AdapterTables(capacity, max_rank, layout.module_rows)
