@@ -244,11 +244,12 @@ def test_lora_collectives(model_file, lora_tp):
         assert inp.lora.modules == ALL and base_inp.lora is None
         t = len(inp.tokens)
         base = _collectives(compiled(base_inp, samp))
-        assert base == [("all-reduce", [(t, h)])] * (2 * c.num_layers), base  # after o_proj and down_proj
+        assert {op for op, _ in base} == {"all-reduce"}, base
+        assert [s for _, ss in base for s in ss] == [(t, h)] * (2 * c.num_layers), base  # after o and down
         hlo = compiled(inp, samp)
         found = _collectives(hlo)
         if lora_tp == "replicated":
-            assert found == base
+            assert found == base  # the same ops with the same shapes
         else:
             assert {op for op, _ in found} == {"all-reduce"}, found
             shapes = [s for _, ss in found for s in ss]
