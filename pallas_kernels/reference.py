@@ -27,7 +27,8 @@ kernels get, per segment and rank row, those ``K`` pool row indices, and read
 
 Under tensor parallelism every device runs these kernels on its own column
 slice of the pool (``W / tp`` wide) with its local ``D`` (its heads, its
-features); the rules above hold unchanged for that slice.
+features, or the whole row where every device holds a matrix row whole:
+then ``K = ceil(D / (W / tp))``); the rules above hold unchanged for that slice.
 
 Segments
 --------

@@ -130,6 +130,7 @@ class LLM:
         self.engine_cfg = self._context_length(ecfg, jdtype)  # after the weights: the pool takes what is left
         self.tokenizer = load_tokenizer(path, self.model_cfg.bos_token_id, self.model_cfg.eos_token_ids, chat_template)
         self.engine = Engine(self.model_cfg, self.engine_cfg, net, self.tokenizer, mesh)
+        self.engine_cfg = self.engine.ecfg  # resolved: num_pages, and max_running when it was None
 
     def _context_length(self, ecfg: EngineConfig, jdtype) -> EngineConfig:
         """`max_model_len` unset: the model's max_position_embeddings, or less if the pool cannot hold one

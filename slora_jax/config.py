@@ -22,6 +22,8 @@ CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 # The linear layers LoRA may target, in the order adapter rows are laid out in the pool.
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# How adapters are laid out over tensor-parallel devices (EngineConfig.lora_tp; slora_jax/parallel.py).
+LORA_TP = ("replicated", "sharded")
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,10 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU (exact against HF), bfloat16 on accelerators (LLM resolves it)
     seed: int = 0
     tp: int = 1
+    # adapters over the tp devices (parallel.py, docs/tensor_parallel.md): "replicated" = LoRA adds no
+    # collective, each device holding one half of every module whole; "sharded" = each device holds 1/tp
+    # of every adapter and every LoRA shrink ends in an all-reduce
+    lora_tp: str = "replicated"
     # dispatch step N+1 before reading step N's tokens (docs/ARCHITECTURE.md, the host loop); False: read each step's
     # tokens before scheduling the next (simpler to reason about, the device idles while the host works)
     async_steps: bool = True
@@ -200,6 +206,10 @@ class EngineConfig:
         if running is None:
             running = default_max_running(num_pages, self.page_rows, self.running_seq_len or self.max_model_len // 2)
         return dataclasses.replace(self, num_pages=int(num_pages), max_running=int(running))
+
+    def __post_init__(self):
+        if self.lora_tp not in LORA_TP:
+            raise ConfigError(f"lora_tp must be one of {list(LORA_TP)}, got {self.lora_tp!r}")
 
     def replace(self, **kw: Any) -> "EngineConfig":
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}

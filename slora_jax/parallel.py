@@ -2,15 +2,22 @@
 
 Base weights follow Megatron over the mesh's `tp` axis: q, k, v, gate, up are split by output columns
 and o, down by input rows, so a layer needs one all-reduce after each row-parallel linear. The pool
-[L, S, W] is split along W: device d holds its kv heads' columns of every K/V page and its 1/tp of
-every adapter row, and `layout.pack` puts in that slice exactly the part of each A/B row device d uses
-(A^T rows: its input features; B rows: its output columns). The host page table stays global.
+[L, S, W] is split along W: device d holds its kv heads' columns of every K/V page and W/tp columns of
+every adapter row. The host page table stays global.
 
-LoRA then costs one psum of the [M, T, R] shrink result per shrink launch (each device contracts its
-input features, S-LoRA's O(batch x rank) traffic); expands are local, and a row-parallel module's
-expand is added into the base partial sum before the all-reduce the base needs anyway. Kernels run
-inside `shard_map` on local slices (model/tp_kernels.py); everything else is jit over arrays placed
-with the NamedShardings below.
+LoRA adds no collective (`lora_tp="replicated"`, the default). Each module's adapter has one half split
+like its base weight and one half whole on every device (`lora_widths`):
+- column-parallel (q, k, v, gate, up): x is whole on every device, A is whole, so every device computes
+  x @ A itself; B is split by output columns like W and gives exactly the device's output columns.
+- row-parallel (o, down): device d holds x's feature slice d and A's matching input rows; with B whole,
+  x_d @ A_d @ B is a partial [T, hidden] added into the base partial sum before the all-reduce the base
+  needs anyway: the sum over devices is x A B.
+`lora_tp="sharded"` splits both halves (each device holds 1/tp of every adapter) and pays for it with a
+psum of the [M, T, R] shrink result after every shrink (S-LoRA's O(batch x rank) traffic): 4 more
+all-reduces per layer with all seven modules targeted. `layout.pack` puts in device d's columns the part
+of each A^T / B row that device uses (memory/layout.py); docs/tensor_parallel.md weighs the two layouts.
+Kernels run inside `shard_map` on local slices (model/tp_kernels.py); everything else is jit over arrays
+placed with the NamedShardings below.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .config import ConfigError, ModelConfig
+from .config import LORA_TP, ConfigError, ModelConfig
 
 TP, DP = "tp", "dp"
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -48,6 +55,24 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
 
 def _divides(cfg: ModelConfig, t: int) -> bool:
     return all(d % t == 0 for d in (cfg.num_heads, cfg.num_kv_heads, cfg.hidden_size, cfg.intermediate_size))
+
+
+# The half of each module's adapter that every device holds whole, per lora_tp; the other half (both,
+# where none is named) is split like the module's base weight.
+WHOLE_HALF = {"replicated": {**{m: "A" for m in COLUMN_PARALLEL}, **{m: "B" for m in ROW_PARALLEL}},
+              "sharded": {}}
+
+
+def lora_widths(cfg: ModelConfig, module: str, tp: int, lora_tp: str = "replicated") -> tuple[int, int]:
+    """(elements of an A^T row, of a B row) of `module` that each device holds: the full row of a whole
+    half (WHOLE_HALF), 1/tp of it for a split one. A^T rows have d_in elements (A's columns), B rows d_out."""
+    if lora_tp not in WHOLE_HALF:
+        raise ConfigError(f"lora_tp must be one of {list(LORA_TP)}, got {lora_tp!r}")
+    if module not in COLUMN_PARALLEL + ROW_PARALLEL:
+        raise ValueError(f"{module!r} is not a LoRA target module")
+    d_in, d_out = cfg.module_shape(module)
+    whole = WHOLE_HALF[lora_tp].get(module)
+    return (d_in if whole == "A" else d_in // tp), (d_out if whole == "B" else d_out // tp)
 
 
 def make_mesh(cfg: ModelConfig, tp: int, devices: Optional[Sequence] = None) -> Mesh:

@@ -1,5 +1,6 @@
-"""Tensor parallelism: sharded outputs equal single-device ones, the collectives stay activation-sized,
-adapter rows are packed so each device holds its slice, and impossible splits are refused.
+"""Tensor parallelism: sharded outputs equal single-device ones in both adapter layouts (lora_tp), LoRA
+adds no collective to the step under lora_tp="replicated" (activation-sized ones under "sharded"),
+adapter rows are packed so each device holds what it uses, and impossible splits are refused.
 
 The sharded checks need several devices. On CPU that takes XLA_FLAGS=--xla_force_host_platform_device_count=8
 before jax starts, so when this process has fewer devices, one test reruns this file in a subprocess that
@@ -21,11 +22,11 @@ import numpy as np
 import pytest
 
 from slora_jax import LLM, SamplingParams
-from slora_jax.config import LORA_MODULES, ConfigError, ModelConfig, load_model_config
+from slora_jax.config import LORA_MODULES, LORA_TP, ConfigError, EngineConfig, ModelConfig, load_model_config
 from slora_jax.memory import layout
 from slora_jax.memory.pool import _scatter_rows
 from slora_jax.model.weights import random_model, restore_params, save_params
-from slora_jax.parallel import check_tp, make_mesh, param_spec
+from slora_jax.parallel import COLUMN_PARALLEL, check_tp, lora_widths, make_mesh, param_spec
 from tests import tp_worker
 from tests.mixed_batch import mixed_prefill_logits
 
@@ -37,7 +38,9 @@ TP_MODEL = {"name": "tiny-tp", "model_type": "llama", "vocab_size": 320, "hidden
             "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 8,
             "head_dim": 8, "rms_norm_eps": 1e-5, "max_position_embeddings": 256, "bos_token_id": 256,
             "eos_token_id": 257}
-ENGINE = dict(dtype="float32", kernels="xla", max_rank=8, num_pages=160, page_rows=4, max_model_len=64,
+# 320 pages: at tp=8 the replicated layout gives each device 8 pool columns, and a whole 128-wide row
+# takes 16 pool rows (4.3x the sharded layout's rows for these adapters)
+ENGINE = dict(dtype="float32", kernels="xla", max_rank=8, num_pages=320, page_rows=4, max_model_len=64,
               max_running=8, max_batch_tokens=64)
 ALL = tuple(LORA_MODULES)
 ADAPTERS = {"qvo_r2": (2, ("q_proj", "v_proj", "o_proj")), "all_r8": (8, ALL), "mlp_r5": (5, ("up_proj", "down_proj")),
@@ -77,27 +80,56 @@ def test_too_few_devices_is_refused():
         make_mesh(cfg(), 2, jax.devices()[:1])
 
 
+def test_lora_tp_must_be_known():
+    with pytest.raises(ConfigError, match=r"lora_tp must be one of \['replicated', 'sharded'\]"):
+        EngineConfig(lora_tp="split")
+    with pytest.raises(ConfigError, match="lora_tp"):
+        LLM("tiny", lora_tp="both")
+
+
+@pytest.mark.parametrize("lora_tp", LORA_TP)
 @pytest.mark.parametrize("tp", [1, 2, 8])
-def test_pack_puts_each_devices_slice_first_in_its_columns(tp):
-    """Device d's columns of a matrix row's K pool rows, read in order, start with the d-th 1/tp of the
-    row (A^T rows: its input features; B rows: its output columns); tp=1 is the plain layout."""
+def test_pack_puts_what_each_device_uses_first_in_its_columns(tp, lora_tp):
+    """Device d's columns of a matrix row's K pool rows, read in order, start with what device d uses of
+    the row, then zeros: the d-th 1/tp of a half split like the base weight (A^T rows: its input features;
+    B rows: its output columns), the whole row of a half every device holds whole ("replicated": A of the
+    column-parallel modules, B of the row-parallel ones); tp=1 is the plain layout in both."""
     c = cfg()
-    ranks = {"q_proj": 3, "down_proj": 2, "gate_proj": 4}
+    ranks = {"q_proj": 3, "down_proj": 2, "gate_proj": 4, "o_proj": 1}
     rng = np.random.default_rng(1)
     mods = {m: tuple(rng.normal(size=(c.num_layers, *shape)).astype(np.float32)
                      for shape in ((c.module_shape(m)[0], r), (r, c.module_shape(m)[1]))) for m, r in ranks.items()}
-    packed = layout.pack(c, mods, np.float32, tp)
-    assert packed.shape == (c.num_layers, layout.num_rows(c, ranks), c.kv_size)  # tp changes no geometry
-    tables = layout.module_tables(tuple(layout.module_rows(c, m) for m in LORA_MODULES), ranks, np.arange(packed.shape[1]))
+    packed = layout.pack(c, mods, np.float32, tp, lora_tp)
+    assert packed.shape == (c.num_layers, layout.num_rows(c, ranks, tp, lora_tp), c.kv_size)
+    if tp == 1:
+        np.testing.assert_array_equal(packed, layout.pack(c, mods, np.float32))
+    rows_per_module = layout.all_module_rows(c, tp, lora_tp)
+    tables = layout.module_tables(rows_per_module, ranks, np.arange(packed.shape[1]))
     lw = c.kv_size // tp
     for m, (a_rows, b_rows) in tables.items():
         a, b = mods[m]
-        for rows, mat in ((a_rows, np.swapaxes(a, 1, 2)), (b_rows, b)):  # [r, K] pool rows, [L, r, D]
-            d_loc = mat.shape[2] // tp
+        halves = ((a_rows, np.swapaxes(a, 1, 2)), (b_rows, b))  # [r, K] pool rows, [L, r, D]
+        for (rows, mat), d_loc in zip(halves, lora_widths(c, m, tp, lora_tp)):
+            d = mat.shape[2]
+            whole = lora_tp == "replicated" and (rows is a_rows) == (m in COLUMN_PARALLEL)
+            assert d_loc == (d if whole or tp == 1 else d // tp)
+            assert rows.shape[1] == -(-d_loc // lw)  # K = ceil(what the device holds / its columns)
             for dev in range(tp):
                 local = packed[:, rows, dev * lw:(dev + 1) * lw].reshape(c.num_layers, len(rows), -1)
-                np.testing.assert_array_equal(local[..., :d_loc], mat[..., dev * d_loc:(dev + 1) * d_loc])
+                want = mat if whole else mat[..., dev * d_loc:(dev + 1) * d_loc]
+                np.testing.assert_array_equal(local[..., :d_loc], want)
                 assert not local[..., d_loc:].any()
+
+
+def test_replicated_rows_per_device_on_llama3_8b():
+    """Llama-3-8B's pool rows are W = 8 * 128 = 1024 wide, so at tp=8 each device holds 128 columns and a
+    whole 4096-wide A^T row (q, k, v, gate, up) takes 32 pool rows; a split one the single device's 4."""
+    c, _ = load_model_config("llama3-8b")
+    assert layout.module_rows(c, "q_proj", 8, "replicated") == (32, 4)  # A whole, B = 4096/8 of q's columns
+    assert layout.module_rows(c, "k_proj", 8, "replicated") == (32, 1)  # B: 1024/8 = 128, one pool row
+    assert layout.module_rows(c, "down_proj", 8, "replicated") == (14, 32)  # A = 14336/8 rows, B whole
+    assert layout.module_rows(c, "q_proj", 8, "sharded") == layout.module_rows(c, "q_proj") == (4, 4)
+    assert layout.num_rows(c, {"q_proj": 8}, 8, "replicated") == 8 * 36
 
 
 # -- several devices ----------------------------------------------------------------------------------------
@@ -127,14 +159,15 @@ def model_file(tmp_path_factory):
 _LLMS: dict = {}
 
 
-def llm_tp(model_file, tp: int) -> LLM:
-    """One LLM per tp for the module, all with the same weights (seed) and adapters."""
-    if tp not in _LLMS:
-        llm = LLM(model_file, tp=tp, **ENGINE)
+def llm_tp(model_file, tp: int, lora_tp: str = "replicated") -> LLM:
+    """One LLM per (tp, lora_tp) for the module, all with the same weights (seed) and adapters."""
+    key = (tp, lora_tp if tp > 1 else "replicated")  # one device: both layouts are the plain one
+    if key not in _LLMS:
+        llm = LLM(model_file, tp=tp, lora_tp=key[1], **ENGINE)
         for i, (name, (r, mods)) in enumerate(ADAPTERS.items()):
             llm.add_adapter(name, random_lora(llm.model_cfg, r, mods, seed=10 + i), alpha=2.0 * r)
-        _LLMS[tp] = llm
-    return _LLMS[tp]
+        _LLMS[key] = llm
+    return _LLMS[key]
 
 
 _REF: dict = {}
@@ -148,10 +181,11 @@ def ref_logits(model_file) -> np.ndarray:
 
 
 @multi
+@pytest.mark.parametrize("lora_tp", LORA_TP)
 @pytest.mark.parametrize("tp", [2, 4, 8])
-def test_sharded_outputs_equal_single_device(model_file, tp):
+def test_sharded_outputs_equal_single_device(model_file, tp, lora_tp):
     """A mixed prefill batch's logits, then greedy generation (prefill and decode steps), per row."""
-    ref, llm = llm_tp(model_file, 1), llm_tp(model_file, tp)
+    ref, llm = llm_tp(model_file, 1), llm_tp(model_file, tp, lora_tp)
     np.testing.assert_allclose(mixed_prefill_logits(llm, ROWS)[0], ref_logits(model_file), rtol=1e-4, atol=1e-5)
     # greedy generation of a mixed batch: prefill then decode steps through the sharded pool
     prompts, adapters = [t for t, _ in ROWS], [a for _, a in ROWS]
@@ -192,44 +226,58 @@ def _collectives(hlo: str) -> list:
 
 
 @multi
-@pytest.mark.parametrize("tp", [4, 8])
-def test_collectives_are_activation_sized(model_file, tp):
-    """Per layer: one [T, hidden] all-reduce after each row-parallel linear, and per LoRA shrink one
-    [M, T, R] all-reduce (M modules sharing the input). Nothing the size of a weight or a page moves,
-    a swap-in (the pool scatter) moves nothing between devices, and the pool is never copied."""
-    llm = llm_tp(model_file, tp)
-    c, eng, run = llm.model_cfg, llm.engine, llm.engine.runner
+@pytest.mark.parametrize("lora_tp", LORA_TP)
+def test_lora_collectives(model_file, lora_tp):
+    """The compiled step at tp=4 with LoRA on all seven modules. The base model has one [T, hidden]
+    all-reduce after each row-parallel linear; "replicated" adds no collective to it, "sharded" one
+    [M, T, R] all-reduce per LoRA shrink (M modules sharing the input). Nothing the size of a weight or a
+    page moves, a swap-in (the pool scatter) moves nothing between devices, and the pool is never copied."""
+    tp = 4
+    llm = llm_tp(model_file, tp, lora_tp)
+    c, eng = llm.model_cfg, llm.engine
     h, r = c.hidden_size, eng.ecfg.max_rank
+    assert eng.store.target_modules() == ALL
+
+    def compiled(inp, samp) -> str:
+        return eng.runner.lower(eng.pool.array, inp, samp).compile().as_text()
+
     for decode, size in ((True, 8), (False, 64)):  # the buckets generation used: compiled already
         inp, samp = eng.builder.dummy(decode, size, True)
-        hlo = run._step.lower(run.state, eng.pool.array, run._place(inp), run._place(samp),
-                              run.no_tokens).compile().as_text()
+        base_inp, _ = eng.builder.dummy(decode, size, False)
+        assert inp.lora.modules == ALL and base_inp.lora is None
         t = len(inp.tokens)
+        base = _collectives(compiled(base_inp, samp))
+        assert {op for op, _ in base} == {"all-reduce"}, base
+        assert [s for _, ss in base for s in ss] == [(t, h)] * (2 * c.num_layers), base  # after o and down
+        hlo = compiled(inp, samp)
         found = _collectives(hlo)
-        assert {op for op, _ in found} == {"all-reduce"}, found
-        shapes = [s for _, ss in found for s in ss]
-        assert set(shapes) <= {(t, h), (t, r), (2, t, r), (3, t, r)}, shapes
-        assert shapes.count((t, h)) == 2 * c.num_layers  # after o_proj and down_proj, nothing more
-        assert len(shapes) == 6 * c.num_layers  # and one per LoRA shrink: qkv, o, gate/up, down
+        if lora_tp == "replicated":
+            assert found == base  # the same ops with the same shapes
+        else:
+            assert {op for op, _ in found} == {"all-reduce"}, found
+            shapes = [s for _, ss in found for s in ss]
+            assert set(shapes) <= {(t, h), (t, r), (2, t, r), (3, t, r)}, shapes
+            assert shapes.count((t, h)) == 2 * c.num_layers
+            assert len(shapes) == 6 * c.num_layers  # and one per LoRA shrink: qkv, o, gate/up, down
         # the donated pool is updated in place on every device: aliased, never copied
         local = "f32[{},{},{}]{{".format(c.num_layers, eng.pool.shape[1], c.kv_size // tp)
         assert "input_output_alias" in hlo and local in hlo
         assert not [ln for ln in hlo.splitlines() if local in ln and re.search(r"\bcopy(-start)?\(", ln)]
-    # adapters on attention only (S-LoRA's q,k,v,o): no LoRA all-reduce for gate/up or down
-    attn_only = dataclasses.replace(inp.lora, modules=("q_proj", "k_proj", "v_proj", "o_proj"))
-    hlo = run._step.lower(run.state, eng.pool.array, run._place(dataclasses.replace(inp, lora=attn_only)),
-                          run._place(samp), run.no_tokens).compile().as_text()
-    shapes = [s for _, ss in _collectives(hlo) for s in ss]
-    assert shapes.count((t, h)) == 2 * c.num_layers and len(shapes) == 4 * c.num_layers, shapes
+    if lora_tp == "sharded":  # adapters on attention only (S-LoRA's q,k,v,o): no LoRA all-reduce for the MLP
+        attn_only = dataclasses.replace(inp.lora, modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+        shapes = [s for _, ss in _collectives(compiled(dataclasses.replace(inp, lora=attn_only), samp)) for s in ss]
+        assert shapes.count((t, h)) == 2 * c.num_layers and len(shapes) == 4 * c.num_layers, shapes
+    # a swap-in: each device's columns of the host buffer go to that device, and the scatter is local
     data = jax.device_put(np.zeros((c.num_layers, 16, c.kv_size), np.float32), eng.pool.array.sharding)
     hlo = _scatter_rows.lower(eng.pool.array, jnp.zeros(16, jnp.int32), data).compile().as_text()
     assert _collectives(hlo) == []
 
 
 @multi
-def test_pool_stays_sharded_through_swaps(model_file):
+@pytest.mark.parametrize("lora_tp", LORA_TP)
+def test_pool_stays_sharded_through_swaps(model_file, lora_tp):
     """Evicting and re-loading adapters (donated scatters into the sharded pool) keeps outputs right."""
-    llm = llm_tp(model_file, 2)
+    llm = llm_tp(model_file, 2, lora_tp)
     swaps = llm.stats()["swaps_in"]
     for name in ADAPTERS:
         llm.engine.cache.evict(name)
@@ -262,11 +310,12 @@ def test_checkpoints_load_straight_into_shards(hf_models, tmp_path):
 
 
 @multi
-def test_pallas_kernels_inside_shard_map(model_file):
+@pytest.mark.parametrize("lora_tp", LORA_TP)
+def test_pallas_kernels_inside_shard_map(model_file, lora_tp):
     """The Pallas kernels (interpret mode on CPU) on each device's slice give the reference's logits."""
-    kw = {**ENGINE, "num_pages": 48, "max_model_len": 32, "max_running": 4, "max_batch_tokens": 16}
+    kw = {**ENGINE, "num_pages": 64, "max_model_len": 32, "max_running": 4, "max_batch_tokens": 16}
     ref = LLM("tiny", **{**kw, "kernels": "xla"})  # head_dim 32: the Pallas kernels need >= 16
-    llm = LLM("tiny", tp=2, **{**kw, "kernels": "pallas"})
+    llm = LLM("tiny", tp=2, lora_tp=lora_tp, **{**kw, "kernels": "pallas"})
     lora = random_lora(ref.model_cfg, 8, ALL, seed=5)
     for m in (ref, llm):
         m.add_adapter("all_r8", lora)

@@ -95,10 +95,12 @@ def to_device(buffer, sharding):
 
 class AdapterStore:
     def __init__(self, cfg: ModelConfig, max_rank: int, dtype, pinned: Optional[bool] = None, tp: int = 1,
-                 pool_sharding=None):
-        # tp: buffers are packed for a pool split over tp devices (layout.pack), and pinned split like
-        # the pool (pool_sharding)
-        self.cfg, self.max_rank, self.dtype, self.tp = cfg, max_rank, jnp.dtype(dtype), tp
+                 pool_sharding=None, lora_tp: str = "replicated"):
+        # tp, lora_tp: buffers are packed for a pool split over tp devices with that adapter layout
+        # (layout.pack; the engine's PoolLayout has the same module_rows), and pinned split like the pool
+        # (pool_sharding)
+        self.cfg, self.max_rank, self.dtype, self.tp, self.lora_tp = cfg, max_rank, jnp.dtype(dtype), tp, lora_tp
+        self.module_rows = layout.all_module_rows(cfg, tp, lora_tp)
         self._pinned = pinned_sharding(like=pool_sharding) if pinned is not False else None
         self._entries: dict[str, AdapterEntry] = {}
         self._targeted: set = set()  # modules any adapter ever registered targets (grows only)
@@ -134,7 +136,7 @@ class AdapterStore:
 
     def add(self, lw: LoraWeights, replace: bool = False) -> AdapterEntry:
         lw.validate(self.cfg, self.max_rank)
-        packed = layout.pack(self.cfg, lw.modules, self.dtype, self.tp)
+        packed = layout.pack(self.cfg, lw.modules, self.dtype, self.tp, self.lora_tp)
         entry = AdapterEntry(lw.name, lw.ranks, packed.shape[1], self._host_buffer(packed), lw.source,
                              weights_digest(packed, lw.ranks))
         return self._insert(entry, replace)
@@ -164,14 +166,15 @@ class AdapterStore:
         does not). `shared=True` makes them all alias one buffer: a swap-in moves
         the same bytes, but host memory holds one copy (benchmarks with more
         adapters than host memory); being the same weights, they then share one
-        identity, so one's cached prefix blocks serve the others. The rows are
-        random in the packed layout itself, so the A/B they stand for differ
-        with the tp they are packed for (layout.pack).
+        identity, so one's cached prefix blocks serve the others. The rows are random in the packed
+        layout itself, so the A/B they stand for differ with the tp and lora_tp they are packed for
+        (layout.pack); under lora_tp="replicated" each device's copy of a whole row is random too, so
+        the devices do not agree on one A/B (the step costs the same; benchmarks need no more).
         """
         if rank > self.max_rank:
             raise AdapterError(f"rank {rank} is above max_rank={self.max_rank}")
         ranks = {m: rank for m in LORA_MODULES if m in modules}
-        n_rows = layout.num_rows(self.cfg, ranks)
+        n_rows = layout.count_rows(self.module_rows, ranks)
         rng = np.random.default_rng(seed)
         template = (rng.standard_normal((self.cfg.num_layers, n_rows, layout.row_width(self.cfg)), np.float32)
                     * std).astype(self.dtype)

@@ -34,6 +34,7 @@ from typing import Callable, Optional
 
 import jax
 import numpy as np
+from flax import nnx
 
 from pallas_kernels import kernel_set
 
@@ -91,15 +92,20 @@ class Engine:
         if mesh is not None and mesh.shape[parallel.TP] != ecfg.tp:
             raise ValueError(f"the mesh's tp axis has {mesh.shape[parallel.TP]} devices but tp={ecfg.tp}")
         self.mesh = mesh
-        # first: the weights go to their devices (sharded on a mesh) before the pool takes what is left
-        self.runner = ModelRunner(model, kernel_set(ecfg.kernels), max_batch_rows(ecfg.max_running), self.mesh)
-        self.layout = lay = layout.PoolLayout.create(cfg, ecfg, choose_num_pages(cfg, ecfg, dtype))
+        # first: the weights go to their devices (sharded on a mesh) before the pool takes what is left;
+        # then max_running (None: what the pages hold) is known, and with it every batch shape
+        if mesh is not None:
+            nnx.update(model, parallel.place_params(nnx.state(model), mesh))
+        self.ecfg = ecfg = ecfg.with_pages(choose_num_pages(cfg, ecfg, dtype))
+        self.runner = ModelRunner(model, kernel_set(ecfg.kernels), max_batch_rows(ecfg.max_running), self.mesh,
+                                  ecfg.lora_tp)
+        self.layout = lay = layout.PoolLayout.create(cfg, ecfg, ecfg.num_pages)
         if lay.num_pages < lay.pages_per_seq + 1:
             raise ValueError(f"num_pages={lay.num_pages} cannot hold one max_model_len={ecfg.max_model_len} "
                              f"sequence ({lay.pages_per_seq} pages of {lay.page_rows} tokens)")
         self.pool = DevicePool(lay, dtype, parallel.pool_sharding(self.mesh) if self.mesh else None)
         self.pages = PageTable(lay)
-        self.store = AdapterStore(cfg, ecfg.max_rank, dtype, tp=ecfg.tp,
+        self.store = AdapterStore(cfg, ecfg.max_rank, dtype, tp=ecfg.tp, lora_tp=ecfg.lora_tp,
                                   pool_sharding=self.pool.array.sharding if self.mesh else None)
         self.cache = PoolCache(lay, self.store, self.pages, self.pool, ecfg.max_rank,
                                ecfg.max_resident_adapters or default_capacity(lay, ecfg.max_running))
@@ -174,7 +180,7 @@ class Engine:
 
     # -- adapters ----------------------------------------------------------------------
     def add_adapter(self, lw: LoraWeights, replace: bool = False):
-        need = self.layout.adapter_pages(layout.num_rows(self.cfg, lw.ranks))
+        need = self.layout.adapter_pages(self.layout.adapter_rows(lw.ranks))
         seq_pages = self.layout.pages_per_seq
         if need + seq_pages > self.layout.num_pages:
             raise CapacityError(

@@ -18,9 +18,17 @@ width H would waste 3/4 of it on Llama-3-8B). An adapter matrix row of width D
 (a column of A, a row of B) takes K = ceil(D / W) pool rows, zero-padded. For
 each targeted module, in config.LORA_MODULES order, an adapter stores its r
 A^T rows (K_in pool rows each) then its r B rows (K_out each); the same flat
-row list is used in every layer (the pool has a layer axis). Under tensor
-parallelism the pool's columns are split over devices and `pack` orders each
-row so that every device's columns hold the slice of it that device uses.
+row list is used in every layer (the pool has a layer axis).
+
+Under tensor parallelism the pool's columns are split over tp devices, W/tp
+each, and a matrix row's K pool rows give every device a local row of
+K * W/tp elements. What a device holds of each row follows the lora_tp layout
+(parallel.lora_widths): 1/tp of it for a half split like the base weight, the
+whole row for a half every device needs whole (A of q, k, v, gate, up and B of
+o, down under "replicated"), which then takes K = ceil(D / (W/tp)) pool rows:
+about tp times as many as on one device. `module_rows` is that count per module,
+computed once into `PoolLayout.module_rows`; `pack` lays the rows out so, and
+the kernels read a local row exactly as they read a whole one on one device.
 
 Waste (padding inside adapter rows; KV rows never waste):
 - Llama-2-7B (W = 4096, I = 11008): only MLP rows pad, 11008 -> 12288 (10.4%
@@ -39,6 +47,7 @@ import math
 import numpy as np
 
 from ..config import LORA_MODULES, EngineConfig, ModelConfig
+from ..parallel import lora_widths
 
 
 def cdiv(a: int, b: int) -> int:
@@ -49,20 +58,32 @@ def row_width(cfg: ModelConfig) -> int:
     return cfg.kv_size
 
 
-def rows_per_vector(cfg: ModelConfig, width: int) -> int:
-    """Pool rows one matrix row (a column of A, a row of B) of `width` elements takes."""
-    return cdiv(width, row_width(cfg))
+def rows_per_vector(cfg: ModelConfig, width: int, tp: int = 1) -> int:
+    """Pool rows one matrix row (a column of A, a row of B) takes when each device holds `width` elements
+    of it in its W/tp columns."""
+    return cdiv(width, row_width(cfg) // tp)
 
 
-def module_rows(cfg: ModelConfig, module: str) -> tuple[int, int]:
-    """(pool rows per A^T row, pool rows per B row) of one target module."""
-    d_in, d_out = cfg.module_shape(module)
-    return rows_per_vector(cfg, d_in), rows_per_vector(cfg, d_out)
+def module_rows(cfg: ModelConfig, module: str, tp: int = 1, lora_tp: str = "replicated") -> tuple[int, int]:
+    """(pool rows per A^T row, pool rows per B row) of one target module in a pool split over tp devices
+    with adapters laid out as `lora_tp` (parallel.LORA_TP); tp=1: the plain layout, whatever lora_tp."""
+    return tuple(rows_per_vector(cfg, n, tp) for n in lora_widths(cfg, module, tp, lora_tp))
 
 
-def num_rows(cfg: ModelConfig, ranks: dict) -> int:
+def all_module_rows(cfg: ModelConfig, tp: int = 1, lora_tp: str = "replicated") -> tuple:
+    """`module_rows` of every module in config.LORA_MODULES order: the one source of the adapter row
+    geometry (PoolLayout.module_rows, AdapterStore and pack all take it from here)."""
+    return tuple(module_rows(cfg, m, tp, lora_tp) for m in LORA_MODULES)
+
+
+def count_rows(rows_per_module: tuple, ranks: dict) -> int:
+    """Flat pool rows of an adapter with these {module: rank}, given `all_module_rows`."""
+    return sum(r * sum(rows_per_module[LORA_MODULES.index(m)]) for m, r in ranks.items())
+
+
+def num_rows(cfg: ModelConfig, ranks: dict, tp: int = 1, lora_tp: str = "replicated") -> int:
     """Flat pool rows of an adapter with these {module: rank}."""
-    return sum(r * sum(module_rows(cfg, m)) for m, r in ranks.items())
+    return count_rows(all_module_rows(cfg, tp, lora_tp), ranks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +95,7 @@ class PoolLayout:
     page_rows: int
     row_width: int
     pages_per_seq: int  # pages of one max_model_len sequence: the width of a block table
-    module_rows: tuple  # per config.LORA_MODULES: (pool rows per A^T row, per B row)
+    module_rows: tuple  # per config.LORA_MODULES: (pool rows per A^T row, per B row) (all_module_rows)
 
     @classmethod
     def create(cls, cfg: ModelConfig, ecfg: EngineConfig, num_pages: int) -> "PoolLayout":
@@ -84,7 +105,7 @@ class PoolLayout:
         if 2 * num_pages * page_rows > np.iinfo(np.int32).max:
             raise ValueError(f"pool of 2 * {num_pages} * {page_rows} rows does not fit int32 row indices")
         return cls(cfg.num_layers, num_pages, page_rows, row_width(cfg), cdiv(ecfg.max_model_len, page_rows),
-                   tuple(module_rows(cfg, m) for m in LORA_MODULES))
+                   all_module_rows(cfg, ecfg.tp, ecfg.lora_tp))
 
     @property
     def pool_rows(self) -> int:
@@ -103,6 +124,10 @@ class PoolLayout:
     def kv_pages(self, n_tokens: int) -> int:
         return cdiv(n_tokens, self.page_rows)
 
+    def adapter_rows(self, ranks: dict) -> int:
+        """Flat pool rows of an adapter with these {module: rank}."""
+        return count_rows(self.module_rows, ranks)
+
     def adapter_pages(self, n_rows: int) -> int:
         return cdiv(n_rows, 2 * self.page_rows)
 
@@ -120,27 +145,32 @@ class PoolLayout:
         return np.where(w < pr, page * pr + w, (self.num_pages + page) * pr + (w - pr)).astype(np.int32)
 
 
-def pack(cfg: ModelConfig, modules: dict, dtype, tp: int = 1) -> np.ndarray:
+def pack(cfg: ModelConfig, modules: dict, dtype, tp: int = 1, lora_tp: str = "replicated") -> np.ndarray:
     """LoraWeights.modules -> one compact [L, n_rows, W] buffer, ready for one transfer.
 
     With tp devices the pool's columns are split in tp slices of W/tp; a matrix row's K pool rows then
-    give device d a local row of K*W/tp elements, and its d-th 1/tp of the matrix row goes first in it
-    (for A^T rows the input features device d holds, for B rows the output columns it computes). So
-    every device's kernels read a local row exactly as the single-device kernels read a whole one;
-    tp=1 is the plain layout (element j at pool row j // W, column j % W).
+    give device d a local row of K*W/tp elements, which starts with what device d uses of the matrix row
+    (parallel.lora_widths): the d-th 1/tp of it for a split half (A^T rows: the input features device d
+    holds; B rows: the output columns it computes), all of it for a whole half. So every device's kernels
+    read a local row exactly as the single-device kernels read a whole one; tp=1 is the plain layout
+    (element j at pool row j // W, column j % W).
     """
     w = row_width(cfg)
     lw = w // tp
     ranks = {m: modules[m][0].shape[2] for m in LORA_MODULES if m in modules}
-    out = np.zeros((cfg.num_layers, num_rows(cfg, ranks), w), dtype)
+    rows_per_module = all_module_rows(cfg, tp, lora_tp)
+    out = np.zeros((cfg.num_layers, count_rows(rows_per_module, ranks), w), dtype)
     at = 0
     for m, r in ranks.items():
         a, b = modules[m]  # [L, in, r], [L, r, out]
-        for mat in (np.swapaxes(a, 1, 2), b):  # rows of A^T, rows of B: [L, r, D]
+        ks = rows_per_module[LORA_MODULES.index(m)]
+        for mat, n_loc, k in zip((np.swapaxes(a, 1, 2), b), lora_widths(cfg, m, tp, lora_tp), ks):  # [L, r, D]
             n = mat.shape[2]
-            k = rows_per_vector(cfg, n)
             local = np.zeros((cfg.num_layers, r, tp, k * lw), np.float32)  # [..., device d, its local row]
-            local[..., : n // tp] = mat.reshape(cfg.num_layers, r, tp, n // tp)
+            if n_loc == n:  # whole on every device
+                local[..., :n] = mat[:, :, None, :]
+            else:  # device d: its d-th 1/tp
+                local[..., :n_loc] = mat.reshape(cfg.num_layers, r, tp, n_loc)
             # local element c*lw + e of device d sits at pool row c, column d*lw + e
             rows = local.reshape(cfg.num_layers, r, tp, k, lw).transpose(0, 1, 3, 2, 4)
             out[:, at: at + r * k] = rows.reshape(cfg.num_layers, r * k, w)
@@ -151,7 +181,8 @@ def pack(cfg: ModelConfig, modules: dict, dtype, tp: int = 1) -> np.ndarray:
 def module_tables(module_rows: tuple, ranks: dict, rows: np.ndarray) -> dict:
     """An adapter's flat pool rows -> {module: (a_rows [r, K_in], b_rows [r, K_out])}, in `pack`'s order.
 
-    module_rows: per config.LORA_MODULES, (pool rows per A^T row, per B row) (`PoolLayout.module_rows`)."""
+    module_rows: per config.LORA_MODULES, (pool rows per A^T row, per B row) (`PoolLayout.module_rows`, the
+    same `all_module_rows` the adapter was packed with)."""
     out, at = {}, 0
     for m, (k_in, k_out) in zip(LORA_MODULES, module_rows):
         if m not in ranks:
@@ -164,8 +195,10 @@ def module_tables(module_rows: tuple, ranks: dict, rows: np.ndarray) -> dict:
     return out
 
 
-def waste_report(cfg: ModelConfig, modules=LORA_MODULES) -> dict:
-    """Fraction of an adapter's pool rows that is padding, for a given target set."""
-    used = sum(sum(cfg.module_shape(m)) for m in modules)
-    stored = sum(sum(module_rows(cfg, m)) for m in modules) * row_width(cfg)
+def waste_report(cfg: ModelConfig, modules=LORA_MODULES, tp: int = 1, lora_tp: str = "replicated") -> dict:
+    """Fraction of an adapter's pool rows that is padding, for a given target set. Under tp a half every
+    device holds whole counts as used in each device's columns: those copies are the layout's price
+    (docs/tensor_parallel.md), not padding."""
+    used = sum(sum(lora_widths(cfg, m, tp, lora_tp)) for m in modules) * tp
+    stored = sum(sum(module_rows(cfg, m, tp, lora_tp)) for m in modules) * row_width(cfg)
     return {"row_width": row_width(cfg), "adapter_waste": 1 - used / stored, "kv_waste": 0.0}

@@ -1,5 +1,6 @@
 """The kernels of a model step run per device, inside `shard_map`, on local slices under tensor
-parallelism: local heads, local pool columns (see slora_jax/parallel.py for the partitioning)."""
+parallelism: local heads, local pool columns (see slora_jax/parallel.py for the partitioning). Under
+lora_tp="replicated" no LoRA op has a collective of its own; under "sharded" every shrink ends in one."""
 from __future__ import annotations
 
 import functools
@@ -11,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import KernelSet
 
+from ..config import LORA_TP, ConfigError
 from ..parallel import COLS, HEADS, POOL, REP, TP
 
 
@@ -26,16 +28,26 @@ def shard_map(f, mesh: Mesh, in_specs, out_specs):
     return legacy(f, mesh, in_specs, out_specs, check_rep=False)
 
 
-def shard_kernels(ks: KernelSet, mesh: Mesh) -> KernelSet:
-    """The same ops, each run by every device on its local slice (local heads, local pool columns)."""
+def shard_kernels(ks: KernelSet, mesh: Mesh, lora_tp: str = "replicated") -> KernelSet:
+    """The same ops, each run by every device on its local slice (local heads, local pool columns), for
+    adapter rows laid out in the pool as `lora_tp` (parallel.lora_widths says what each device holds)."""
+    if lora_tp not in LORA_TP:
+        raise ConfigError(f"lora_tp must be one of {list(LORA_TP)}, got {lora_tp!r}")
     tp = mesh.shape[TP]
+    whole = lora_tp == "replicated"
     sm = functools.partial(shard_map, mesh=mesh)
 
     def lora_shrink(x, pool, layer, seg_starts, seg_ranks, a_rows, *, partials=False):
         # x is a column-parallel input, whole on every device (row-parallel shrinks happen inside
-        # row_linear). Each device contracts its 1/tp of the features against its slice of the A^T rows
-        # and the partial [M, T, R] results are summed: the LoRA collective. x enters whole and is sliced
-        # here: asking for it split would make XLA split the RMSNorm before it and all-gather its output.
+        # row_linear). x enters whole: asking for it split would make XLA split the RMSNorm before it and
+        # all-gather its output.
+        if whole:  # every device holds the whole A^T rows and computes x @ A itself: the same everywhere
+            f = functools.partial(ks.lora_shrink, partials=partials)
+            return sm(f, in_specs=(REP, POOL, REP, REP, REP, REP), out_specs=REP)(
+                x, pool, layer, seg_starts, seg_ranks, a_rows)
+
+        # sharded: each device contracts its 1/tp of the features against its slice of the A^T rows and
+        # the partial [M, T, R] results are summed: the LoRA collective
         def body(x, pool, layer, seg_starts, seg_ranks, a_rows):
             n = x.shape[1] // tp
             x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(TP) * n, n, axis=1)
@@ -66,10 +78,17 @@ def shard_kernels(ks: KernelSet, mesh: Mesh) -> KernelSet:
             q, pool, layer, block_tables, q_starts, kv_lens)
 
     def row_linear(x, w, pool, layer, lora):
-        """x @ w (+ LoRA) of o/down: x split by features, w by rows; the output is whole."""
+        """x @ w (+ LoRA) of o/down: x split by features, w by rows; the output is whole. The LoRA term
+        joins this device's partial sum before the one all-reduce of the base linear."""
         def body(x, w, pool, layer, *tabs):
             y = x @ w  # this device's partial sum, full width
-            if tabs:
+            if tabs and whole:
+                # A split by input rows like w: x_d @ A_d is this device's part of x @ A. B whole: expanding
+                # it over the full width adds x_d A_d B to the partial sum, and the sum over devices is x A B
+                seg_starts, ranks, a_rows, b_rows = tabs
+                v = ks.lora_shrink(x, pool, layer, seg_starts, ranks[None], a_rows[None], partials=True)
+                (y,) = ks.lora_expand_group((y,), v, pool, layer, seg_starts, ranks[None], (b_rows,))
+            elif tabs:
                 seg_starts, ranks, a_rows, b_rows = tabs
                 v = jax.lax.psum(ks.lora_shrink(x, pool, layer, seg_starts, ranks[None], a_rows[None])[0], TP)
                 # device d's B-row slice holds output columns d*n:(d+1)*n: add them into its partial sum,
@@ -84,5 +103,5 @@ def shard_kernels(ks: KernelSet, mesh: Mesh) -> KernelSet:
         return sm(body, in_specs=(COLS, P(TP, None), POOL, REP) + (REP,) * len(tabs), out_specs=REP)(
             x, w, pool, layer, *tabs)
 
-    return KernelSet(f"{ks.name}+tp{tp}", lora_shrink, lora_expand_group, write_kv, attention_decode,
+    return KernelSet(f"{ks.name}+tp{tp}-{lora_tp}", lora_shrink, lora_expand_group, write_kv, attention_decode,
                      attention_prefill, row_linear)
