@@ -130,13 +130,10 @@ def pipelined_step_s(dispatch, steps: int) -> float:
 
 def pages_needed(llm, batch: int, context: int, mode: str, rank: int) -> int:
     """Pool pages a row takes: the K/V of its sequences and its adapters' rows."""
-    eng = llm.engine
-    seq = -(-context // eng.pages.page_rows)
+    lay = llm.engine.layout
     n_adapters = {"none": 0, "one": 1}.get(mode, batch)
-    if not n_adapters:
-        return batch * seq
-    rows = layout.num_rows(llm.model_cfg, {m: rank for m in ("q_proj", "k_proj", "v_proj", "o_proj")})
-    return batch * seq + n_adapters * eng.pages.adapter_pages_needed(rows)
+    rows = lay.adapter_rows({m: rank for m in ("q_proj", "k_proj", "v_proj", "o_proj")}) if n_adapters else 0
+    return batch * lay.kv_pages(context) + n_adapters * (lay.adapter_pages(rows) if rows else 0)
 
 
 def step_bytes(cfg, batch: int, context: int, adapter_rows: int, itemsize: int = 2) -> int:
