@@ -270,11 +270,12 @@ class Leader(_Mirrored):
         self._applying: Optional[int] = None  # the thread applying commands: its engine calls go straight through
         self._released = False
 
-    def lead(self, timeout_s: float = 10.0, startup_timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    def lead(self, timeout_s: float = 10.0, startup_timeout_s: float = STARTUP_TIMEOUT_S,
+             channel: Optional[Channel] = None) -> None:
         if self.channel is not None:
             return
         _check_mesh(self)
-        channel = Channel()
+        channel = channel or Channel()
         channel.barrier("follow", startup_timeout_s)  # every follower is in follow(), its heartbeat running
         self.channel, self.timeout_s = channel, timeout_s
         self.scheduler.early_abort_s = None  # decided here by process 0's clock instead (_early_aborts)
@@ -294,12 +295,14 @@ class Leader(_Mirrored):
     def abort(self, request_id: str) -> None:
         if self._direct():
             return super().abort(request_id)
-        self._queue(["abort", request_id])
+        if self.failure is None:  # else it has finished already, with the others
+            self._queue(["abort", request_id])
 
     def abort_all(self) -> None:
         if self._direct():
             return super().abort_all()
-        self._queue(["abort_all"])
+        if self.failure is None:
+            self._queue(["abort_all"])
 
     def add_adapter(self, lw: LoraWeights, replace: bool = False):
         if self._direct():
@@ -470,12 +473,13 @@ class Leader(_Mirrored):
 class Follower(_Mirrored):
     """Every other process's engine. `follow()` runs the steps process 0 publishes, and only those."""
 
-    def follow(self, timeout_s: float = 10.0, startup_timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    def follow(self, timeout_s: float = 10.0, startup_timeout_s: float = STARTUP_TIMEOUT_S,
+               channel: Optional[Channel] = None) -> None:
         """Mirror process 0 until it stops (returns) or is lost, or this process diverges (ProcessLost)."""
         if self.channel is not None:
             raise ConfigError("this process already follows process 0")
         _check_mesh(self)
-        self.channel, self.timeout_s = Channel(), timeout_s
+        self.channel, self.timeout_s = channel or Channel(), timeout_s
         self.scheduler.early_abort_s = None  # process 0 sends its early aborts
         self._ids = itertools.count(FOLLOWER_IDS)
         beats = threading.Thread(target=self._beat, name="slora-multihost-heartbeat", daemon=True)
