@@ -23,7 +23,9 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from starlette.testclient import TestClient
 
+from server import create_app
 from slora_jax import LLM, ProcessLost, SamplingParams
 from slora_jax.cli import add_demo_adapters
 from slora_jax.engine import multihost
@@ -163,7 +165,8 @@ def test_an_adapter_a_follower_cannot_read_stops_the_engine(tmp_path, monkeypatc
 
 def test_a_silent_follower_fails_requests_in_flight_and_health(monkeypatch):
     """A follower whose heartbeat stops: within the timeout the request in flight ends with
-    finish_reason "error" naming the process, the loop stops, and new requests are refused."""
+    finish_reason "error" naming the process, the loop stops, /health answers 503 with the reason, and
+    new requests are refused."""
     leader, follower = build(multihost.Leader, monkeypatch), build(multihost.Follower, monkeypatch)
     store = FakeStore()
     following = start_following(follower, store.channel(1), timeout_s=0.5)
@@ -180,6 +183,8 @@ def test_a_silent_follower_fails_requests_in_flight_and_health(monkeypatch):
         time.sleep(0.01)
     assert handle.finish_reason == "error" and "stopped responding" in handle.error
     assert not leader.is_running
+    health = TestClient(create_app(leader)).get("/health")
+    assert health.status_code == 503 and "process 1 of 2 stopped responding" in health.json()["error"]["message"]
     with pytest.raises(ProcessLost, match="stopped responding"):
         leader.submit("hello")
     leader.stop()
@@ -196,3 +201,125 @@ def test_a_follower_that_read_other_tokens_reports_it(monkeypatch):
     following = start_following(follower, store.channel(1))
     following["thread"].join(30)
     assert "diverged" in following["error"] and "sampled tokens" in following["error"], following
+
+
+# -- two real processes ---------------------------------------------------------------------------
+SERVE_FLAGS = ["--kernels", "xla", "--dtype", "float32", "--num-pages", "64", "--page-rows", "16",
+               "--max-model-len", "128", "--max-running", "8", "--max-batch-tokens", "128", "--no-warmup"]
+PEER_TIMEOUT_S = 3.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base: str, procs: list, logs: list, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p, log in zip(procs, logs):
+            assert p.poll() is None, f"a process exited ({p.returncode}):\n{log.read_text()[-4000:]}"
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    pytest.fail("process 0 did not become healthy:\n" + "\n---\n".join(log.read_text()[-3000:] for log in logs))
+
+
+def start_cluster(tmp_path, adapter_dir) -> tuple:
+    """`slora-jax serve --tp 2` in two jax.distributed CPU processes (one device each); (base url, procs, logs)."""
+    coordinator, port = free_port(), free_port()
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    # the persistent compilation cache the test process uses (conftest.py): the processes share compiles
+    cache = os.path.join(ROOT, ".jax_cache")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1",
+           "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    procs = []
+    for i, log in enumerate(logs):
+        cmd = [sys.executable, "-m", "server", "serve", "--tp", "2", "--coordinator", f"127.0.0.1:{coordinator}",
+               "--num-processes", "2", "--process-id", str(i), "--port", str(port), "--adapter-dir",
+               str(adapter_dir), "--peer-timeout", str(PEER_TIMEOUT_S), *SERVE_FLAGS]
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, procs, logs)
+    except BaseException:
+        stop_cluster(procs)
+        raise
+    return base, procs, logs
+
+
+def stop_cluster(procs: list) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(30)
+
+
+def fail_mid_stream(client, procs: list, logs: list, sig: int) -> str:
+    """Stop process 1 with `sig` while a stream runs: the stream gets an error event, and process 0 exits
+    with status 1 and a clear last line within the timeout (plus start-up slack). Returns that line."""
+    stream = client.completions.create(model="base", prompt="a long one", max_tokens=100, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    next(chunks)
+    procs[1].send_signal(sig)
+    t0 = time.monotonic()
+    with pytest.raises(openai.APIError, match="process 1 of 2 stopped responding"):
+        for _ in chunks:
+            pass
+    assert procs[0].wait(timeout=PEER_TIMEOUT_S + 30) == 1
+    assert time.monotonic() - t0 < PEER_TIMEOUT_S + 30
+    last = [line for line in logs[0].read_text().splitlines() if line.startswith("slora-jax: error:")]
+    assert last and "process 1 of 2 stopped responding" in last[-1], logs[0].read_text()[-3000:]
+    return last[-1]
+
+
+def test_serve_across_two_processes(tmp_path):
+    """The openai client against process 0 gets what one process serves, including an adapter loaded by
+    path through POST /v1/adapters (read by both processes) and a stream; then process 1 hangs (SIGSTOP,
+    as a stuck GPU process would: no error from any collective) mid-stream, and process 0 fails loudly."""
+    adapter_dir = tmp_path / "adapters"
+    ref = LLM("tiny", **ENGINE)  # the single-process reference
+    add_demo_adapters(ref)
+    ref.load_adapter("alice", write_peft(adapter_dir / "alice", ref.model_cfg, r=4, seed=3))
+
+    def expect(prompt, adapter, **sampling):
+        return ref.generate(prompt, adapter=adapter, sampling=SamplingParams(**sampling))[0].text
+
+    base, procs, logs = start_cluster(tmp_path, adapter_dir)
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+        r = httpx.post(base + "/v1/adapters", json={"name": "alice", "path": "alice"}, timeout=120)
+        assert r.status_code == 200, r.text
+        got = client.completions.create(model="alice", prompt="Hello there", max_tokens=12, temperature=0)
+        assert got.choices[0].text == expect("Hello there", "alice", max_tokens=12)
+        got = client.completions.create(model="demo-poet", prompt="many adapters", max_tokens=10, temperature=0.8,
+                                        seed=7)
+        assert got.choices[0].text == expect("many adapters", "demo-poet", max_tokens=10, temperature=0.8, seed=7)
+        stream = client.completions.create(model="alice", prompt="one front end", max_tokens=16, temperature=0,
+                                           stream=True)
+        assert "".join(c.choices[0].text for c in stream if c.choices) == expect("one front end", "alice",
+                                                                                 max_tokens=16)
+        assert httpx.delete(base + "/v1/adapters/alice", timeout=120).status_code == 200
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="alice", prompt="gone", max_tokens=2)
+        fail_mid_stream(client, procs, logs, signal.SIGSTOP)
+    finally:
+        stop_cluster(procs)
+
+
+def test_a_killed_process_fails_process_0_loudly(tmp_path):
+    """Process 1 killed mid-stream: the collective in flight fails at once on CPU (gloo), and the
+    heartbeats name the process that is gone."""
+    base, procs, logs = start_cluster(tmp_path, tmp_path)
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+        fail_mid_stream(client, procs, logs, signal.SIGKILL)
+    finally:
+        stop_cluster(procs)

@@ -353,9 +353,10 @@ class Leader(_Mirrored):
             try:
                 return super().step()
             except Exception as e:
-                # it may have run elsewhere: the processes can no longer be trusted to hold the same state
-                self._fail(f"a step failed on process 0 (has another process gone? see its log): "
-                           f"{type(e).__name__}: {e}")
+                # It may have run elsewhere: the processes can no longer be trusted to hold the same state.
+                # A collective's error seldom says which process is gone: give the heartbeats time to tell.
+                self.failed.wait(self.timeout_s + 2 * _beat_interval(self.timeout_s))
+                self._fail(f"a step failed on process 0: {type(e).__name__}: {e}")
                 raise
 
     def has_work(self) -> bool:
