@@ -64,6 +64,7 @@ def follow(llm: LLM, peer_timeout_s: float = 10.0) -> None:
         llm.follow(peer_timeout_s)
     except ProcessLost as e:
         _exit_lost(str(e), 0.0)
+    print(f"slora-jax: process 0 stopped serving; process {llm.process_index} exits", flush=True)
 
 
 def _exit_on_failure(llm: LLM) -> None:

@@ -31,6 +31,7 @@ it first).
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import io
@@ -280,6 +281,9 @@ class Leader(_Mirrored):
         self.channel, self.timeout_s = channel, timeout_s
         self.scheduler.early_abort_s = None  # decided here by process 0's clock instead (_early_aborts)
         threading.Thread(target=self._watch, name="slora-multihost-monitor", daemon=True).start()
+        # a script that never calls stop(): release the followers before jax's own exit handler, which
+        # waits at a shutdown barrier for every process (atexit runs the last registered first)
+        atexit.register(lambda: self._released or self.failure is not None or self.stop())
         log.info("process 0 leads %d follower(s)", channel.num_processes - 1)
 
     def _direct(self) -> bool:
