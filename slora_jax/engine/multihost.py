@@ -376,8 +376,7 @@ class Leader(_Mirrored):
             raise ProcessLost(self.failure)
         if self._released:
             raise ConfigError("process 0 released its followers (stop()): a multi-process engine ends there")
-        batch = [self._commands.popleft() for _ in range(len(self._commands))]
-        batch += [(["abort", r.id], None, None) for r in self._early_aborts()]
+        batch = self._take_commands() + [(["abort", r.id], None, None) for r in self._early_aborts()]
         self._applying = threading.get_ident()
         try:
             errors = [self._apply(cmd, local) for cmd, local, _ in batch]
@@ -422,10 +421,18 @@ class Leader(_Mirrored):
             return super()._step_failed(error)
         self._fail(f"a step failed on process 0: {type(error).__name__}: {error}")  # no-op if step() did
 
+    def _take_commands(self) -> list:
+        """Every queued command, in order (other threads may queue, and a failing engine drop, meanwhile)."""
+        taken = []
+        while True:
+            try:
+                taken.append(self._commands.popleft())
+            except IndexError:
+                return taken
+
     def _drop_commands(self, reason: str) -> list:
         queued = []
-        while self._commands:
-            cmd, local, future = self._commands.popleft()
+        for cmd, local, future in self._take_commands():
             if future is not None:
                 future.set_exception(ProcessLost(reason))
             if cmd[0] == "request":
