@@ -407,6 +407,9 @@ class Leader(_Mirrored):
 
     def stop(self) -> None:
         """Stop the background loop and release the followers (their follow() returns): the end of serving."""
+        if self.failure is not None:  # its thread may be stuck in a collective for good: do not wait for it
+            self._stop = True
+            return
         super().stop()
         if self.channel is not None and not self._released and self.failure is None:
             try:
