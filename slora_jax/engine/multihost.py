@@ -359,7 +359,7 @@ class Leader(_Mirrored):
             except Exception as e:
                 # It may have run elsewhere: the processes can no longer be trusted to hold the same state.
                 # A collective's error seldom says which process is gone: give the heartbeats time to tell.
-                self.failed.wait(self.timeout_s + 2 * _beat_interval(self.timeout_s))
+                self.failed.wait(self.timeout_s + 4 * _beat_interval(self.timeout_s))
                 self._fail(f"a step failed on process 0: {type(e).__name__}: {e}")
                 raise
 
