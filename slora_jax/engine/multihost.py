@@ -170,10 +170,8 @@ def _describe(cmd: list) -> str:
     kind = cmd[0]
     if kind == "request":
         return f"request {cmd[1]!r}"
-    if kind == "load":
-        return f"loading adapter {cmd[1]!r} from {cmd[2]!r}"
-    if kind in ("weights", "remove"):
-        return f"{'adding' if kind == 'weights' else 'removing'} adapter {cmd[1]!r}"
+    if kind in ("load", "weights", "remove"):  # no path: the reason reaches HTTP clients, which see no server path
+        return f"{'removing' if kind == 'remove' else 'adding'} adapter {cmd[1]!r}"
     return f"{kind} {cmd[1:]!r}"
 
 
@@ -541,7 +539,9 @@ class Follower(_Mirrored):
                 e = self._apply(cmd)
                 mine = None if e is None else type(e).__name__
                 if mine != theirs:
-                    here = f"failed here ({mine}: {e})" if e is not None else "succeeded here"
+                    if e is not None:  # the details (a path, say) stay in this process's log
+                        log.error("process %d: %s: %s: %s", pid, _describe(cmd), mine, e)
+                    here = f"failed here ({mine}, see its log)" if e is not None else "succeeded here"
                     there = f"failed on process 0 ({theirs})" if theirs else "succeeded on process 0"
                     hint = ": every process must read adapters from the same path" if cmd[0] == "load" else ""
                     raise ProcessLost(f"process {pid} diverged from process 0: {_describe(cmd)} {here} but "
