@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slora_jax.errors import (AdapterError, AdapterExists, AdapterInUse, AdapterNotFound, CapacityError, ConfigError,
-                              InvalidAdapter, InvalidRequest, RequestError, RequestTooLong, SloraError)
+                              InvalidAdapter, InvalidRequest, ProcessLost, RequestError, RequestTooLong, SloraError)
 
 from .metrics import Metrics
 from .protocol import ErrorResponse
@@ -34,6 +34,7 @@ STATUS: dict[type, tuple[int, Optional[str]]] = {
     InvalidRequest: (400, None),
     RequestError: (400, None),
     CapacityError: (503, "insufficient_capacity"),
+    ProcessLost: (503, "process_lost"),
     ConfigError: (500, None),
     SloraError: (500, None),
 }

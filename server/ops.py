@@ -21,7 +21,7 @@ router = APIRouter()
 @router.get("/health", response_model=Health, responses={503: {"model": ErrorResponse}})
 async def health(srv: ServerState = Depends(state)):
     if not srv.llm.is_running:
-        raise ApiError(503, "the engine loop is not running")
+        raise ApiError(503, srv.llm.failure or "the engine loop is not running")
     return Health(status="ok")
 
 

@@ -2,9 +2,9 @@
 from .api import LLM, RequestHandle
 from .engine.request import RequestOutput, SamplingParams
 from .errors import (AdapterError, AdapterExists, AdapterInUse, AdapterNotFound, CapacityError, ConfigError,
-                     InvalidAdapter, InvalidRequest, RequestError, RequestTooLong, SloraError)
+                     InvalidAdapter, InvalidRequest, ProcessLost, RequestError, RequestTooLong, SloraError)
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestHandle", "SloraError", "ConfigError", "AdapterError",
            "AdapterNotFound", "AdapterExists", "AdapterInUse", "InvalidAdapter", "RequestError", "InvalidRequest",
-           "RequestTooLong", "CapacityError"]
+           "RequestTooLong", "CapacityError", "ProcessLost"]
 __version__ = "0.1.0"

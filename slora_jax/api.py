@@ -20,9 +20,9 @@ from . import parallel
 from .adapters.lora import from_pytree
 from .adapters.peft import load_peft_adapter
 from .config import EngineConfig, load_model_config, resolve_preset
-from .engine.engine import Engine
+from .engine.multihost import Follower, Leader, engine_class
 from .engine.request import RequestOutput, SamplingParams, check_request
-from .errors import AdapterError, AdapterExists, AdapterNotFound, RequestError, RequestTooLong
+from .errors import AdapterError, AdapterExists, AdapterNotFound, ConfigError, RequestError, RequestTooLong
 from .memory.pool import choose_num_pages
 from .model.weights import dtype_of, load_hf_checkpoint, random_model, restore_params
 from .tokenizer import load_tokenizer
@@ -43,7 +43,7 @@ class RequestHandle:
 
     __slots__ = ("_req", "_engine")
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine):
         self._engine = engine
         self._req = None
 
@@ -129,7 +129,8 @@ class LLM:
             net = random_model(self.model_cfg, jdtype, seed, mesh)
         self.engine_cfg = self._context_length(ecfg, jdtype)  # after the weights: the pool takes what is left
         self.tokenizer = load_tokenizer(path, self.model_cfg.bos_token_id, self.model_cfg.eos_token_ids, chat_template)
-        self.engine = Engine(self.model_cfg, self.engine_cfg, net, self.tokenizer, mesh)
+        # under jax.distributed: process 0's engine can lead the others, theirs can follow (lead() / follow())
+        self.engine = engine_class()(self.model_cfg, self.engine_cfg, net, self.tokenizer, mesh)
         self.engine_cfg = self.engine.ecfg  # resolved: num_pages, and max_running when it was None
 
     def _context_length(self, ecfg: EngineConfig, jdtype) -> EngineConfig:
@@ -301,15 +302,55 @@ class LLM:
         self.engine.start()
 
     def stop(self, abort: bool = True) -> None:
-        """Stop the background loop, first aborting every unfinished request (`abort`)."""
+        """Stop the background loop, first aborting every unfinished request (`abort`). On process 0 of a
+        multi-process engine (`lead()`), also release the followers: their `follow()` returns."""
         if abort:
             self.engine.abort_all()
         self.engine.stop()
 
     @property
     def is_running(self) -> bool:
-        """Whether the background loop is serving."""
+        """Whether the background loop is serving (False once the engine failed for good: `failure`)."""
         return self.engine.running
+
+    # -- many processes (jax.distributed) ----------------------------------------------------------
+    @property
+    def process_index(self) -> int:
+        """This process's index under jax.distributed (0 in a single process)."""
+        return jax.process_index()
+
+    @property
+    def process_count(self) -> int:
+        return jax.process_count()
+
+    def lead(self, timeout_s: float = 10.0) -> None:
+        """On process 0 of several (jax.distributed, tp spanning every process's devices): from now on
+        every engine call made here (requests, aborts, adapters, logits) is applied on every process, whose
+        `follow()` runs the same steps. Make the same start-up calls everywhere first (the same LLM
+        arguments and adapters, as in SPMD use); this waits until every other process follows. A follower
+        silent for `timeout_s` stops the engine for good (`failure`). In a single process: nothing to do."""
+        if isinstance(self.engine, Leader):
+            self.engine.lead(timeout_s)
+        elif jax.process_count() > 1:
+            raise ConfigError(f"process {jax.process_index()} cannot lead: process 0 leads, the others follow()")
+
+    def follow(self, timeout_s: float = 10.0) -> None:
+        """On every process but 0: run the steps process 0 publishes (see `lead()`) until its `stop()`
+        (returns). Raises ProcessLost if process 0 is lost or this process diverged from it."""
+        if not isinstance(self.engine, Follower):
+            raise ConfigError("process 0 leads (lead()) and the others follow()" if jax.process_count() > 1
+                              else "a single process has no process 0 to follow")
+        self.engine.follow(timeout_s)
+
+    @property
+    def failure(self) -> Optional[str]:
+        """Why the engine stopped serving for good (a process of a multi-process engine lost); None while it serves."""
+        return self.engine.failure
+
+    def wait_for_failure(self, timeout: Optional[float] = None) -> Optional[str]:
+        """Block until the engine fails for good (`failure`, returned), or `timeout` seconds (None)."""
+        self.engine.failed.wait(timeout)
+        return self.engine.failure
 
     def warmup(self, progress: bool = False) -> int:
         """Compile every step program now, so that no request waits for a compile; `progress` shows a

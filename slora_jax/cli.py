@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Callable, Optional
 
@@ -81,6 +82,35 @@ def make_llm(args):
     return llm
 
 
+def init_distributed(args) -> None:
+    """Join jax.distributed (before anything starts jax) if the flags or environment ask for several processes.
+
+    --coordinator, --num-processes, --process-id default to $JAX_COORDINATOR_ADDRESS (which jax reads
+    itself), $JAX_NUM_PROCESSES and $JAX_PROCESS_ID; `--distributed` initializes with none of them and
+    lets jax detect them (Slurm, Open MPI, Cloud TPU, Kubernetes: jax.distributed.initialize's own rules)."""
+    coordinator = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    nproc = args.num_processes if args.num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+    pid = args.process_id if args.process_id is not None else _env_int("JAX_PROCESS_ID")
+    if not (args.distributed or coordinator or nproc is not None or pid is not None):
+        return
+    import jax
+
+    jax.distributed.initialize(coordinator, nproc, pid)
+    logging.getLogger("slora_jax").info("process %d of %d joined jax.distributed (%d devices in all, %d here)",
+                                        jax.process_index(), jax.process_count(), jax.device_count(),
+                                        jax.local_device_count())
+
+
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"${name} must be an integer, got {value!r}") from None
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF Llama dir or preset in configs/ (default: the embedded tiny model)")
     p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="PEFT LoRA dir to register (repeatable)")
@@ -100,6 +130,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="recompute every prompt (default: reuse the KV of cached prefixes, keyed by adapter weights)")
     p.add_argument("--kernels", default=None, choices=["auto", "pallas", "xla", "triton", "mosaic"])
+    d = p.add_argument_group("several processes (jax.distributed; --tp then spans every process's devices)")
+    d.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's address for jax.distributed (default: $JAX_COORDINATOR_ADDRESS)")
+    d.add_argument("--num-processes", type=int, default=None, help="default: $JAX_NUM_PROCESSES")
+    d.add_argument("--process-id", type=int, default=None, help="this process's index (default: $JAX_PROCESS_ID)")
+    d.add_argument("--distributed", action="store_true",
+                   help="join jax.distributed even without the three above (jax detects Slurm, Open MPI, TPU, ...)")
 
 
 def _generate_args(g: argparse.ArgumentParser) -> None:
@@ -115,14 +152,16 @@ def _generate(args) -> int:
     from .engine.request import SamplingParams
 
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    init_distributed(args)  # several processes: each runs the same calls (SPMD), process 0 prints
     llm = make_llm(args)
     if args.use and not llm.has_adapter(args.use):
         raise AdapterNotFound(f"--use: no adapter named {args.use!r} (registered: "
                               f"{', '.join(a['name'] for a in llm.adapters()) or 'none'})")
     failed = 0
     for out in llm.generate(args.prompt, adapter=args.use, sampling=sp):
-        print(json.dumps({"prompt_tokens": len(out.prompt_token_ids), "text": out.text,
-                          "token_ids": out.token_ids, "finish_reason": out.finish_reason, "error": out.error}))
+        if llm.process_index == 0:
+            print(json.dumps({"prompt_tokens": len(out.prompt_token_ids), "text": out.text,
+                              "token_ids": out.token_ids, "finish_reason": out.finish_reason, "error": out.error}))
         failed += out.finish_reason == "error"
     if failed:
         print(f"slora-jax: error: {failed} of {len(args.prompt)} prompt(s) failed (see \"error\")", file=sys.stderr)

@@ -16,6 +16,7 @@ adapter, RuntimeError for a full pool), so `except ValueError` keeps working.
         InvalidRequest       a bad field: empty prompt, sampling value out of range, no chat template, ...
         RequestTooLong       prompt (+ max_tokens) beyond max_model_len
       CapacityError        the pool cannot hold it (an adapter too large for it, a sequence that cannot fit now)
+      ProcessLost          a process of a multi-process engine died, hangs or diverged: the engine cannot go on
 """
 from __future__ import annotations
 
@@ -77,5 +78,11 @@ class CapacityError(SloraError, RuntimeError):
     """The device pool cannot hold what was asked for."""
 
 
+class ProcessLost(SloraError, RuntimeError):
+    """A process of a multi-process engine (jax.distributed) died, stopped responding or diverged: no step can
+    run without it, so the engine has stopped for good (the message says which process and why)."""
+
+
 __all__ = ["SloraError", "ConfigError", "AdapterError", "AdapterNotFound", "AdapterExists", "AdapterInUse",
-           "InvalidAdapter", "RequestError", "InvalidRequest", "RequestTooLong", "CapacityError"]
+           "InvalidAdapter", "RequestError", "InvalidRequest", "RequestTooLong", "CapacityError",
+           "ProcessLost"]

@@ -128,6 +128,9 @@ class Engine:
         self.counters = {"requests_finished": 0, "requests_aborted": 0, "tokens_generated": 0, "prompt_tokens": 0,
                          "steps": 0, "preemptions": 0, "steps_overlapped": 0}
         self.on_step: list = []  # callables(finished requests) for metrics
+        # why the engine stopped serving for good (a process of a multi-process engine lost), and its signal
+        self.failure: Optional[str] = None
+        self.failed = threading.Event()
 
     # -- requests ----------------------------------------------------------------------
     @property
@@ -143,17 +146,28 @@ class Engine:
         check_request(prompt_ids, sampling, self.limits, clamp_length)
         if adapter is not None and adapter not in self.store:
             raise AdapterNotFound(f"adapter {adapter!r} is not registered", "model")
-        n = next(self._ids)
-        seed = sampling.seed if sampling.seed is not None else self._seeds.getrandbits(32)
+        req = self._request(prompt_ids, adapter, sampling, request_id, listener)
+        self._accept(req)
+        return req
+
+    def _request(self, prompt_ids: list, adapter: Optional[str], sampling: SamplingParams,
+                 request_id: Optional[str] = None, listener: Optional[Callable] = None,
+                 id_int: Optional[int] = None, seed: Optional[int] = None) -> Request:
+        """A new request's state; its sequence id and seed are drawn here unless given (engine/multihost.py)."""
+        n = next(self._ids) if id_int is None else id_int
+        if seed is None:
+            seed = sampling.seed if sampling.seed is not None else self._seeds.getrandbits(32)
         req = Request(request_id or f"req-{n}", n, prompt_ids, adapter, sampling, seed)
         req.token_limit = min(req.token_limit, self.ecfg.max_model_len)
         req.decoder = IncrementalDecoder(self.tokenizer, req.prompt_ids)
         if listener is not None:
             req.listeners.append(listener)
+        return req
+
+    def _accept(self, req: Request) -> None:
         self.requests[req.id] = req  # visible to abort() and remove_adapter() at once
         self._inbox.append(req)
         self._new_work.set()
-        return req
 
     def _admit_new(self) -> None:
         """Move new requests from the inbox into the scheduler (under the engine lock)."""
@@ -367,13 +381,17 @@ class Engine:
                 continue
             try:
                 self.step()
-            except Exception:  # one bad step must not kill the server: fail the running requests, go on
+            except Exception as e:
                 log.exception("engine step failed")
-                with self._lock:
-                    self._inflight = None  # its tokens are lost: fail every request waiting for one
-                    stuck = [r for r in self.scheduler.waiting if r.pending]
-                    for r in list(self.scheduler.running) + stuck:
-                        self._finish(r, "error", error="internal error in the engine step")
+                self._step_failed(e)
+
+    def _step_failed(self, error: Exception) -> None:
+        """One bad step must not kill the server: fail the running requests, go on."""
+        with self._lock:
+            self._inflight = None  # its tokens are lost: fail every request waiting for one
+            stuck = [r for r in self.scheduler.waiting if r.pending]
+            for r in list(self.scheduler.running) + stuck:
+                self._finish(r, "error", error="internal error in the engine step")
 
     # -- direct forward ------------------------------------------------------------------
     def logits(self, token_ids: list, adapter: Optional[str]) -> np.ndarray:
