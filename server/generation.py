@@ -80,7 +80,9 @@ def completion_logprobs(job: Job, pairs: list, offset: int) -> tuple[dict, int]:
             out["top_logprobs"].append(None)
             continue
         lp = _finite(e.logprob)
-        top = {job.text_of(i): _finite(v) for i, v in e.top}
+        top: dict = {}
+        for i, v in e.top:  # most likely first: tokens of one text keep the likeliest's
+            top.setdefault(job.text_of(i), _finite(v))
         top.setdefault(text, lp)
         out["token_logprobs"].append(lp)
         out["top_logprobs"].append(top)

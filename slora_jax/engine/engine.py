@@ -95,6 +95,13 @@ def _stop_prefix_len(text: str, stops) -> int:
     return best
 
 
+def _token_logprob(token: int, logprob, top_ids: np.ndarray, top_logprobs: np.ndarray, k: int) -> TokenLogprob:
+    """One position's TokenLogprob from sampling.logprobs' rows: its k most likely tokens, less those a grammar
+    forbids there (-inf)."""
+    top = tuple((i, v) for i, v in zip(top_ids[:k].tolist(), top_logprobs[:k].tolist()) if v > -np.inf)
+    return TokenLogprob(int(token), float(logprob), top)
+
+
 class Engine:
     def __init__(self, cfg: ModelConfig, ecfg: EngineConfig, model, tokenizer, mesh=None):
         """mesh: the devices of tensor parallelism (default for ecfg.tp > 1: the first tp devices)."""
@@ -301,9 +308,7 @@ class Engine:
                 continue
             tok = int(tokens[row])
             if r.logprobs is not None:
-                k = r.sampling.logprobs
-                r.logprobs.append(TokenLogprob(tok, float(lps[0][row]),
-                                               tuple(zip(lps[2][row, :k].tolist(), lps[1][row, :k].tolist()))))
+                r.logprobs.append(_token_logprob(tok, lps[0][row], lps[2][row], lps[1][row], r.sampling.logprobs))
             if self._append(r, tok, now):
                 finished.append(r)
         return finished
@@ -438,8 +443,7 @@ class Engine:
             following = np.zeros(logits.shape[0], np.int32)
             following[: len(token_ids) - 1] = token_ids[1:]
             chosen, vals, ids = (parallel.to_host(x) for x in self.runner.logprobs(logits, following))
-        return [None] + [TokenLogprob(int(token_ids[i + 1]), float(chosen[i]),
-                                      tuple(zip(ids[i, :top].tolist(), vals[i, :top].tolist())))
+        return [None] + [_token_logprob(token_ids[i + 1], chosen[i], ids[i], vals[i], top)
                          for i in range(len(token_ids) - 1)]
 
     def _all_logits(self, token_ids: list, adapter: Optional[str]):
