@@ -205,3 +205,27 @@ def test_a_grammar_refusing_a_token_fails_only_its_request():
     eng.run_until_done([free, req])
     assert req.finish_reason == "error" and "grammar" in req.error
     assert free.finish_reason == "length" and len(free.output_ids) == 8 and llm.stats()["pages_kv"] == 0
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sp"])
+def test_json_schema_with_hf_tokenizers(tmp_path, kind):
+    """A byte-level BPE and a SentencePiece-style (byte fallback) tokenizer: llguidance reads the model dir's
+    tokenizer.json, and the text, decoded as transformers decodes it, is valid."""
+    from tests import hf_fixtures
+    from tests.test_hf_fidelity import byte_level_bpe, save_tokenizer, sentencepiece_style
+
+    tok = byte_level_bpe() if kind == "bpe" else sentencepiece_style()
+    specials = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>") if kind == "bpe" else \
+        dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    save_tokenizer(tok, tmp_path, **specials)
+    bos, eos = tok.token_to_id(specials["bos_token"]), tok.token_to_id(specials["eos_token"])
+    hf_fixtures.save_tiny_llama(tmp_path, vocab_size=tok.get_vocab_size() + 3,  # rows past the tokenizer's ids
+                                bos_token_id=bos, eos_token_id=eos)
+    llm = LLM(str(tmp_path), **{**ENGINE, "num_pages": 64, "page_rows": 16})
+    sps = [SamplingParams(max_tokens=96, json_schema=SCHEMA, temperature=t, seed=s) for t, s in ((0.0, 0), (1.0, 1),
+                                                                                              (1.0, 2))]
+    for sp in sps:
+        out = llm.generate("Some JSON:", sampling=sp)[0]
+        assert out.finish_reason == "stop" and valid(out.text, SCHEMA), out.text
+        assert out.text == tok.decode(out.token_ids, skip_special_tokens=True)
+        assert max(out.token_ids) < tok.get_vocab_size()
