@@ -229,3 +229,42 @@ def test_json_schema_with_hf_tokenizers(tmp_path, kind):
         assert out.finish_reason == "stop" and valid(out.text, SCHEMA), out.text
         assert out.text == tok.decode(out.token_ids, skip_special_tokens=True)
         assert max(out.token_ids) < tok.get_vocab_size()
+
+
+def test_constrained_rows_through_preemptions_and_both_loops():
+    """Seeded constrained requests (and logprobs) beside free ones, a pool too small for all of them: the same
+    tokens from the one-step-behind loop and the synchronous one, preempted requests resuming their grammar."""
+    from tests.test_engine import add_adapters, make_llm, workload
+
+    prompts, adapters = workload(24, 6, seed=5, max_prompt=20)
+    small = {**SCHEMA, "properties": {**SCHEMA["properties"], "name": {"type": "string", "maxLength": 3}}}
+    sps = [SamplingParams(max_tokens=60, json_schema=small, temperature=0.8, seed=i, logprobs=2) if i % 2 else
+           SamplingParams(max_tokens=12, temperature=0.8, seed=i, ignore_eos=True) for i in range(len(prompts))]
+    outs = {}
+    for mode in (False, True):
+        llm = make_llm(num_pages=100, max_batch_tokens=64, async_steps=mode)
+        add_adapters(llm, 6)
+        reqs = [llm.engine.add_request(p, a, sp) for p, a, sp in zip(prompts, adapters, sps)]
+        llm.engine.run_until_done(reqs)
+        st = llm.stats()
+        assert st["pages_kv"] == 0 and st["preemptions"] > 0, st
+        for r in reqs[1::2]:
+            assert r.finish_reason == "stop" and valid(r.text, small), r.text
+            assert [e.token_id for e in r.logprobs] == r.output_ids
+        outs[mode] = [(r.output_ids, [round(e.logprob, 4) for e in r.logprobs or ()]) for r in reqs]
+    assert outs[True] == outs[False]
+
+
+def test_no_compile_after_warmup_for_structured_output_and_logprobs():
+    llm = LLM("tiny", **ENGINE)
+    llm.warmup()
+    compiled = llm.engine.runner.cache_size()
+    sps = [SamplingParams(max_tokens=40, json_schema=SCHEMA), SamplingParams(max_tokens=40, json_object=True,
+                                                                             temperature=1.0, seed=3),
+           SamplingParams(max_tokens=6, logprobs=4, ignore_eos=True), SamplingParams(max_tokens=6, ignore_eos=True)]
+    for n in (1, 3, 6):  # batches of several buckets
+        outs = llm.generate([[256, 7 + i] for i in range(n)], sampling=sps[n % len(sps)])
+        assert all(o.finish_reason in ("stop", "length") for o in outs)
+        for sp in sps:
+            llm.generate([[256, 9 + i] for i in range(n)], sampling=sp)
+    assert llm.engine.runner.cache_size() == compiled

@@ -37,7 +37,7 @@ class SamplingParams:
     json_object: bool = False
 
     def __post_init__(self):
-        if isinstance(self.json_schema, dict):
+        if isinstance(self.json_schema, (dict, bool)):
             object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
         if self.json_schema is not None:
             try:

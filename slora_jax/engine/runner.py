@@ -35,6 +35,13 @@ from . import sampling
 from .batch import SamplingArrays
 
 
+# The sampling programs `precompile` compiles for every batch shape, as (k, masked, logprobs): random draws
+# (temperature only; top-k / top-p with the default candidates), structured output (greedy; temperature), and
+# log-probabilities of greedy tokens. Other combinations compile on first use.
+SAMPLERS = ((0, False, False), (sampling.TOP_P_CANDIDATES, False, False), (None, True, False), (0, True, False),
+            (None, False, True))
+
+
 @dataclasses.dataclass
 class Forward:
     """A dispatched step program whose logits may still be sampled (`ModelRunner.sample`)."""
@@ -60,7 +67,7 @@ class ModelRunner:
             self._replicated = parallel.replicated(mesh)
         self.kernels = kernels
         self._compiled: dict = {}  # input signature -> ahead-of-time compiled step (precompile)
-        self._samplers: dict = {}  # (k, logits and sampling signature) -> compiled plain sampling program
+        self._samplers: dict = {}  # (k, masked, logprobs, logits and sampling signature) -> compiled SAMPLERS
         self._compiled_lock = threading.Lock()
         # `prev` of a step that follows no step in flight. Committed like a step's output: jit keys its
         # cache on committedness, so an uncommitted array here would give each program a second entry.
@@ -122,12 +129,11 @@ class ModelRunner:
         (sampling.sample), or `logprobs` are wanted; else the greedy tokens are final and nothing runs."""
         if fwd.k is None and mask is None and not logprobs:
             return fwd.tokens, None
-        if mask is None and not logprobs:
-            exe = self._samplers.get((fwd.k, _sampler_signature(fwd.logits, fwd.samp)))
-            if exe is not None:
-                return exe(fwd.logits, fwd.samp, fwd.tokens)
         if mask is not None:
             mask = self._place(mask)
+        exe = self._samplers.get((fwd.k, mask is not None, logprobs, _sampler_signature(fwd.logits, fwd.samp)))
+        if exe is not None:
+            return exe(fwd.logits, fwd.samp, fwd.tokens, mask)
         return self._sample(fwd.logits, fwd.samp, fwd.tokens, mask, k=fwd.k, want_logprobs=logprobs)
 
     def step(self, pool, inp: StepInput, samp: SamplingArrays, prev=None):
@@ -144,9 +150,9 @@ class ModelRunner:
         A Llama-7B step program takes ~8 s to compile on the H200 host and an engine has ~30 bucket
         shapes; XLA compiles outside the GIL, so threads turn minutes of warm-up into tens of seconds.
         Tracing and lowering hold the GIL, so they run one at a time in this thread, each program's
-        compile starting as soon as it is lowered. The sampling programs of each shape (temperature
-        only, and top-k / top-p with the default candidates) are compiled too, so a request that samples
-        never waits for a compile; they are small and not counted. Returns how many step programs were new.
+        compile starting as soon as it is lowered. The usual sampling programs of each shape (`SAMPLERS`)
+        are compiled too, so that such a request never waits for a compile; they are small and not
+        counted. Returns how many step programs were new.
         """
         workers = workers or os.cpu_count() or 1
         futures: dict = {}
@@ -161,11 +167,12 @@ class ModelRunner:
                 futures[sig] = compile_pool.submit(lowered.compile)
                 if self.mesh is None:  # on a mesh the sampling programs compile on first use (their shardings)
                     tokens, logits, _ = lowered.out_info
-                    for k in (0, sampling.TOP_P_CANDIDATES):
-                        key = (k, _sampler_signature(logits, samp))
+                    mask = jax.ShapeDtypeStruct((logits.shape[0], -(-logits.shape[1] // 32)), jnp.int32)
+                    for k, masked, logprobs in SAMPLERS:
+                        key = (k, masked, logprobs, _sampler_signature(logits, samp))
                         if key not in self._samplers and key not in samplers:
-                            samplers[key] = compile_pool.submit(
-                                self._sample.lower(logits, samp, tokens, k=k).compile)
+                            samplers[key] = compile_pool.submit(self._sample.lower(
+                                logits, samp, tokens, mask if masked else None, k=k, want_logprobs=logprobs).compile)
             done = {sig: f.result() for sig, f in futures.items()}
             done_samplers = {key: f.result() for key, f in samplers.items()}
         with self._compiled_lock:
