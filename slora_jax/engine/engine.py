@@ -272,10 +272,11 @@ class Engine:
         # the requests that sample a token in this step: not a prefill chunk short of the prompt's end
         rows = [(r, i) for i, r in enumerate(reqs) if r.num_computed + ntok[r.id] == r.num_tokens]
         want_logprobs = any(r.logprobs is not None for r, _ in rows)
-        if want_logprobs or any(r.grammar is not None for r, _ in rows):
+        masked = any(r.grammar is not None for r, _ in rows)
+        if masked or want_logprobs:
             fwd, self.pool.array = self.runner.forward(self.pool.array, inp, samp, prev)
             launched = InFlight(None, rows, forward=fwd, want_logprobs=want_logprobs)
-            if not any(r.grammar is not None for r, _ in rows):
+            if not masked:  # nothing to wait for: sample now (a masked batch samples in step(), `_sample_masked`)
                 launched.tokens, launched.logprobs = self.runner.sample(fwd, None, want_logprobs)
                 launched.forward = None
         else:

@@ -1,4 +1,5 @@
-"""On-device sampling: greedy tokens in the step, random ones in a second, small program.
+"""On-device sampling: greedy tokens in the step; random ones, grammar masks and log-probabilities in a
+second, small program (`finish`), run only for a batch that needs one of them.
 
 The step program returns every row's greedy token (argmax of its logits) and the logits. Most
 batches are all greedy (S-LoRA's workload, every benchmark): their tokens are final and nothing else
