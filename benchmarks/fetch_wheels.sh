@@ -18,6 +18,7 @@ for name in ("fastapi", "starlette", "pydantic", "pydantic_core", "uvicorn", "an
 ')
 # shellcheck disable=SC2086
 "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 \
     -d .whl $SPECS
 ls .whl
