@@ -15,8 +15,8 @@
 # status and last lines. Unpack into benchmarks/results with `python benchmarks/collect.py <tarball>...`.
 # The stages share a JAX compilation cache (JAX_COMPILATION_CACHE_DIR), so a stage that compiles the
 # programs an earlier stage of the same call compiled takes them from it. Sizes derive from the device's
-# memory (XLA_PYTHON_CLIENT_MEM_FRACTION: the share JAX may take). The http stage needs the wheels of
-# `bash benchmarks/fetch_wheels.sh` carried as `.whl` (the device machine has no fastapi).
+# memory (XLA_PYTHON_CLIENT_MEM_FRACTION: the share JAX may take). The http and structured stages need the
+# wheels of `bash benchmarks/fetch_wheels.sh` carried as `.whl` (the device machine has no fastapi, no llguidance).
 set -u
 BUDGET_S=${BUDGET_S:-565}
 START=$(date +%s)
@@ -52,6 +52,7 @@ declare -A STAGES=(
     [profile-8b]="90|python3 benchmarks/profile_step.py --out $R --model llama3-8b --batches 32,256"
     [profile-8b-cb]="80|python3 benchmarks/profile_step.py --out $R --model llama3-8b --command-buffers on"
     [swap]="90|python3 benchmarks/bench_swap.py --out $R --n-host 0"
+    [structured]="120|python3 benchmarks/bench_structured.py --out $R"
     [http]="190|python3 benchmarks/bench_http.py --model configs/llama-7b.json --adapters 1000 --rank 16 --clients 64 --duration 20 --warmup 3 --out $R/bench_http.json"
     [s1]="520|$BENCH/bench-S1.json"
     [s2]="520|$BENCH/bench-S2.json"
@@ -70,7 +71,7 @@ declare -A STAGES=(
 # and the S-LoRA settings on the tiny model: checks the stages themselves, not a figure (tests/test_gpu_scripts.py)
 smoke_args() {
     case "$1" in
-        *bench_lora.py*|*bench_attention.py*) echo "--smoke" ;;
+        *bench_lora.py*|*bench_attention.py*|*bench_structured.py*) echo "--smoke" ;;
         *bench_decode.py*|*bench_cmdbuf.py*|*profile_step.py*|*bench_swap.py*) echo "--quick" ;;
         *"slora_jax.cli bench"*) echo "--set model=configs/tiny.json --set kernels=xla --set dtype=float32" \
             "--set engine.num_pages=256 --set engine.max_running=4 --set engine.max_batch_tokens=32" \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Wheels the GPU machine lacks for the HTTP server (fastapi, uvicorn and what they need beyond its own
-# packages), for Python 3.12 x86-64, into .whl/ (git-ignored); carry `.whl` in the device call.
+# packages) and for structured output (llguidance), for Python 3.12 x86-64, into .whl/ (git-ignored); carry
+# `.whl` in the device call.
 set -eu
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -9,7 +10,7 @@ PY=${PYTHON:-.venv/bin/python}
 SPECS=$("$PY" -c '
 from importlib import metadata
 for name in ("fastapi", "starlette", "pydantic", "pydantic_core", "uvicorn", "annotated-types",
-             "typing-inspection", "opentelemetry-api"):
+             "typing-inspection", "opentelemetry-api", "llguidance"):
     try:
         print(f"{name}=={metadata.version(name)}")
     except metadata.PackageNotFoundError:
@@ -17,6 +18,7 @@ for name in ("fastapi", "starlette", "pydantic", "pydantic_core", "uvicorn", "an
 ')
 # shellcheck disable=SC2086
 "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 \
     -d .whl $SPECS
 ls .whl

@@ -3,7 +3,7 @@ routes and vLLM's (load/unload_lora_adapter, tokenize, detokenize, version).
 
 Pydantic checks only the JSON shape, with strict types (no "5" for 5); what a value may be (sampling
 ranges, lengths) is checked once by slora_jax when the request is submitted. OpenAI fields we cannot
-honour (penalties, logprobs, tools, ...) are declared, their schema says the only values accepted,
+honour (penalties, tools, ...) are declared, their schema says the only values accepted,
 and `unsupported()` names the first one a request sets otherwise: the route answers 400 "`X` is not
 supported" rather than ignoring it. Unknown fields are ignored, as OpenAI's own server does. The
 limits below (prompts, choices, stop strings) keep one request from flooding the engine queue; the
@@ -19,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts per completions request
 MAX_STOP = 16  # stop strings per request
+MAX_LOGPROBS = 20  # most likely tokens per position (slora_jax's limit, OpenAI's for chat)
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
 
@@ -62,6 +63,20 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+    name: Optional[str] = Field(None, max_length=256)
+    description: Optional[str] = None
+    schema_: Union[dict[str, Any], bool, None] = Field(None, alias="schema", description="A JSON Schema (required).")
+    strict: Optional[bool] = Field(None, description="Always strict: the schema is enforced token by token.")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = Field(None, description="With type json_schema.")
+
+
 class _GenerationRequest(BaseModel):
     """Fields shared by completions and chat completions."""
 
@@ -89,6 +104,10 @@ class _GenerationRequest(BaseModel):
     repetition_penalty: Optional[float] = _only(1, "Extension, not supported: only 1.")
     logit_bias: Optional[dict[str, float]] = Field(None, description="Not supported: only empty.",
                                                    json_schema_extra={"maxProperties": 0})
+    response_format: Optional[ResponseFormat] = Field(
+        None, description="Structured output: {\"type\": \"json_object\"} or {\"type\": \"json_schema\", "
+        "\"json_schema\": {\"name\", \"schema\", \"strict\"}}, enforced token by token (llguidance); JSON comes "
+        "out compact unless the schema's `x-guidance` says otherwise.")
     user: Optional[str] = None
 
     # field -> the values accepted (OpenAI's defaults); any other value is refused by `unsupported()`
@@ -105,29 +124,30 @@ class _GenerationRequest(BaseModel):
 
 
 class CompletionRequest(_GenerationRequest):
+    max_tokens: Optional[Int] = Field(None, description="Tokens to generate at most (default 16); the prompt plus "
+                                      "max_tokens must fit in max_model_len. 0 only with echo: the prompt alone "
+                                      "(with logprobs, its own log-probabilities).", **_range(minimum=0))
     prompt: Union[str, Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)], TokenIds,
                   Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]] = Field(
         ..., description="A string, a list of strings, a list of token ids, or a list of token-id lists.",
         examples=["Hello"])
-    echo: bool = False
-    logprobs: Optional[Int] = _only(0, "Not supported: only 0 or null.")
+    echo: bool = Field(False, description="The prompt before the completion (and, with logprobs, the prompt "
+                       "tokens' log-probabilities, the first null).")
+    logprobs: Optional[Int] = Field(None, description="Return the log-probability of each token and of the "
+                                    "`logprobs` most likely tokens at its position (of the raw model "
+                                    "distribution, before temperature and top-k / top-p).",
+                                    **_range(minimum=0, maximum=MAX_LOGPROBS))
     best_of: Optional[Int] = _only(1, "Not supported: only 1 or null.")
     suffix: Optional[str] = Field(None, description="Not supported: only empty or null.",
                                   json_schema_extra={"maxLength": 0})
 
-    _ACCEPTED: ClassVar[dict] = {**_GenerationRequest._ACCEPTED, "logprobs": (None, 0), "best_of": (None, 1),
-                                 "suffix": (None, "")}
+    _ACCEPTED: ClassVar[dict] = {**_GenerationRequest._ACCEPTED, "best_of": (None, 1), "suffix": (None, "")}
 
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"] = Field(..., description="Only text parts are supported.")
     text: str
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    type: str = Field(..., description="Only 'text' is supported.", json_schema_extra={"enum": ["text"]})
 
 
 class ChatMessage(BaseModel):
@@ -141,9 +161,11 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(..., min_length=1, examples=[[{"role": "user", "content": "Hi"}]])
     max_completion_tokens: Optional[Int] = Field(None, description="Preferred over max_tokens when both are set.",
                                                  **_range(minimum=1))
-    logprobs: Optional[bool] = Field(None, description="Not supported: only false or null.",
-                                     json_schema_extra={"enum": [False, None]})
-    top_logprobs: Optional[Int] = _only(0, "Not supported: only 0 or null.")
+    logprobs: Optional[bool] = Field(None, description="Return each generated token's log-probability (of the raw "
+                                     "model distribution, before temperature and top-k / top-p).")
+    top_logprobs: Optional[Int] = Field(None, description="With logprobs: also the log-probabilities of the most "
+                                        "likely tokens at each position, this many.",
+                                        **_range(minimum=0, maximum=MAX_LOGPROBS))
     tools: Optional[list[Any]] = Field(None, description="Not supported: only empty.", json_schema_extra={"maxItems": 0})
     tool_choice: Optional[Union[str, dict]] = Field(None, description="Only 'none' (or 'auto' without tools).",
                                                     json_schema_extra={"enum": ["none", "auto", None]})
@@ -151,16 +173,10 @@ class ChatCompletionRequest(_GenerationRequest):
                                            json_schema_extra={"maxItems": 0})
     function_call: Optional[Union[str, dict]] = Field(None, description="Not supported: only 'none'.",
                                                       json_schema_extra={"enum": ["none", None]})
-    response_format: Optional[ResponseFormat] = None
 
-    _ACCEPTED: ClassVar[dict] = {**_GenerationRequest._ACCEPTED, "logprobs": (None, False), "top_logprobs": (None, 0),
-                                 "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+    _ACCEPTED: ClassVar[dict] = {**_GenerationRequest._ACCEPTED, "tools": (None, []),
+                                 "tool_choice": (None, "none", "auto"), "functions": (None, []),
                                  "function_call": (None, "none")}
-
-    def unsupported(self) -> Optional[tuple[str, str]]:
-        if self.response_format is not None and self.response_format.type != "text":
-            return "response_format", '{"type": "text"}'
-        return super().unsupported()
 
 
 class LoraLoadRequest(BaseModel):
@@ -227,10 +243,19 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: one entry per token (with echo, the prompt's first; its log-probability null)."""
+
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
 
 
@@ -248,10 +273,24 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[list[ChatTokenLogprob]] = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
 
 

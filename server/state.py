@@ -9,6 +9,8 @@ raised as its typed errors when the request is submitted.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import os
 import re
 import time
@@ -128,16 +130,34 @@ class ServerState:
                 texts.append(None)
         return ids, texts
 
-    def samplings(self, body, n_prompts: int, max_tokens: int) -> list:
+    def samplings(self, body, n_prompts: int, max_tokens: int, logprobs: Optional[int] = None) -> list:
         """One `SamplingParams` per choice (`body.n` per prompt); choice j of a seeded request gets seed + j.
         InvalidRequest (from SamplingParams) for a value out of range."""
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         stop = tuple(s for s in stop if s)
+        structure = self.structure(body.response_format)
         return [SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
                                top_p=1.0 if body.top_p is None else body.top_p, top_k=min(body.top_k or 0, self.llm.vocab_size),
                                seed=None if body.seed is None else body.seed + j, stop=stop,
-                               stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos)
+                               stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
+                               logprobs=logprobs, **structure)
                 for _ in range(n_prompts) for j in range(body.n)]
+
+    @staticmethod
+    def structure(fmt) -> dict:
+        """`SamplingParams` fields of an OpenAI `response_format`."""
+        if fmt is None or fmt.type == "text":
+            return {}
+        if fmt.type == "json_object":
+            return {"json_object": True}
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise ApiError(400, "response_format of type json_schema needs json_schema.schema", param="response_format")
+        return {"json_schema": json.dumps(fmt.json_schema.schema_)}
+
+    @functools.lru_cache(maxsize=1 << 16)
+    def token_text(self, token_id: int) -> str:
+        """A token's text as logprobs show it: the token decoded alone."""
+        return self.llm.decode([token_id])
 
     # -- adapters --------------------------------------------------------------------------------
     def adapter_path(self, path: str) -> str:

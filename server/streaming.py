@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from .errors import ApiError, error_body
 from .metrics import Metrics
@@ -67,8 +68,9 @@ class Dispatcher:
 class Generation:
     """The engine requests behind one HTTP request (one per choice), delivered as one asyncio event queue.
 
-    Events are `(choice index, text delta, finished)`, or `DISCONNECT` when the client went away.
-    Create it on the event loop that serves the request (`dispatcher.loop`).
+    Events are `(choice index, text delta, finished, logprobs)`, or `DISCONNECT` when the client went
+    away; `logprobs` are the TokenLogprobs of the tokens since the choice's last event (None if it asked
+    for none). Create it on the event loop that serves the request (`dispatcher.loop`).
     """
 
     def __init__(self, llm, metrics: Metrics, dispatcher: Dispatcher, endpoint: str, prefix: str):
@@ -92,7 +94,7 @@ class Generation:
                 self._progress[idx] = (handle.num_output_tokens, now)
                 if handle.finished:
                     metrics.on_finish(handle, self.endpoint)
-                self.dispatcher.push(self.events, (idx, delta, handle.finished))
+                self.dispatcher.push(self.events, (idx, delta, handle.finished, handle.logprobs_from(count)))
             except RuntimeError:  # the event loop is closed: the server is shutting down
                 pass
             except Exception:
@@ -103,11 +105,18 @@ class Generation:
     # -- life cycle ------------------------------------------------------------------------------
     async def start(self, request: Request, prompts: list, adapter: Optional[str], samplings: list) -> None:
         """Submit every choice, then watch for the client going away. All or none: if one is refused
-        (its error propagates), those submitted before it are aborted."""
-        try:
-            for i, (ids, sp) in enumerate(zip(prompts, samplings)):  # submit queues without waiting for the engine
+        (its error propagates), those submitted before it are aborted. Submitting queues without waiting
+        for the engine, but a grammar (structured output) compiles first: then it runs in the thread pool."""
+        def submit_all() -> None:
+            for i, (ids, sp) in enumerate(zip(prompts, samplings)):
                 self.handles.append(self.llm.submit(ids, adapter, sp, request_id=f"{self.id}-{i}",
                                                     on_update=self._listener(i)))
+
+        try:
+            if any(sp.json_schema is not None or sp.json_object for sp in samplings):
+                await run_in_threadpool(submit_all)
+            else:
+                submit_all()
         except BaseException:
             self.abort_soon()
             raise
@@ -181,9 +190,23 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"  # ASCII-escaped: no raw line breaks in an event
 
 
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_events(events: list) -> StreamingResponse:
+    """An SSE body of events known in advance, then [DONE]."""
+    async def body():
+        for ev in events:
+            yield _sse(ev)
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
 def sse_response(gen: Generation, chunk: Callable, head: Optional[Callable],
                  usage: Optional[Callable]) -> StreamingResponse:
-    """SSE body: `head(i)` once per choice first, then `chunk(i, delta, finish_reason)`, then usage, [DONE]."""
+    """SSE body: `head(i)` once per choice first, then `chunk(i, delta, finish_reason, logprobs)`, then usage,
+    [DONE]."""
 
     async def body():
         try:
@@ -196,9 +219,9 @@ def sse_response(gen: Generation, chunk: Callable, head: Optional[Callable],
                 ev = await gen.events.get()
                 if ev is DISCONNECT:
                     return
-                idx, delta, finished = ev
+                idx, delta, finished, lps = ev
                 if not finished:  # one chunk per token, even one whose text is held back (partial UTF-8)
-                    yield _sse(chunk(idx, delta, None))
+                    yield _sse(chunk(idx, delta, None, lps))
                     continue
                 pending -= 1
                 handle = gen.handles[idx]
@@ -208,12 +231,11 @@ def sse_response(gen: Generation, chunk: Callable, head: Optional[Callable],
                     yield _sse(error_body(err.status, err.message))
                     yield b"data: [DONE]\n\n"
                     return
-                yield _sse(chunk(idx, delta, handle.finish_reason))
+                yield _sse(chunk(idx, delta, handle.finish_reason, lps))
             if usage is not None:
                 yield _sse(usage())
             yield b"data: [DONE]\n\n"
         finally:
             gen.close()
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(body(), media_type="text/event-stream", headers=_SSE_HEADERS)

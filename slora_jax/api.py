@@ -22,7 +22,8 @@ from .adapters.peft import load_peft_adapter
 from .config import EngineConfig, load_model_config, resolve_preset
 from .engine.multihost import Follower, Leader, engine_class
 from .engine.request import RequestOutput, SamplingParams, check_request
-from .errors import AdapterError, AdapterExists, AdapterNotFound, ConfigError, RequestError, RequestTooLong
+from .errors import (AdapterError, AdapterExists, AdapterNotFound, ConfigError, InvalidRequest, RequestError,
+                     RequestTooLong)
 from .memory.pool import choose_num_pages
 from .model.weights import dtype_of, load_hf_checkpoint, random_model, restore_params
 from .tokenizer import load_tokenizer
@@ -88,6 +89,12 @@ class RequestHandle:
     def output(self) -> RequestOutput:
         """A snapshot: token ids and text so far, finish reason once finished."""
         return self._req.output()
+
+    def logprobs_from(self, start: int) -> Optional[list]:
+        """The TokenLogprob of each output token from `start` on (None if the request asked for none): what
+        an `on_update` callback reads of the tokens since its last call."""
+        lps = self._req.logprobs
+        return None if lps is None else lps[start:]
 
     def abort(self) -> None:
         """Stop it and free its pages (waits for the engine step in progress)."""
@@ -286,6 +293,23 @@ class LLM:
                 yield delta
         if handle.error:
             raise RequestError(handle.error)
+
+    def prompt_logprobs(self, prompt: Prompt, adapter: Optional[str] = None, top: int = 0) -> list:
+        """Each prompt token's log-probability given the tokens before it (the first has none: None), with
+        the `top` (0..20) most likely tokens' there, as `TokenLogprob`s: how evaluation harnesses score a
+        text's likelihood (the OpenAI completions `echo` + `logprobs`). Computed on the device through the
+        serving path, like `logits`."""
+        ids = self._ids(prompt)
+        if not ids:
+            raise InvalidRequest("the prompt is empty", "prompt")
+        SamplingParams(logprobs=top)  # the same range check as a request's
+        if len(ids) > self.max_model_len:
+            raise RequestTooLong(f"{len(ids)} tokens exceed max_model_len={self.max_model_len}", "prompt")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise InvalidRequest(f"a token id is outside the vocabulary (size {self.vocab_size})", "prompt")
+        if adapter is not None and not self.has_adapter(adapter):
+            raise AdapterNotFound(f"adapter {adapter!r} is not registered", "model")
+        return self.engine.prompt_logprobs(ids, adapter, top)
 
     def logits(self, token_ids: Prompt, adapter: Optional[str] = None) -> np.ndarray:
         """[len, vocab] float32 logits through the serving path (pool, pages, kernels)."""

@@ -155,6 +155,22 @@ class ByteTokenizer:
             return self.encode(self._template.render(messages, add_generation_prompt), add_bos=False)
         return self.encode(plain_chat_text(messages))
 
+    def guidance_tokenizer(self, n_vocab: int):
+        """The llguidance tokenizer of these ids (structured output): bytes, then special tokens."""
+        import llguidance
+
+        class Vocab:  # what llguidance.TokenizerWrapper reads
+            eos_token_id = self.eos_ids[0] if self.eos_ids else None
+            bos_token_id = self.bos_id
+            tokens = [bytes([i]) for i in range(256)] + [f"<|special_{i}|>".encode() for i in range(256, n_vocab)]
+            special_token_ids = list(range(256, n_vocab))
+
+            def __call__(self, text) -> list:
+                return list(text if isinstance(text, bytes) else text.encode("utf-8"))
+
+        return llguidance.LLTokenizer(llguidance.TokenizerWrapper(Vocab()), n_vocab=n_vocab,
+                                      eos_token=list(self.eos_ids))
+
 
 class HFTokenizer:
     """An HF model dir's tokenizer.json, special tokens and chat template. `eos_ids` (the model's, from
@@ -197,6 +213,13 @@ class HFTokenizer:
                                  "tokenizer_config.json): use completions, or serve it with --chat-template FILE",
                                  "messages")
         return self.encode(self._template.render(messages, add_generation_prompt), add_bos=False)
+
+    def guidance_tokenizer(self, n_vocab: int):
+        """The llguidance tokenizer of this tokenizer.json (structured output); `n_vocab`: the model's rows
+        (an id past the tokenizer's own vocabulary is never allowed)."""
+        import llguidance
+
+        return llguidance.LLTokenizer(self.tok.to_str(), n_vocab=n_vocab, eos_token=list(self.eos_ids))
 
 
 def _byte_fallback_ids(tok) -> frozenset:

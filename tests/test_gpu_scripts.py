@@ -106,3 +106,26 @@ def test_report_renders_the_stored_results(tmp_path):
     assert _run(["-m", "slora_jax.bench.report", "--results", RESULTS, "--md", str(md), "--plots", str(tmp_path)],
                 tmp_path).returncode == 0
     assert md.read_text() == before
+
+
+def test_structured_stage_smoke(tmp_path):
+    """device_run.sh's `structured` stage (bench_structured.py --smoke): every mode's rows generate their tokens
+    (the constrained ones through llguidance masks) and structured.json holds the ratios of issue #19's goals."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", GIT_COMMIT="test-commit", SMOKE="1", OUT=str(out), WORK=str(work),
+               BUDGET_S="600", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run(["bash", "benchmarks/device_run.sh", "structured"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    summary = (out / "summary.txt").read_text()
+    assert proc.returncode == 0 and "== structured rc=0" in summary, summary + proc.stderr[-2000:]
+    row = json.loads((work / "r" / "structured.json").read_text())
+    assert set(row["modes"]) == {"none", "all", "half"} and row["git_commit"] == "test-commit"
+    assert row["modes"]["all"]["mask_ms"] > 0 and row["modes"]["none"]["mask_ms"] == 0
+    assert row["all_vs_none"] > 0 and row["half_free_row_loss"] < 1
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n")
+    proc = _run(["-m", "slora_jax.bench.report", "--results", str(work / "r"), "--md", str(md), "--plots",
+                 str(tmp_path / "plots")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "### Structured output: batch 4 decode, tiny-llama" in md.read_text()

@@ -149,3 +149,67 @@ def test_no_program_sorts_the_vocabulary_unless_a_row_filters():
         assert "stablehlo.sort" not in text and "top_k" not in text
     filtered = jax.jit(sampling.sample, static_argnames="k").lower(logits, s, tokens, k=256).as_text()
     assert "top_k" in filtered and "stablehlo.sort" not in filtered
+
+
+# -- masks (structured output) and log-probabilities ----------------------------------------------------------------
+def pack(allowed: np.ndarray) -> np.ndarray:
+    """[B, V] bool -> llguidance's [B, ceil(V / 32)] int32 bitmask."""
+    b, v = allowed.shape
+    bits = np.zeros((b, (v + 31) // 32 * 32), bool)
+    bits[:, :v] = allowed
+    return np.packbits(bits, axis=-1, bitorder="little").view(np.int32)
+
+
+def test_masked_rows_sample_only_allowed_tokens_and_the_others_are_untouched():
+    rng = np.random.default_rng(4)
+    b, v = 8, 300
+    logits = jnp.asarray(rng.normal(size=(b, v)).astype(np.float32) * 3)
+    allowed = np.ones((b, v), bool)
+    for r in (1, 2, 5, 6):  # constrained rows: a few random tokens allowed each
+        allowed[r] = False
+        allowed[r, rng.choice(v, 5, replace=False)] = True
+    mask = jnp.asarray(pack(allowed))
+    assert (np.asarray(sampling.unpack_mask(mask, v)) == allowed).all()
+    for kw in (dict(), dict(temperature=np.r_[0, 1.0, 0, 1.0, 1.0, 0.7, 0.7, 0][:b]),
+               dict(temperature=1.0, top_k=3), dict(temperature=0.9, top_p=0.5)):
+        s = arrays(b, **kw)
+        plain = np.asarray(sampling.sample_all(logits, s))
+        masked = np.asarray(sampling.sample_all(logits, s, mask))
+        assert all(allowed[r, t] for r, t in enumerate(masked)), (kw, masked)
+        free = [0, 3, 4, 7]
+        np.testing.assert_array_equal(masked[free], plain[free])  # unconstrained rows: bit for bit the same
+        if not kw:  # greedy constrained rows take the most likely allowed token
+            want = np.where(allowed, np.asarray(logits), -np.inf).argmax(-1)
+            np.testing.assert_array_equal(masked, want)
+
+
+def test_logprobs_are_the_raw_log_softmax_and_its_top_tokens():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(4, 100)).astype(np.float32) * 2
+    tokens = np.array([3, 50, 99, 0], np.int32)
+    chosen, top, ids = (np.asarray(x) for x in sampling.logprobs(jnp.asarray(logits), jnp.asarray(tokens)))
+    ref = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(chosen, ref[np.arange(4), tokens], atol=1e-5)
+    assert top.shape == ids.shape == (4, sampling.MAX_LOGPROBS)
+    np.testing.assert_array_equal(ids, np.argsort(-ref, axis=-1, kind="stable")[:, :sampling.MAX_LOGPROBS])
+    np.testing.assert_allclose(top, np.take_along_axis(ref, ids, -1), atol=1e-5)
+    # a masked row: renormalised over its allowed tokens, the others -inf
+    allowed = np.zeros((4, 100), bool)
+    allowed[:, [3, 50, 99, 0]] = True
+    chosen, top, _ = (np.asarray(x) for x in sampling.logprobs(jnp.asarray(logits), jnp.asarray(tokens),
+                                                               jnp.asarray(pack(allowed))))
+    sub = logits[:, [3, 50, 99, 0]]
+    np.testing.assert_allclose(np.exp(chosen), np.exp(logits[np.arange(4), tokens]) / np.exp(sub).sum(-1), rtol=1e-5)
+    assert np.isinf(top[:, 4:]).all() and np.isfinite(top[:, :4]).all()
+
+
+def test_a_masked_or_logprobs_program_sorts_nothing_but_its_top_k():
+    logits = jax.ShapeDtypeStruct((8, 4096), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((8,), jnp.int32)
+    mask = jax.ShapeDtypeStruct((8, 128), jnp.int32)
+    s = arrays(8, temperature=1.0)
+    fn = jax.jit(sampling.finish, static_argnames=("k", "want_logprobs"))
+    masked = fn.lower(logits, s, tokens, mask, k=None).as_text()
+    assert "stablehlo.sort" not in masked and "top_k" not in masked
+    lp = fn.lower(logits, s, tokens, None, k=None, want_logprobs=True).as_text()
+    assert "top_k" in lp and "stablehlo.sort" not in lp

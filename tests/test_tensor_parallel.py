@@ -358,3 +358,26 @@ def test_pinned_buffers_split_like_the_pool(model_file):
     moved = to_device(pinned, sharding)
     assert moved.sharding == sharding and moved.sharding.memory_kind == "device"
     np.testing.assert_array_equal(np.asarray(moved), host)
+
+
+@multi
+def test_structured_output_and_logprobs_sharded(model_file):
+    """A constrained batch (masks applied to replicated logits) with log-probabilities, mixed with free rows:
+    the same tokens and log-probabilities on tp=4 as on one device."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                                  "maximum": 99}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    outs = {}
+    for tp in (1, 4):
+        eng = llm_tp(model_file, tp).engine
+        reqs = [eng.add_request(TOKENS[:5], "qvo_r2", SamplingParams(max_tokens=40, json_schema=schema, logprobs=3,
+                                                                     temperature=0.8, seed=2)),
+                eng.add_request(TOKENS[2:9], None, SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2)),
+                eng.add_request(TOKENS[1:4], "all_r8", SamplingParams(max_tokens=40, json_object=True))]
+        eng.run_until_done(reqs)
+        outs[tp] = [(r.output_ids, [(e.token_id, e.logprob, e.top) for e in r.logprobs or ()]) for r in reqs]
+        assert reqs[0].finish_reason == "stop" and set(json.loads(reqs[0].text)) == {"ok", "n"}
+    for (ids1, lp1), (ids4, lp4) in zip(outs[1], outs[4]):
+        assert ids1 == ids4
+        np.testing.assert_allclose([x[1] for x in lp1], [x[1] for x in lp4], atol=1e-4)
+        assert [[t for t, _ in x[2]] for x in lp1] == [[t for t, _ in x[2]] for x in lp4]

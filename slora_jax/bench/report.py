@@ -8,7 +8,8 @@ and replaces three marked sections of BENCHMARKS.md, leaving the hand-written te
 
 - headline (at the top): saturated throughput and LoRA / base-only, the read-roofline fractions of decode,
   the LoRA kernels and decode attention, the maximum sustainable rate; a figure not measured yet says so;
-- gpu-micro: the kernel, decode, command-buffer, step-profile and swap tables (bench_*.py, profile_step.py);
+- gpu-micro: the kernel, decode, command-buffer, step-profile, swap and structured-output tables (bench_*.py,
+  profile_step.py);
 - slora-bench: the S-LoRA workload (`slora-jax bench`): saturated runs, then the offered-load runs with
   S-LoRA's published figures (A100-80GB, req/s, its Table 3) beside them.
 
@@ -453,6 +454,25 @@ def swap_section(d: dict, host: Optional[dict] = None) -> list[str]:
     return out + [""]
 
 
+def structured_section(d: dict) -> list[str]:
+    """structured.json (bench_structured.py): a decode batch with every row, half the rows or no row constrained
+    by a JSON schema."""
+    goals = d.get("goals", {})
+    out = [f"### Structured output: batch {d['batch']} decode, {d['model']}, JSON-schema masks (bench_structured.py)",
+           "", f"{_meta([d])}; a {d['vocab']}-token byte-level BPE; {d['tokens']} tokens per row; masks computed by "
+           f"llguidance on {d.get('cpu_count', '?')} CPUs while each step's forward runs.", "",
+           "| rows constrained | tokens/s | step ms | mask ms (median, max) |", "|---|---|---|---|"]
+    for name, label in (("none", "none"), ("half", "half"), ("all", "all")):
+        r = d["modes"][name]
+        out.append(f"| {label} | {r['tokens_per_s']:.0f} | {r['step_ms']:.2f} | {r['mask_ms']:.2f}, "
+                   f"{r['mask_ms_max']:.1f} |")
+    out += ["", f"All rows constrained: {d['all_vs_none']:.3f} of the unconstrained tokens/s (goal >= "
+                f"{goals.get('all_vs_none_min', 0.9)}); the free rows of the half-constrained batch lose "
+                f"{100 * d['half_free_row_loss']:.1f}% (goal <= {100 * goals.get('half_free_row_loss_max', 0.02):.0f}%).",
+            ""]
+    return out
+
+
 def micro_section(results_dir: str, plots: Optional[str]) -> list[str]:
     r = results_dir
     out = [MICRO[0], "## Kernels, decode, command buffers, step profiles and swapping", ""]
@@ -479,6 +499,9 @@ def micro_section(results_dir: str, plots: Optional[str]) -> list[str]:
     if swap:
         host = _maybe(r, "swap_host.json")
         out += swap_section(swap, host["host_memory"] if host else None)
+    structured = _maybe(r, "structured.json")
+    if isinstance(structured, dict) and "modes" in structured:
+        out += structured_section(structured)
     return out + [MICRO[1]]
 
 

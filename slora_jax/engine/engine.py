@@ -20,6 +20,15 @@ known in advance and never scheduled past their last token.
 The same order makes prefix blocks safe to share: a page becomes a cached block
 only once the steps writing it are dispatched, so a step of another sequence
 reading it takes their output pool, and no step writes into a block.
+
+Structured output (engine/structured.py): the token mask of a constrained row
+depends on the token its previous step sampled, which the host reads only after
+dispatching the next step. So a batch with constrained rows is dispatched in two
+parts: its forward first (`runner.forward`); then, once the previous step's
+tokens are read and fed to the matchers, the masks are computed on the host
+while that forward runs on the device, and the sampling program that applies
+them is dispatched behind it (`_sample_masked`). The next step's forward waits
+on the device for those tokens only, as it waits for any step's.
 """
 from __future__ import annotations
 
@@ -50,9 +59,10 @@ from ..memory.pool import DevicePool, choose_num_pages
 from ..model.weights import dtype_of
 from ..tokenizer import IncrementalDecoder
 from .batch import BatchBuilder, max_batch_rows
-from .request import Request, RequestError, RequestLimits, SamplingParams, check_request
-from .runner import ModelRunner
+from .request import Request, RequestError, RequestLimits, SamplingParams, TokenLogprob, check_request
+from .runner import Forward, ModelRunner
 from .scheduler import LOOKAHEAD, ScheduledStep, Scheduler
+from .structured import Grammars, advance
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +71,11 @@ log = logging.getLogger(__name__)
 class InFlight:
     """A dispatched step whose sampled tokens the host has not read yet."""
 
-    tokens: object  # [max_b] int32 device array, row i = sequence i of the step
+    tokens: object  # [max_b] int32 device array, row i = sequence i of the step (None until sampled)
     rows: list  # (request, row) for each request that samples a token in this step
+    logprobs: object = None  # sampling.logprobs of the tokens, on the device, if a row asked for them
+    forward: Optional[Forward] = None  # until its sampling program is dispatched (a masked batch)
+    want_logprobs: bool = False
 
 
 def _split_at_stop(text: str, stops) -> tuple[str, bool]:
@@ -80,6 +93,13 @@ def _stop_prefix_len(text: str, stops) -> int:
                 best = j
                 break
     return best
+
+
+def _token_logprob(token: int, logprob, top_ids: np.ndarray, top_logprobs: np.ndarray, k: int) -> TokenLogprob:
+    """One position's TokenLogprob from sampling.logprobs' rows: its k most likely tokens, less those a grammar
+    forbids there (-inf)."""
+    top = tuple((i, v) for i, v in zip(top_ids[:k].tolist(), top_logprobs[:k].tolist()) if v > -np.inf)
+    return TokenLogprob(int(token), float(logprob), top)
 
 
 class Engine:
@@ -112,6 +132,7 @@ class Engine:
         self.scheduler = Scheduler(self.pages, self.cache, ecfg.max_running, ecfg.max_batch_tokens,
                                    ecfg.early_abort_s, ecfg.prefix_cache)
         self.builder = BatchBuilder(self.pages, self.cache, ecfg.max_running, ecfg.max_batch_tokens)
+        self.grammars = Grammars(tokenizer, cfg.vocab_size)
         self._inflight: Optional[InFlight] = None
         self.requests: dict = {}
         # seeds of unseeded requests; across hosts (jax.distributed) every process runs the same steps,
@@ -140,9 +161,10 @@ class Engine:
     def add_request(self, prompt_ids: list, adapter: Optional[str], sampling: SamplingParams,
                     request_id: Optional[str] = None, listener: Optional[Callable] = None,
                     clamp_length: bool = True) -> Request:
-        """Queue a request; raises InvalidRequest, RequestTooLong (request.check_request) or AdapterNotFound
-        before anything changes. `clamp_length`: a request whose prompt plus max_tokens runs past
-        max_model_len stops there (True) or is refused (False, as the public API does)."""
+        """Queue a request; raises InvalidRequest (a bad field, a JSON schema llguidance refuses),
+        RequestTooLong (request.check_request) or AdapterNotFound before anything changes. `clamp_length`: a
+        request whose prompt plus max_tokens runs past max_model_len stops there (True) or is refused
+        (False, as the public API does)."""
         check_request(prompt_ids, sampling, self.limits, clamp_length)
         if adapter is not None and adapter not in self.store:
             raise AdapterNotFound(f"adapter {adapter!r} is not registered", "model")
@@ -154,10 +176,12 @@ class Engine:
                  request_id: Optional[str] = None, listener: Optional[Callable] = None,
                  id_int: Optional[int] = None, seed: Optional[int] = None) -> Request:
         """A new request's state; its sequence id and seed are drawn here unless given (engine/multihost.py)."""
+        grammar = self.grammars.matcher(sampling)
         n = next(self._ids) if id_int is None else id_int
         if seed is None:
             seed = sampling.seed if sampling.seed is not None else self._seeds.getrandbits(32)
         req = Request(request_id or f"req-{n}", n, prompt_ids, adapter, sampling, seed)
+        req.grammar = grammar
         req.token_limit = min(req.token_limit, self.ecfg.max_model_len)
         req.decoder = IncrementalDecoder(self.tokenizer, req.prompt_ids)
         if listener is not None:
@@ -247,6 +271,8 @@ class Engine:
             older, self._inflight = self._inflight, launched
             if older is not None:
                 finished += self._read(older)
+            if launched is not None and launched.forward is not None:
+                self._sample_masked(launched)
             if not self.ecfg.async_steps:
                 finished += self.drain()
         for cb in self.on_step:
@@ -256,27 +282,49 @@ class Engine:
     def _dispatch(self, sched: ScheduledStep) -> InFlight:
         inp, samp, reqs = self.builder.build(sched)
         prev = None if self._inflight is None else self._inflight.tokens
-        tokens, self.pool.array = self.runner.step(self.pool.array, inp, samp, prev)
-        self.counters["steps_overlapped"] += prev is not None
         ntok = dict(zip((r.id for r in sched.requests), sched.num_tokens))
-        rows = []
-        for i, r in enumerate(reqs):
+        # the requests that sample a token in this step: not a prefill chunk short of the prompt's end
+        rows = [(r, i) for i, r in enumerate(reqs) if r.num_computed + ntok[r.id] == r.num_tokens]
+        want_logprobs = any(r.logprobs is not None for r, _ in rows)
+        masked = any(r.grammar is not None for r, _ in rows)
+        if masked or want_logprobs:
+            fwd, self.pool.array = self.runner.forward(self.pool.array, inp, samp, prev)
+            launched = InFlight(None, rows, forward=fwd, want_logprobs=want_logprobs)
+            if not masked:  # nothing to wait for: sample now (a masked batch samples in step(), `_sample_masked`)
+                launched.tokens, launched.logprobs = self.runner.sample(fwd, None, want_logprobs)
+                launched.forward = None
+        else:
+            tokens, self.pool.array = self.runner.step(self.pool.array, inp, samp, prev)
+            launched = InFlight(tokens, rows)
+        self.counters["steps_overlapped"] += prev is not None
+        for r in reqs:
             r.num_computed += ntok[r.id]
-            if r.num_computed == r.num_tokens:  # not a prefill chunk short of the prompt's end: it samples
-                r.pending += 1
-                r.pending_row = i
-                rows.append((r, i))
-        return InFlight(tokens, rows)
+        for r, i in rows:
+            r.pending += 1
+            r.pending_row = i
+        return launched
+
+    def _sample_masked(self, step: InFlight) -> None:
+        """Dispatch the sampling program of a step with constrained rows, their masks computed now: the
+        step before it has been read (its tokens fed to the matchers) and this step's forward is running."""
+        fwd, step.forward = step.forward, None
+        rows = [(r.grammar, i) for r, i in step.rows if r.grammar is not None and not r.finished]
+        mask = self.grammars.masks(rows, fwd.logits.shape[0])
+        step.tokens, step.logprobs = self.runner.sample(fwd, mask, step.want_logprobs)
 
     def _read(self, step: InFlight) -> list:
         tokens = parallel.to_host(step.tokens)  # the one device->host read of a step
+        lps = None if step.logprobs is None else [parallel.to_host(x) for x in step.logprobs]
         now = time.monotonic()
         finished = []
         for r, row in step.rows:
             r.pending -= 1
             if r.finished:  # stopped at an earlier token, or aborted, while this step ran: the token is dropped
                 continue
-            if self._append(r, int(tokens[row]), now):
+            tok = int(tokens[row])
+            if r.logprobs is not None:
+                r.logprobs.append(_token_logprob(tok, lps[0][row], lps[2][row], lps[1][row], r.sampling.logprobs))
+            if self._append(r, tok, now):
                 finished.append(r)
         return finished
 
@@ -293,9 +341,14 @@ class Engine:
         self.counters["tokens_generated"] += 1
         delta = r.decoder.push([tok]) if tok not in self.tokenizer.eos_ids else ""
         reason = None
+        if r.grammar is not None and (reason := advance(r.grammar, tok)) == "error":
+            log.error("request %s: its grammar refused token %d: %s", r.id, tok, r.grammar.get_error())
+            r.text += delta
+            self._finish(r, "error", error="structured output: the grammar refused a generated token")
+            return True
         if (tok in self.tokenizer.eos_ids and not sp.ignore_eos) or tok in sp.stop_token_ids:
             reason = "stop"
-        elif len(r.output_ids) >= sp.max_tokens or len(r.all_ids) >= self.ecfg.max_model_len:
+        elif reason is None and (len(r.output_ids) >= sp.max_tokens or len(r.all_ids) >= self.ecfg.max_model_len):
             reason = "length"
         if reason:
             delta += r.decoder.flush()  # a character left incomplete at the end: as U+FFFD, as decode() shows it
@@ -315,6 +368,7 @@ class Engine:
     def _finish(self, r: Request, reason: str, delta: str = "", error: Optional[str] = None) -> Request:
         self.scheduler.finish(r, cache=reason != "error")  # a failed step's pages are not cached
         r.finish_reason, r.error = reason, error
+        r.grammar = None  # its matcher's memory goes now, not with the last handle
         r.finish_time = time.monotonic()
         self.counters["requests_aborted" if reason == "abort" else "requests_finished"] += 1
         self.requests.pop(r.id, None)
@@ -397,21 +451,37 @@ class Engine:
     def logits(self, token_ids: list, adapter: Optional[str]) -> np.ndarray:
         """[len, vocab] float32 logits of every position, through the serving path (pool, pages, kernels)."""
         with self._lock:
-            if len(token_ids) > self.ecfg.max_model_len:
-                raise RequestTooLong(f"{len(token_ids)} tokens exceed max_model_len={self.ecfg.max_model_len}",
-                                     "token_ids")
-            req = Request("logits", next(self._ids), token_ids, adapter, SamplingParams(), 0)
-            if adapter is not None:
-                self.store.get(adapter)
-            if not self.scheduler.admit_now(req):
-                raise CapacityError("the pool cannot hold this sequence now: retry when running requests finish")
-            try:
-                inp, _, _ = self.builder.build(ScheduledStep([req], [len(token_ids)], [], []))
-                inp.logit_rows = np.arange(len(inp.tokens), dtype=np.int32)
-                logits, self.pool.array = self.runner.logits(self.pool.array, inp)
-                return parallel.to_host(logits).astype(np.float32)[: len(token_ids)]
-            finally:
-                self.scheduler.release(req)
+            logits = self._all_logits(token_ids, adapter)
+            return parallel.to_host(logits).astype(np.float32)[: len(token_ids)]
+
+    def prompt_logprobs(self, token_ids: list, adapter: Optional[str], top: int = 0) -> list:
+        """Each prompt token's log-probability given the tokens before it, and the `top` most likely tokens'
+        there, computed on the device (sampling.logprobs) through the serving path: [None, TokenLogprob...]."""
+        with self._lock:
+            logits = self._all_logits(token_ids, adapter)
+            following = np.zeros(logits.shape[0], np.int32)
+            following[: len(token_ids) - 1] = token_ids[1:]
+            chosen, vals, ids = (parallel.to_host(x) for x in self.runner.logprobs(logits, following))
+        return [None] + [_token_logprob(token_ids[i + 1], chosen[i], ids[i], vals[i], top)
+                         for i in range(len(token_ids) - 1)]
+
+    def _all_logits(self, token_ids: list, adapter: Optional[str]):
+        """Under the lock: the logits of every position of `token_ids` (padded rows after them), on the device."""
+        if len(token_ids) > self.ecfg.max_model_len:
+            raise RequestTooLong(f"{len(token_ids)} tokens exceed max_model_len={self.ecfg.max_model_len}",
+                                 "token_ids")
+        req = Request("logits", next(self._ids), token_ids, adapter, SamplingParams(), 0)
+        if adapter is not None:
+            self.store.get(adapter)
+        if not self.scheduler.admit_now(req):
+            raise CapacityError("the pool cannot hold this sequence now: retry when running requests finish")
+        try:
+            inp, _, _ = self.builder.build(ScheduledStep([req], [len(token_ids)], [], []))
+            inp.logit_rows = np.arange(len(inp.tokens), dtype=np.int32)
+            logits, self.pool.array = self.runner.logits(self.pool.array, inp)
+            return logits
+        finally:
+            self.scheduler.release(req)
 
     def stats(self) -> dict:
         with self._lock:

@@ -6,15 +6,24 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import math
 import time
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 from ..errors import InvalidRequest, RequestError, RequestTooLong  # noqa: F401  (RequestError: their base)
 
 
+MAX_LOGPROBS = 20  # sampling.MAX_LOGPROBS: most likely tokens per position a request may ask for
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
+    """How to generate. `logprobs`: also return each generated token's log-probability and those of the
+    `logprobs` most likely tokens at its position (0..20; None: no log-probabilities). `json_schema` (a
+    JSON Schema, as a dict or its JSON text) or `json_object`: generate JSON that the schema (or any JSON
+    object) admits, enforced token by token through llguidance (engine/structured.py)."""
+
     max_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
@@ -23,8 +32,24 @@ class SamplingParams:
     stop: tuple = ()
     stop_token_ids: tuple = ()
     ignore_eos: bool = False
+    logprobs: Optional[int] = None
+    json_schema: Union[None, str, dict] = None  # kept as its JSON text (key order kept: it is generation order)
+    json_object: bool = False
 
     def __post_init__(self):
+        if isinstance(self.json_schema, (dict, bool)):
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
+        if self.json_schema is not None:
+            try:
+                schema = json.loads(self.json_schema)
+            except (TypeError, ValueError) as e:
+                raise InvalidRequest(f"json_schema is not valid JSON: {e}", "response_format") from None
+            if not isinstance(schema, (dict, bool)):
+                raise InvalidRequest("json_schema must be a JSON Schema (an object)", "response_format")
+            if self.json_object:
+                raise InvalidRequest("json_schema and json_object exclude each other", "response_format")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"logprobs must be in 0..{MAX_LOGPROBS}, got {self.logprobs}", "logprobs")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
@@ -76,6 +101,14 @@ class Status(enum.Enum):
     FINISHED = 2
 
 
+class TokenLogprob(NamedTuple):
+    """One generated (or prompt) token's log-probability, and those of the most likely tokens there."""
+
+    token_id: int
+    logprob: float
+    top: tuple  # ((token id, logprob), ...) most likely first: SamplingParams.logprobs of them
+
+
 @dataclasses.dataclass
 class RequestOutput:
     request_id: str
@@ -87,6 +120,7 @@ class RequestOutput:
     error: Optional[str] = None
     ttft_s: Optional[float] = None
     latency_s: Optional[float] = None
+    logprobs: Optional[list] = None  # a TokenLogprob per token of token_ids, if SamplingParams.logprobs asked
 
 
 class Request:
@@ -117,6 +151,8 @@ class Request:
         self.held = ""  # decoded text held back: it may be the start of a stop string
         self.preemptions = 0
         self.listeners: list = []  # callables(RequestOutput, delta_text) for streaming
+        self.logprobs: Optional[list] = None if sampling.logprobs is None else []  # TokenLogprob per output token
+        self.grammar = None  # its llguidance matcher (structured output), fed every token read
 
     @property
     def all_ids(self) -> list:
@@ -151,4 +187,5 @@ class Request:
         return RequestOutput(
             self.id, self.prompt_ids, list(self.output_ids), self.text, self.finish_reason, self.adapter, self.error,
             None if self.first_token_time is None else self.first_token_time - self.arrival,
-            None if self.finish_time is None else now - self.arrival)
+            None if self.finish_time is None else now - self.arrival,
+            None if self.logprobs is None else list(self.logprobs))

@@ -5,9 +5,12 @@ returns its own, padded to the same fixed length: token rows the host could
 not fill (their token is still on the device) are gathered from `prev` inside
 the step, so the host never waits for a step before dispatching the next.
 The step program ends with each row's greedy token; a batch with a row that
-samples at random also runs a small sampling program over the step's logits,
-dispatched right behind it (no sort over the vocabulary unless some row asks
-for top-k / top-p, and then only its K most likely tokens).
+samples at random, a row constrained by a grammar, or a row that asks for
+log-probabilities also runs a small sampling program over the step's logits
+(sampling.finish; no sort over the vocabulary unless some row asks for top-k /
+top-p, and then only its K most likely tokens). `step` dispatches both at once;
+`forward` and `sample` apart let the engine compute a constrained batch's token
+masks on the host while its forward runs on the device.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +33,23 @@ from ..model.inputs import StepInput
 from ..model.tp_kernels import shard_kernels
 from . import sampling
 from .batch import SamplingArrays
+
+
+# The sampling programs `precompile` compiles for every batch shape, as (k, masked, logprobs): random draws
+# (temperature only; top-k / top-p with the default candidates), structured output (greedy; temperature), and
+# log-probabilities of greedy tokens. Other combinations compile on first use.
+SAMPLERS = ((0, False, False), (sampling.TOP_P_CANDIDATES, False, False), (None, True, False), (0, True, False),
+            (None, False, True))
+
+
+@dataclasses.dataclass
+class Forward:
+    """A dispatched step program whose logits may still be sampled (`ModelRunner.sample`)."""
+
+    tokens: object  # [max_seqs] int32 on the device: each row's greedy token
+    logits: object  # [B, V] on the device
+    samp: SamplingArrays  # the batch's sampling arrays, on the device
+    k: Optional[int]  # sampling.plan of the batch: None when no row samples at random
 
 
 class ModelRunner:
@@ -46,7 +67,7 @@ class ModelRunner:
             self._replicated = parallel.replicated(mesh)
         self.kernels = kernels
         self._compiled: dict = {}  # input signature -> ahead-of-time compiled step (precompile)
-        self._samplers: dict = {}  # (k, logits and sampling signature) -> compiled sampling program
+        self._samplers: dict = {}  # (k, masked, logprobs, logits and sampling signature) -> compiled SAMPLERS
         self._compiled_lock = threading.Lock()
         # `prev` of a step that follows no step in flight. Committed like a step's output: jit keys its
         # cache on committedness, so an uncommitted array here would give each program a second entry.
@@ -61,7 +82,8 @@ class ModelRunner:
                              compiler_options=opts)
         self._logits = jax.jit(functools.partial(ModelRunner._logits_fn, self.graphdef, kernels),
                                donate_argnums=(1,), compiler_options=opts)
-        self._sample = jax.jit(sampling.sample, static_argnames="k")
+        self._sample = jax.jit(sampling.finish, static_argnames=("k", "want_logprobs"))
+        self._logprobs = jax.jit(sampling.logprobs)
 
     @staticmethod
     def _forward(graphdef, kernels, state, pool, inp: StepInput):
@@ -89,8 +111,8 @@ class ModelRunner:
         # never picks another layout for these host arrays
         return tree if self.mesh is None else parallel.put(tree, self._replicated)
 
-    def step(self, pool, inp: StepInput, samp: SamplingArrays, prev=None):
-        """-> (sampled tokens [max_seqs] on device, row i = sequence i; new pool). Asynchronous.
+    def forward(self, pool, inp: StepInput, samp: SamplingArrays, prev=None) -> tuple[Forward, object]:
+        """Dispatch the step program -> (its greedy tokens and logits, new pool). Asynchronous.
 
         `prev`: the tokens returned by the step dispatched before this one, if `inp.feed` reads any."""
         prev = self.no_tokens if prev is None else prev
@@ -98,10 +120,29 @@ class ModelRunner:
         inp, samp = self._place(inp), self._place(samp)
         exe = self._compiled.get(_signature(inp, samp))
         tokens, logits, pool = (exe or self._step)(self.state, pool, inp, samp, prev)
-        if k is not None:
-            exe = self._samplers.get((k, _sampler_signature(logits, samp)))
-            tokens = exe(logits, samp, tokens) if exe is not None else self._sample(logits, samp, tokens, k=k)
-        return tokens, pool
+        return Forward(tokens, logits, samp, k), pool
+
+    def sample(self, fwd: Forward, mask: Optional[np.ndarray] = None, logprobs: bool = False) -> tuple:
+        """-> (the step's tokens [max_seqs], (token logprobs [B], top [B, K], ids [B, K]) or None), on the device.
+
+        Runs the sampling program behind `fwd`'s step when a row samples at random, `mask` constrains rows
+        (sampling.sample), or `logprobs` are wanted; else the greedy tokens are final and nothing runs."""
+        if fwd.k is None and mask is None and not logprobs:
+            return fwd.tokens, None
+        if mask is not None:
+            mask = self._place(mask)
+        exe = self._samplers.get((fwd.k, mask is not None, logprobs, _sampler_signature(fwd.logits, fwd.samp)))
+        if exe is not None:
+            return exe(fwd.logits, fwd.samp, fwd.tokens, mask)
+        return self._sample(fwd.logits, fwd.samp, fwd.tokens, mask, k=fwd.k, want_logprobs=logprobs)
+
+    def step(self, pool, inp: StepInput, samp: SamplingArrays, prev=None):
+        """-> (sampled tokens [max_seqs] on device, row i = sequence i; new pool). Asynchronous: `forward`
+        then `sample`, for a batch without masks or log-probabilities.
+
+        `prev`: the tokens returned by the step dispatched before this one, if `inp.feed` reads any."""
+        fwd, pool = self.forward(pool, inp, samp, prev)
+        return self.sample(fwd)[0], pool
 
     def precompile(self, pool, examples: list, workers: int | None = None) -> int:
         """Compile the step for every (StepInput, SamplingArrays) example shape, in parallel threads.
@@ -109,9 +150,9 @@ class ModelRunner:
         A Llama-7B step program takes ~8 s to compile on the H200 host and an engine has ~30 bucket
         shapes; XLA compiles outside the GIL, so threads turn minutes of warm-up into tens of seconds.
         Tracing and lowering hold the GIL, so they run one at a time in this thread, each program's
-        compile starting as soon as it is lowered. The sampling programs of each shape (temperature
-        only, and top-k / top-p with the default candidates) are compiled too, so a request that samples
-        never waits for a compile; they are small and not counted. Returns how many step programs were new.
+        compile starting as soon as it is lowered. The usual sampling programs of each shape (`SAMPLERS`)
+        are compiled too, so that such a request never waits for a compile; they are small and not
+        counted. Returns how many step programs were new.
         """
         workers = workers or os.cpu_count() or 1
         futures: dict = {}
@@ -126,11 +167,12 @@ class ModelRunner:
                 futures[sig] = compile_pool.submit(lowered.compile)
                 if self.mesh is None:  # on a mesh the sampling programs compile on first use (their shardings)
                     tokens, logits, _ = lowered.out_info
-                    for k in (0, sampling.TOP_P_CANDIDATES):
-                        key = (k, _sampler_signature(logits, samp))
+                    mask = jax.ShapeDtypeStruct((logits.shape[0], -(-logits.shape[1] // 32)), jnp.int32)
+                    for k, masked, logprobs in SAMPLERS:
+                        key = (k, masked, logprobs, _sampler_signature(logits, samp))
                         if key not in self._samplers and key not in samplers:
-                            samplers[key] = compile_pool.submit(
-                                self._sample.lower(logits, samp, tokens, k=k).compile)
+                            samplers[key] = compile_pool.submit(self._sample.lower(
+                                logits, samp, tokens, mask if masked else None, k=k, want_logprobs=logprobs).compile)
             done = {sig: f.result() for sig, f in futures.items()}
             done_samplers = {key: f.result() for key, f in samplers.items()}
         with self._compiled_lock:
@@ -146,10 +188,14 @@ class ModelRunner:
     def logits(self, pool, inp: StepInput):
         return self._logits(self.state, pool, self._place(inp))
 
+    def logprobs(self, logits, tokens: np.ndarray) -> tuple:
+        """sampling.logprobs of `tokens` [B] (row i's) under `logits` [B, V], on the device."""
+        return self._logprobs(logits, self._place(tokens))
+
     def cache_size(self) -> int:
         """Compiled programs so far (the no-recompilation test reads it)."""
         return (len(self._compiled) + len(self._samplers) + self._step._cache_size() + self._logits._cache_size()
-                + self._sample._cache_size())
+                + self._sample._cache_size() + self._logprobs._cache_size())
 
 
 def _signature(inp: StepInput, samp: SamplingArrays) -> tuple:

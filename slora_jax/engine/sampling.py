@@ -1,4 +1,5 @@
-"""On-device sampling: greedy tokens in the step, random ones in a second, small program.
+"""On-device sampling: greedy tokens in the step; random ones, grammar masks and log-probabilities in a
+second, small program (`finish`), run only for a batch that needs one of them.
 
 The step program returns every row's greedy token (argmax of its logits) and the logits. Most
 batches are all greedy (S-LoRA's workload, every benchmark): their tokens are final and nothing else
@@ -17,6 +18,16 @@ smallest prefix of them whose probability mass, renormalised over the kept candi
 candidates, so its nucleus is cut within them (the mass is renormalised over those tokens, not over
 the whole vocabulary): a nucleus wider than that many tokens is truncated to them.
 
+Structured output: a batch with constrained rows passes `mask`, llguidance's token bitmask ([B, ceil(V / 32)]
+int32, bit j of word w allows token 32 w + j; all bits set on a row without a constraint). A constrained
+row samples among its allowed tokens only (greedy: the most likely allowed one); the other rows' tokens
+are exactly those they would sample without the mask.
+
+Log-probabilities (`logprobs`) are those of the raw model distribution, log_softmax(logits), before
+temperature, top-k and top-p (vLLM's default `raw_logprobs`); on a constrained row, of the logits with
+the grammar's mask applied (vLLM applies the grammar's bitmask before its sampler reads its raw
+logprobs): the sampled token's and the `MAX_LOGPROBS` most likely tokens', in one `lax.top_k`.
+
 Reproducible: row r's noise is drawn over the whole vocabulary from fold_in(PRNGKey(seed), n) for its
 n-th token and indexed by token id, so a seeded request samples the same tokens whatever batch it runs
 in, whichever of the two programs the batch needs and whatever K the batch's other rows ask for.
@@ -32,6 +43,7 @@ import numpy as np
 from .batch import SamplingArrays
 
 TOP_P_CANDIDATES = 256  # candidates of a row with top-p but no top-k (and the least K of the filter path)
+MAX_LOGPROBS = 20  # most likely tokens whose log-probabilities a row may ask for (OpenAI's chat limit)
 
 
 def greedy(logits: jax.Array) -> jax.Array:
@@ -42,7 +54,7 @@ def greedy(logits: jax.Array) -> jax.Array:
 def plan(s: SamplingArrays) -> Optional[int]:
     """Host side: what a batch needs beyond its greedy tokens.
 
-    None: every row is greedy; 0: temperature only (Gumbel-max over the vocabulary); K > 0: some row
+    None: every row is greedy (a masked batch still runs `sample`, for its constrained rows); 0: temperature only (Gumbel-max over the vocabulary); K > 0: some row
     filters (top-k / top-p) and the filter path takes the K most likely tokens of each row (a power of
     two >= TOP_P_CANDIDATES and >= the largest top-k asked; the program clips it to the vocabulary).
     """
@@ -61,14 +73,32 @@ def row_keys(s: SamplingArrays) -> jax.Array:
     return jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.PRNGKey(seed), n))(s.seeds, s.counters)
 
 
-def sample(logits: jax.Array, s: SamplingArrays, tokens: jax.Array, k: int) -> jax.Array:
-    """`tokens` ([>= B] int32, the greedy ones) with the rows of temperature > 0 drawn at random.
+def unpack_mask(mask: jax.Array, v: int) -> jax.Array:
+    """[B, W] int32 bitmask -> [B, v] bool: bit j of word w allows token 32 w + j."""
+    bits = (mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    return bits.reshape(mask.shape[0], -1)[:, :v].astype(bool)
 
-    k = `plan(s)`: 0 draws from softmax(logits / T) over the vocabulary; k > 0 also applies each row's
-    top-k / top-p within its candidates (module docstring).
+
+def sample(logits: jax.Array, s: SamplingArrays, tokens: jax.Array, k: Optional[int],
+           mask: Optional[jax.Array] = None) -> jax.Array:
+    """`tokens` ([>= B] int32, the greedy ones) with the rows of temperature > 0 drawn at random, and the
+    constrained rows of `mask` (if any) kept to their allowed tokens.
+
+    k = `plan(s)`: None draws nothing (only a mask to apply); 0 draws from softmax(logits / T) over the
+    vocabulary; k > 0 also applies each row's top-k / top-p within its candidates (module docstring).
     """
     b, v = logits.shape
+    allowed = None
+    if mask is not None:
+        allowed = unpack_mask(mask, v)
+        constrained = (mask != -1).any(axis=-1)  # the other rows keep the step's own argmax, bit for bit
+        best = jnp.argmax(jnp.where(allowed, logits, -jnp.inf), axis=-1).astype(jnp.int32)
+        tokens = tokens.at[:b].set(jnp.where(constrained, best, tokens[:b]))
+    if k is None:
+        return tokens
     x = logits.astype(jnp.float32) / jnp.maximum(s.temperature, 1e-6)[:, None]
+    if allowed is not None:
+        x = jnp.where(allowed, x, -jnp.inf)
     noise = jax.vmap(lambda key: jax.random.gumbel(key, (v,), jnp.float32))(row_keys(s))  # [B, V] by token id
     drawn = jnp.argmax(x + noise, axis=-1)
     if k:
@@ -84,8 +114,29 @@ def sample(logits: jax.Array, s: SamplingArrays, tokens: jax.Array, k: int) -> j
     return tokens.at[:b].set(jnp.where(s.temperature > 0, drawn.astype(jnp.int32), tokens[:b]))
 
 
-def sample_all(logits: jax.Array, s: SamplingArrays) -> jax.Array:
+def logprobs(logits: jax.Array, tokens: jax.Array, mask: Optional[jax.Array] = None) -> tuple:
+    """Row i's log-probability of `tokens[i]` [B], and its `MAX_LOGPROBS` most likely tokens' log-probabilities
+    [B, K] (descending) and ids [B, K], from log_softmax(logits) (masked, on the rows of `mask`)."""
+    b, v = logits.shape
+    x = logits.astype(jnp.float32)
+    if mask is not None:
+        x = jnp.where(unpack_mask(mask, v), x, -jnp.inf)
+    lp = jax.nn.log_softmax(x, axis=-1)
+    chosen = jnp.take_along_axis(lp, tokens[:b, None], axis=-1)[:, 0]
+    top, ids = jax.lax.top_k(lp, min(MAX_LOGPROBS, v))
+    return chosen, top, ids.astype(jnp.int32)
+
+
+def finish(logits: jax.Array, s: SamplingArrays, tokens: jax.Array, mask: Optional[jax.Array] = None, *,
+           k: Optional[int], want_logprobs: bool = False) -> tuple:
+    """The sampling program: (tokens, `logprobs` of them or None). The runner compiles one per (k, masked,
+    want_logprobs) and batch shape, and runs it only when a batch needs one of them."""
+    tokens = sample(logits, s, tokens, k, mask)
+    return tokens, (logprobs(logits, tokens, mask) if want_logprobs else None)
+
+
+def sample_all(logits: jax.Array, s: SamplingArrays, mask: Optional[jax.Array] = None) -> jax.Array:
     """Greedy, then whatever `plan` says: the engine's tokens for these logits, in one call (tests, tools)."""
     tokens = greedy(logits)
     k = plan(s)
-    return tokens if k is None else sample(logits, s, tokens, k)
+    return tokens if k is None and mask is None else sample(logits, s, tokens, k, mask)
