@@ -14,20 +14,17 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import socket
-import threading
-import time
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from server import create_app
 from slora_jax import LLM, RequestTooLong, SamplingParams
 from slora_jax.tokenizer import HFTokenizer, IncrementalDecoder
+from tests.serving import on_loopback
 from tests import hf_fixtures
 
 CORPUS = ["Hello world, this is a tiny corpus for a tiny tokenizer.", "The quick brown fox jumps over the lazy dog.",
@@ -159,21 +156,8 @@ def text_after(tok, prompt: list, out: list) -> str:
 # -- servers -----------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def running(app):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="x", max_retries=0,
-                            timeout=120)
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with on_loopback(app) as base:
+        yield openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import threading
 import time
 import types
@@ -27,6 +26,7 @@ from server import create_app, protocol, serve
 from slora_jax import LLM
 from slora_jax.cli import DEMO_ADAPTERS, add_demo_adapters
 from slora_jax.tokenizer import ByteTokenizer
+from tests.serving import on_loopback
 
 API_KEY = "test-key"
 MAX_MODEL_LEN = 128
@@ -43,21 +43,8 @@ def served(tmp_path_factory):
               max_batch_tokens=128, max_running=8)
     add_demo_adapters(llm)
     llm.warmup()  # what `serve` does: every step shape compiled before the first request
-    app = create_app(llm, api_key=API_KEY, adapter_dir=str(adapter_dir))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    base = f"http://127.0.0.1:{port}"
-    yield types.SimpleNamespace(llm=llm, base=base, url=base + "/v1", adapter_dir=adapter_dir, outside=outside)
-    server.should_exit = True
-    thread.join(30)
+    with on_loopback(create_app(llm, api_key=API_KEY, adapter_dir=str(adapter_dir))) as base:
+        yield types.SimpleNamespace(llm=llm, base=base, url=base + "/v1", adapter_dir=adapter_dir, outside=outside)
     assert not llm.is_running, "shutdown did not stop the engine thread"
 
 

@@ -59,7 +59,7 @@ from ..memory.pool import DevicePool, choose_num_pages
 from ..model.weights import dtype_of
 from ..tokenizer import IncrementalDecoder
 from .batch import BatchBuilder, max_batch_rows
-from .request import Request, RequestError, RequestLimits, SamplingParams, TokenLogprob, check_request
+from .request import Request, RequestLimits, SamplingParams, TokenLogprob, check_request
 from .runner import Forward, ModelRunner
 from .scheduler import LOOKAHEAD, ScheduledStep, Scheduler
 from .structured import Grammars, advance

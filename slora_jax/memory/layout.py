@@ -42,7 +42,6 @@ Pages add at most one partly filled page per resident adapter.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
