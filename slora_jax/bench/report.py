@@ -13,8 +13,8 @@ and replaces three marked sections of BENCHMARKS.md, leaving the hand-written te
 - slora-bench: the S-LoRA workload (`slora-jax bench`): saturated runs, then the offered-load runs with
   S-LoRA's published figures (A100-80GB, req/s, its Table 3) beside them.
 
-Rows written before the read-limit roofline (issue #16) carry one `roofline_fraction`, measured against a
-copy's bandwidth: the tables show it as the copy fraction and leave the read fraction empty.
+Rows written before the read-limit roofline (issue #16) were measured against a copy's bandwidth only:
+they carry `copy_roofline_fraction` (which may exceed 1: a copy is below the read limit) and no read fraction.
 """
 from __future__ import annotations
 
@@ -88,10 +88,8 @@ def _model(row: dict) -> str:
 
 
 def _fractions(row: dict, prefix: str = "") -> tuple:
-    """(read, copy) roofline fractions of a row; a legacy row's single figure is its copy fraction."""
-    read = row.get(prefix + "read_roofline_fraction")
-    copy = row.get(prefix + "copy_roofline_fraction", None if read is not None else row.get(prefix + "roofline_fraction"))
-    return read, copy
+    """(read, copy) roofline fractions of a row (rows from before the read limit have the copy one only)."""
+    return row.get(prefix + "read_roofline_fraction"), row.get(prefix + "copy_roofline_fraction")
 
 
 def _short_device(d: Optional[str]) -> str:
