@@ -56,13 +56,12 @@ class ModelRunner:
     """Owns the device side: params, the compiled steps. The pool array is passed in and donated."""
 
     def __init__(self, model, kernels: KernelSet, max_seqs: int, mesh=None, lora_tp: str = "replicated"):
-        """mesh: tensor parallelism over its `tp` axis (params placed sharded, kernels per shard), with
-        adapters laid out in the pool as `lora_tp` (parallel.py).
+        """mesh: tensor parallelism over its `tp` axis (kernels per shard; the model's params must already be
+        placed on it: Engine does that before sizing the pool), adapters laid out as `lora_tp` (parallel.py).
         max_seqs: the rows of a step's sampled-token output (the largest batch bucket)."""
         self.graphdef, self.state = nnx.split(model)
         self.mesh = mesh
         if mesh is not None:
-            self.state = parallel.place_params(self.state, mesh)
             kernels = shard_kernels(kernels, mesh, lora_tp)
             self._replicated = parallel.replicated(mesh)
         self.kernels = kernels
