@@ -8,6 +8,7 @@
 #   call 1: lora-table attention-table decode-7b            (~480 s)
 #   call 2: decode-8b cmdbuf s1-8b-sat profile-8b           (~520 s; cmdbuf and profile-8b are diagnoses)
 #   call 3: s1-sat s2-sat rate-s1                           (~550 s)
+# Issue #18's prefix cache on / off: chat                   (~200 s)
 # A stage starts only if its usual duration fits in what is left of BUDGET_S (default 565 s, under the
 # 600 s limit of one call) and is stopped when the budget runs out. Everything a stage writes (its log,
 # its JSON results) goes to $WORK (logs) and $WORK/r (results), packed after every stage into
@@ -63,22 +64,27 @@ declare -A STAGES=(
     [rate-s1]="180|$RATE/bench-S1.json"
     [rate-s2]="180|$RATE/bench-S2.json"
     [rate-s1-8b]="180|$RATE/bench-S1-8B.json"
+    # prefix cache on / off (issue #18): 1,000 adapters with a 1,024-token system prompt each, the same requests
+    # at 8 req/s for 20 s (first-token latency) and 400 at once (throughput), each way; writes chat-prefix.json
+    [chat]="200|python3 -m slora_jax.cli bench --out $R --set time_budget_s=170 --config configs/bench-chat.json"
     [tp]="200|python3 benchmarks/gpu_tp_check.py --out $R"
     [profile-tp]="120|python3 benchmarks/profile_step.py --out $R --tp 2"
 )
 
 # SMOKE=1: each stage's command on a CPU, with its script's own smoke option (tiny shapes, interpret mode)
 # and the S-LoRA settings on the tiny model: checks the stages themselves, not a figure (tests/test_gpu_scripts.py)
+TINY_BENCH="--set model=configs/tiny.json --set kernels=xla --set dtype=float32 --set engine.num_pages=256 \
+    --set engine.max_running=4 --set engine.max_batch_tokens=32 --set engine.max_model_len=32 --set input_range=[2,8] \
+    --set output_range=[2,6] --set rate=4 --set duration_s=2 --set saturate_requests=8 --set rate_search.probe_s=1.5 \
+    --set rate_search.rates=[1,4,16] --set warmup.duration_s=0 --set peft.enabled=false \
+    --set adapter_host_memory=shared --set time_budget_s=120 --set progress=false"
 smoke_args() {
     case "$1" in
         *bench_lora.py*|*bench_attention.py*|*bench_structured.py*) echo "--smoke" ;;
         *bench_decode.py*|*bench_cmdbuf.py*|*profile_step.py*|*bench_swap.py*) echo "--quick" ;;
-        *"slora_jax.cli bench"*) echo "--set model=configs/tiny.json --set kernels=xla --set dtype=float32" \
-            "--set engine.num_pages=256 --set engine.max_running=4 --set engine.max_batch_tokens=32" \
-            "--set engine.max_model_len=32 --set input_range=[2,8] --set output_range=[2,6] --set rate=4" \
-            "--set duration_s=2 --set saturate_requests=8 --set rate_search.probe_s=1.5" \
-            "--set rate_search.rates=[1,4,16] --set warmup.duration_s=0 --set peft.enabled=false" \
-            "--set adapter_host_memory=shared --set time_budget_s=120 --set progress=false" ;;
+        # the chat setting's system prompts shrink with max_model_len: one 16-token page of each is shared
+        *bench-chat.json*) echo "$TINY_BENCH --set system_prompt_len=16" ;;
+        *"slora_jax.cli bench"*) echo "$TINY_BENCH" ;;
     esac
 }
 

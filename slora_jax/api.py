@@ -390,6 +390,16 @@ class LLM:
 
             return self.engine.warmup(progress=report)
 
+    def set_prefix_cache(self, enabled: bool) -> None:
+        """Turn prefix caching on or off (only while no request is queued or running)."""
+        self.engine.set_prefix_cache(enabled)
+        self.engine_cfg = self.engine.ecfg
+
+    def clear_cache(self) -> None:
+        """Swap every adapter out and drop every cached prefix, as after start-up (only while idle): runs
+        compared on one engine each start from it."""
+        self.engine.clear_cache()
+
     def stats(self) -> dict:
         """Pool pages (total, free, kv, adapter), adapters registered and resident, swaps, requests running
         and waiting, and counters (requests finished/aborted, prompt and generated tokens, steps, preemptions)."""

@@ -11,7 +11,7 @@ import pytest
 
 from slora_jax.bench import metrics
 from slora_jax.bench.run import load_config
-from slora_jax.bench.workload import adapter_ranks, generate_trace
+from slora_jax.bench.workload import adapter_ranks, generate_trace, make_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "bench-tiny.json")
@@ -68,6 +68,34 @@ def test_same_seed_same_trace_and_same_stream_for_every_n():
     assert list(a)[0] == (a.arrival_s[0], a.adapter[0], a.prompt_len[0], a.output_len[0])
     head = a.head(30.0)
     assert 0 < len(head) < len(a) and head.arrival_s.max() <= 30.0
+
+
+def test_system_prompts_are_the_adapters_own():
+    """Chat-shaped traces: every request of adapter i starts with adapter i's system prompt, a user turn follows."""
+    plain = generate_trace(4, 20.0, 10, input_range=(3, 9), seed=5)
+    tr = generate_trace(4, 20.0, 10, input_range=(3, 9), seed=5, system_prompt_len=24)
+    np.testing.assert_array_equal(tr.prompt_len, plain.prompt_len + 24)  # the same draws, 24 tokens longer
+    np.testing.assert_array_equal(tr.adapter, plain.adapter)
+    prompts = make_prompts(tr, 320, seed=5)
+    assert [len(p) for p in prompts] == tr.prompt_len.tolist()
+    heads = {}
+    for a, p in zip(tr.adapter.tolist(), prompts):
+        assert heads.setdefault(a, p[:24]) == p[:24]
+    assert len(heads) == 4 and len({tuple(h) for h in heads.values()}) == 4  # every adapter its own
+    assert len({tuple(p[24:]) for p in prompts}) > len(prompts) // 2  # user turns differ
+    assert make_prompts(tr.head(5.0), 320, seed=5) == prompts[: len(tr.head(5.0))]
+    # off (the default): the random prompts of S-LoRA's trace, as before
+    rng = np.random.default_rng(5 + 7919)
+    assert make_prompts(plain, 320, seed=5) == [rng.integers(0, 320, int(n)).tolist() for n in plain.prompt_len]
+
+
+def test_chat_setting_fits_its_prompts():
+    c = load_config(os.path.join(ROOT, "configs", "bench-chat.json"))
+    assert c["compare_prefix_cache"] and c["n_adapters"] == [1000] and c["system_prompt_len"] == 1024
+    assert c["input_range"] == [32, 256] and c["alpha"] == load_config(os.path.join(ROOT, "configs",
+                                                                                   "bench-S1.json"))["alpha"]
+    assert c["engine"]["max_model_len"] >= c["system_prompt_len"] + c["input_range"][1] + c["output_range"][1]
+    assert load_config(TINY)["system_prompt_len"] == 0 and not load_config(TINY)["compare_prefix_cache"]
 
 
 def test_ranks_round_robin():
@@ -228,6 +256,68 @@ def test_saturated_run_offers_everything_at_once(tiny_saturated):
     assert d["base_only"]["requests"] == 10
     assert "max_sustainable_rate" not in d and "peft" not in d  # no rate search, no PEFT
     assert any("offered at once" in note for note in d["notes"])
+
+
+CHAT = os.path.join(ROOT, "configs", "bench-chat.json")
+# the chat setting on the tiny model (as device_run.sh's SMOKE=1 runs it), three adapters so that prefixes repeat
+CHAT_TINY = {"model": "configs/tiny.json", "kernels": "xla", "dtype": "float32", "engine.num_pages": "256",
+             "engine.max_running": "4", "engine.max_batch_tokens": "32", "engine.max_model_len": "32",
+             "input_range": "[2,8]", "output_range": "[2,6]", "rate": "4", "duration_s": "2", "saturate_requests": "8",
+             "warmup.duration_s": "1", "time_budget_s": "120", "progress": "false", "system_prompt_len": "16",
+             "n_adapters": "3"}
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory):
+    from slora_jax.bench.run import run_from_config
+
+    out = tmp_path_factory.mktemp("bench-chat")
+    return out, run_from_config(CHAT, str(out), CHAT_TINY)
+
+
+def test_chat_run_compares_the_prefix_cache_on_and_off(tiny_chat):
+    out, results = tiny_chat
+    d = json.loads((out / "chat-prefix.json").read_text())
+    assert results == [d] and [p.name for p in out.iterdir()] == ["chat-prefix.json"]
+    assert {"on", "off", "ttft_p50_speedup", "saturated_throughput_ratio", "device", "model", "n_adapters",
+            "git_commit", "date"} <= set(d)
+    assert d["n_adapters"] == 3 and d["system_prompt_len"] == 16
+    for mode in ("on", "off"):
+        m = d[mode]
+        assert m["throughput_req_s"] > 0 and m["tokens_per_s"] > 0 and m["saturated_throughput_req_s"] > 0
+        assert 0 <= m["ttft_p50_s"] <= m["ttft_p99_s"] and m["ttft_mean_s"] > 0
+        for which, n in (("offered", 8), ("saturated", 8)):
+            run = m["runs"][which]
+            assert run["requests"] == run["finished"] == n and run["compiled_during"] == 0, (mode, which)
+        # every run from an empty pool cache: the same adapters swapped in each time
+        assert m["runs"]["offered"]["engine"]["swaps_in"] == d["on"]["runs"]["offered"]["engine"]["swaps_in"] > 0
+    assert d["on"]["hit_rate"] > 0 and d["on"]["saturated_hit_rate"] > 0
+    assert d["off"]["hit_rate"] == d["off"]["saturated_hit_rate"] == 0
+    assert d["ttft_p50_speedup"] == pytest.approx(d["off"]["ttft_p50_s"] / d["on"]["ttft_p50_s"])
+    assert d["saturated_throughput_ratio"] == pytest.approx(
+        d["on"]["saturated_throughput_req_s"] / d["off"]["saturated_throughput_req_s"])
+
+
+def test_chat_prompts_give_the_same_greedy_tokens_with_the_cache_on_and_off():
+    """The chat setting's requests (system prompts and all) on one engine, as the bench switches it: greedy
+    tokens equal, hits only with the cache on."""
+    from slora_jax import SamplingParams
+    from slora_jax.bench.run import plan_run, start_engine
+    from slora_jax.bench.workload import adapter_name
+
+    plan = plan_run(CHAT, "unused", {**CHAT_TINY, "saturate_requests": "12"}).requests(saturate=True)
+    llm = start_engine(plan).llm
+    n = plan.ns[-1]
+    prompts, names = plan.prompts[n], [adapter_name(int(a)) for a in plan.traces[n].adapter]
+    sp = SamplingParams(max_tokens=4, ignore_eos=True)
+    tokens = {}
+    for on in (True, False):
+        llm.set_prefix_cache(on)
+        llm.clear_cache()
+        before = llm.stats()["prefix_hit_tokens"]
+        tokens[on] = [o.token_ids for o in llm.generate(prompts, adapter=names, sampling=sp)]
+        assert (llm.stats()["prefix_hit_tokens"] > before) == on
+    assert tokens[True] == tokens[False]
 
 
 def test_report_writes_table_and_plots(tiny_results, tiny_saturated, tmp_path):

@@ -129,3 +129,28 @@ def test_structured_stage_smoke(tmp_path):
                  str(tmp_path / "plots")], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "### Structured output: batch 4 decode, tiny-llama" in md.read_text()
+
+
+def test_chat_stage_smoke(tmp_path):
+    """device_run.sh's `chat` stage (the prefix cache on / off, issue #18) on the tiny model: its system prompts
+    scaled to the smoke's max_model_len, chat-prefix.json written, and the report's table from it."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", GIT_COMMIT="test-commit", SMOKE="1", OUT=str(out), WORK=str(work),
+               BUDGET_S="600", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run(["bash", "benchmarks/device_run.sh", "chat"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    summary = (out / "summary.txt").read_text()
+    assert proc.returncode == 0 and "== chat rc=0" in summary, summary + proc.stderr[-2000:]
+    d = json.loads((work / "r" / "chat-prefix.json").read_text())
+    assert d["git_commit"] == "test-commit" and d["n_adapters"] == 1000 and d["system_prompt_len"] == 16
+    for mode in ("on", "off"):
+        assert d[mode]["throughput_req_s"] > 0 and d[mode]["saturated_throughput_req_s"] > 0
+    assert d["off"]["hit_rate"] == 0 and d["ttft_p50_speedup"] > 0 and d["saturated_throughput_ratio"] > 0
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n")
+    proc = _run(["-m", "slora_jax.bench.report", "--results", str(work / "r"), "--md", str(md), "--no-plots"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = md.read_text()
+    assert "### Prefix caching (chat): tiny-llama, 1000 adapters, 16-token system prompts" in text
+    assert f"TTFT p50 off / on: **{d['ttft_p50_speedup']:.2f}x**" in text

@@ -168,3 +168,27 @@ def test_small_pool_evicts_cached_blocks_before_anything_waits(cache_off_tokens)
     assert [o.token_ids for o in outs] == expected * 2
     st = check_idle(llm)
     assert st["prefix_hit_tokens"] > 0
+
+
+def test_one_engine_runs_with_the_cache_on_and_off_each_from_an_empty_pool_cache(cache_off_tokens):
+    """What the chat benchmark does between its runs (bench/run.py): the same tokens either way; hits only with the
+    cache on; after clear_cache no adapter is resident and nothing is cached."""
+    prompts, adapters, expected, _, _ = cache_off_tokens
+    llm, _ = with_adapters()
+    for on in (True, False, True):
+        llm.set_prefix_cache(on)
+        llm.clear_cache()
+        before = check_idle(llm)
+        assert before["pages_cached"] == before["adapters_resident"] == before["pages_adapter"] == 0
+        outs = llm.generate(prompts, adapter=adapters, sampling=SP)
+        assert [o.token_ids for o in outs] == expected, f"prefix cache {on}"
+        st = check_idle(llm)
+        assert (st["prefix_hit_tokens"] > before["prefix_hit_tokens"]) == on and (st["pages_cached"] > 0) == on
+        assert llm.engine_cfg.prefix_cache == on
+    req = llm.engine.add_request(prompts[1], adapters[1], SP)
+    for change in (llm.clear_cache, lambda: llm.set_prefix_cache(False)):  # only while idle
+        with pytest.raises(RuntimeError, match="queued or running"):
+            change()
+    llm.engine.run_until_done([req])
+    assert req.output_ids == expected[1] and llm.engine_cfg.prefix_cache
+    check_idle(llm)

@@ -74,6 +74,7 @@ def summarize(records: Sequence[RequestRecord], elapsed_s: float, slo_ttft_s: fl
         "avg_ttft_s": _mean(ttft),
         "p50_ttft_s": _pct(ttft, 50),
         "p90_ttft_s": _pct(ttft, 90),
+        "p99_ttft_s": _pct(ttft, 99),
         "avg_latency_per_output_token_s": _mean([r.latency / max(r.output_len, 1) for r in finished]),
         "slo_attainment": slo_attainment(records, slo_ttft_s),
     }

@@ -11,7 +11,8 @@ and replaces three marked sections of BENCHMARKS.md, leaving the hand-written te
 - gpu-micro: the kernel, decode, command-buffer, step-profile, swap and structured-output tables (bench_*.py,
   profile_step.py);
 - slora-bench: the S-LoRA workload (`slora-jax bench`): saturated runs, then the offered-load runs with
-  S-LoRA's published figures (A100-80GB, req/s, its Table 3) beside them.
+  S-LoRA's published figures (A100-80GB, req/s, its Table 3) beside them, then the prefix cache on / off
+  in the chat setting (chat-prefix.json).
 
 Rows written before the read-limit roofline (issue #16) were measured against a copy's bandwidth only:
 they carry `copy_roofline_fraction` (which may exceed 1: a copy is below the read limit) and no read fraction.
@@ -589,7 +590,36 @@ def slora_section(results_dir: str, plots: Optional[str]) -> list[str]:
     if plots and (sat or offered):
         rel = plot_workload(sat, offered, plots)
         lines += [f"![{title}](benchmarks/plots/{name})" for title, name in rel.items()] + [""]
+    chat = _maybe(results_dir, "chat-prefix.json")
+    if isinstance(chat, dict) and "on" in chat and "off" in chat:
+        lines += prefix_section(chat)
     lines.append(END)
+    return lines
+
+
+def prefix_section(d: dict) -> list[str]:
+    """chat-prefix.json (`slora-jax bench --config configs/bench-chat.json`): the same requests with the prefix
+    cache on and off."""
+    lines = [f"### Prefix caching (chat): {d['model']}, {d['n_adapters']} adapters, {d['system_prompt_len']}-token "
+             "system prompts", "",
+             f"{_meta([d])}. Each adapter has its own system prompt; a prompt is it plus a user turn of "
+             f"{d['input_range']} tokens, outputs {d['output_range']}, adapters drawn with alpha {d['alpha']:g}. "
+             f"First-token latency at {d['rate']:g} req/s for {d['duration_s']:g} s; saturated: "
+             f"{d['saturate_requests']} requests at once. Every run starts with no adapter resident and "
+             "nothing cached; hit rate = prompt tokens found cached / prompt tokens looked up.", "",
+             "| prefix cache | hit rate | req/s | tokens/s | TTFT mean s | TTFT p50 s | TTFT p99 s | saturated req/s "
+             "| saturated hit rate |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for mode in ("on", "off"):
+        m = d[mode]
+        lines.append(f"| {mode} | {_f(m.get('hit_rate'))} | {_f(m.get('throughput_req_s'))} | "
+                     f"{_f(m.get('tokens_per_s'), '{:.0f}')} | {_f(m.get('ttft_mean_s'), '{:.3f}')} | "
+                     f"{_f(m.get('ttft_p50_s'), '{:.3f}')} | {_f(m.get('ttft_p99_s'), '{:.3f}')} | "
+                     f"**{_f(m.get('saturated_throughput_req_s'))}** | {_f(m.get('saturated_hit_rate'))} |")
+    lines += ["", f"TTFT p50 off / on: **{_f(d.get('ttft_p50_speedup'))}x**; saturated throughput on / off: "
+                  f"**{_f(d.get('saturated_throughput_ratio'), '{:.3f}')}**.", ""]
+    notes = [f"- {note}" for note in d.get("notes", [])]
+    if notes:
+        lines += ["<details><summary>notes</summary>", ""] + notes + ["", "</details>", ""]
     return lines
 
 

@@ -23,9 +23,18 @@ Saturated (`--set saturate=true`): the capacity, not an offered load. Steps
 n on the same requests; no PEFT, no rate search. Each n's result carries
 `lora_vs_base` (its throughput over base-only's, same process).
 
+Prefix cache on / off (`compare_prefix_cache`, the chat setting): step 2,
+then the largest n's requests at the offered rate (first-token latency) and
+all at once (`saturate_requests`, throughput), each with the prefix cache on
+and off on the same engine, every run from an empty pool cache (no adapter
+resident, no prefix cached; the warm-up replay has compiled the rest). With
+`system_prompt_len` each prompt starts with its adapter's system prompt
+(workload.py). No base-only, PEFT or rate search.
+
 Every phase is time-bounded (see `DEFAULTS`). Results go to
-`<out>/<setting>-<n>.json` (saturated: `<out>/<setting>-sat-<n>.json`);
-report.py turns them into BENCHMARKS.md and plots.
+`<out>/<setting>-<n>.json` (saturated: `<out>/<setting>-sat-<n>.json`; prefix
+cache on / off: `<out>/<setting>-prefix.json`); report.py turns them into
+BENCHMARKS.md and plots.
 """
 from __future__ import annotations
 
@@ -44,7 +53,7 @@ import numpy as np
 from ..config import CONFIGS_DIR, load_model_config
 from ..engine.request import SamplingParams
 from . import metrics
-from .workload import Trace, adapter_name, adapter_ranks, generate_trace
+from .workload import Trace, adapter_name, adapter_ranks, generate_trace, make_prompts
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +89,8 @@ DEFAULTS: dict = {
     "saturate": False,
     "saturate_requests": 1000,
     "saturate_max_s": 240.0,
+    "system_prompt_len": 0,  # > 0: every prompt starts with its adapter's system prompt of this many tokens
+    "compare_prefix_cache": False,  # the run of the chat setting: prefix cache on / off (module docstring)
     "peft": {"enabled": True, "n_cap": 100, "duration_s": 30.0, "time_limit_s": 60.0, "max_batch": 32,
              "device": None, "subprocess": False},  # subprocess: run it in a child process (torch apart from JAX)
     "adapter_host_memory": "auto",  # distinct | shared | auto (shared above adapter_host_budget_gb)
@@ -177,12 +188,6 @@ class Replay:
     records: list  # metrics.RequestRecord of every request that arrived
     elapsed_s: float
     stopped: str  # "done" | "slo_known" | "drain_cap" | "deadline"
-
-
-def make_prompts(trace: Trace, vocab_size: int, seed: int) -> list:
-    """Random prompt token ids of the trace's lengths (made before timing)."""
-    rng = np.random.default_rng(seed + 7919)
-    return [rng.integers(0, vocab_size, int(n)).tolist() for n in trace.prompt_len]
 
 
 def replay(engine, trace: Trace, adapter_of: Callable[[int], Optional[str]], prompts: Sequence[list],
@@ -289,7 +294,8 @@ def register_adapters(llm, n: int, ranks: Sequence[int], modules: Sequence[str],
 
 # -- the benchmark --------------------------------------------------------------------------
 def _stats_delta(before: dict, after: dict) -> dict:
-    keys = ("swaps_in", "swaps_out", "preemptions", "requests_aborted", "steps", "tokens_generated")
+    keys = ("swaps_in", "swaps_out", "preemptions", "requests_aborted", "steps", "tokens_generated",
+            "prefix_query_tokens", "prefix_hit_tokens")
     return {k: after.get(k, 0) - before.get(k, 0) for k in keys}
 
 
@@ -305,7 +311,7 @@ class Plan:
     ns: list
     ranks: list
     traces: dict  # n -> Trace (the same arrivals and lengths for every n)
-    prompts: list
+    prompts: dict  # n -> prompt token ids of traces[n] (system prompts follow each n's adapter indices)
     t_start: float
     deadline: float  # optional phases (PEFT, warm-up, rate search) stop here
     hard_deadline: float  # main runs are cut here
@@ -322,7 +328,20 @@ class Plan:
 
     def trace(self, n: int, rate: float, duration_s: float, seed: int) -> Trace:
         c = self.cfg
-        return generate_trace(n, rate, duration_s, c["cv"], c["alpha"], c["input_range"], c["output_range"], seed)
+        return generate_trace(n, rate, duration_s, c["cv"], c["alpha"], c["input_range"], c["output_range"], seed,
+                              int(c["system_prompt_len"]))
+
+    def requests(self, saturate: bool) -> "Plan":
+        """This plan with the setting's requests: its trace at its rate, or (`saturate`) a trace of
+        `saturate_requests` requests (the same seed) offered at once; the traces and prompts of every n."""
+        c = self.cfg
+        rate, seed = float(c["rate"]), int(c["seed"])
+        duration = (int(c["saturate_requests"]) + 0.5) / rate if saturate else float(c["duration_s"])
+        traces = {n: self.trace(n, rate, duration, seed) for n in self.ns}
+        if saturate:
+            traces = {n: tr.at_once() for n, tr in traces.items()}
+        prompts = {n: make_prompts(tr, self.model_cfg.vocab_size, seed) for n, tr in traces.items()}
+        return dataclasses.replace(self, cfg={**c, "saturate": saturate}, traces=traces, prompts=prompts)
 
 
 def plan_run(config_path: str, out_dir: str, overrides: Optional[dict] = None) -> Plan:
@@ -333,23 +352,16 @@ def plan_run(config_path: str, out_dir: str, overrides: Optional[dict] = None) -
     model_path = _resolve_model(cfg["model"], config_path)
     model_cfg, _ = load_model_config(model_path)
     ns = sorted(int(n) for n in cfg["n_adapters"])
-    plan = Plan(cfg, config_path, out_dir, model_path, model_cfg, ns, [int(r) for r in cfg["ranks"]], {}, [],
+    plan = Plan(cfg, config_path, out_dir, model_path, model_cfg, ns, [int(r) for r in cfg["ranks"]], {}, {},
                 t_start, deadline, deadline + float(cfg.get("time_budget_grace_s", 30.0)),
                 datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 f"slora-jax bench --config {config_path} --out {out_dir}" + "".join(
                     f" --set {k}={v}" for k, v in (overrides or {}).items()))
-    rate, duration = float(cfg["rate"]), float(cfg["duration_s"])
-    if plan.saturate:  # the requests of a trace at the setting's rate, long enough to hold them all
-        duration = (int(cfg["saturate_requests"]) + 0.5) / rate
-    seed = int(cfg["seed"])
-    plan.traces = {n: plan.trace(n, rate, duration, seed) for n in ns}
-    if plan.saturate:
-        plan.traces = {n: tr.at_once() for n, tr in plan.traces.items()}
-    plan.prompts = make_prompts(plan.traces[ns[0]], model_cfg.vocab_size, seed)  # the same lengths for every n
+    plan = plan.requests(plan.saturate)
     assert all(np.array_equal(plan.traces[n].prompt_len, plan.traces[ns[0]].prompt_len) for n in ns)
     log.info("setting %s: model %s, n=%s, ranks %s, %s, %d requests", cfg["setting"], model_cfg.name, ns,
-             plan.ranks, "all offered at once" if plan.saturate else f"{rate:g} req/s over {duration:g} s",
-             len(plan.traces[ns[0]]))
+             plan.ranks, "all offered at once" if plan.saturate else f"{cfg['rate']:g} req/s over "
+             f"{cfg['duration_s']:g} s", len(plan.traces[ns[0]]))
     return plan
 
 
@@ -421,11 +433,11 @@ def warm_up(plan: Plan, served: Served) -> None:
     served.programs_after_warmup = served.programs()
 
 
-def timed_run(plan: Plan, served: Served, trace: Trace, adapter_of, desc: str) -> dict:
-    """One replay of `trace` (the plan's prompts), summarized; cut at the hard deadline."""
+def timed_run(plan: Plan, served: Served, trace: Trace, prompts: list, adapter_of, desc: str) -> dict:
+    """One replay of `trace`, summarized; cut at the hard deadline."""
     before, p0 = served.stats(), served.programs()
     drain = float(plan.cfg["saturate_max_s"] if plan.saturate else plan.cfg["max_drain_s"])
-    rep = replay(served.engine, trace, adapter_of, plan.prompts, plan.slo, max_drain_s=drain,
+    rep = replay(served.engine, trace, adapter_of, prompts, plan.slo, max_drain_s=drain,
                  deadline=plan.hard_deadline, desc=desc, progress=bool(plan.cfg["progress"]))
     s = metrics.summarize(rep.records, rep.elapsed_s, plan.slo)
     s.update({"stopped": rep.stopped, "compiled_during": served.programs() - p0,
@@ -436,16 +448,18 @@ def timed_run(plan: Plan, served: Served, trace: Trace, adapter_of, desc: str) -
     return s
 
 
-def lora_run(plan: Plan, served: Served, n: int) -> dict:
+def lora_run(plan: Plan, served: Served, n: int, desc: str = "") -> dict:
     tr = plan.traces[n]
-    return timed_run(plan, served, tr, lambda i: adapter_name(int(tr.adapter[i])), f"{plan.cfg['setting']} n={n}")
+    return timed_run(plan, served, tr, plan.prompts[n], lambda i: adapter_name(int(tr.adapter[i])),
+                     f"{plan.cfg['setting']} n={n}{desc}")
 
 
 def base_only_run(plan: Plan, served: Served) -> Optional[dict]:
     """The base model alone on the same requests (None where the setting turns it off)."""
     if not plan.cfg.get("base_only", True):
         return None
-    return timed_run(plan, served, plan.traces[plan.ns[0]], lambda i: None, "base-only")
+    n = plan.ns[0]  # the prompts of n's adapter indices (their system prompts, if any)
+    return timed_run(plan, served, plan.traces[n], plan.prompts[n], lambda i: None, "base-only")
 
 
 def search_rate(plan: Plan, served: Served, n: int, known: dict, budget_s: float) -> tuple[dict, str]:
@@ -494,7 +508,7 @@ def _peft_phase(plan: Plan) -> dict:
     runs = []
     for n in todo:
         trace = traces[n].head(float(pc["duration_s"]))
-        runs.append({"n": n, "trace": trace, "prompts": prompts[: len(trace)], "slo_ttft_s": float(cfg["slo_ttft_s"]),
+        runs.append({"n": n, "trace": trace, "prompts": prompts[n][: len(trace)], "slo_ttft_s": float(cfg["slo_ttft_s"]),
                      "max_batch": int(pc["max_batch"]), "time_limit_s": float(pc["time_limit_s"])})
     ranks = adapter_ranks(max(todo), cfg["ranks"])
     budget = deadline - time.monotonic()
@@ -583,11 +597,25 @@ def _notes(plan: Plan, served: Served, s: dict, base: Optional[dict], extra: Seq
     return notes
 
 
+def _provenance(plan: Plan) -> dict:
+    """Where, when and how a result was measured: the keys every result JSON ends with."""
+    import jax
+
+    return {"device": device_name(), "jax_version": jax.__version__, "git_commit": git_commit(), "date": plan.date,
+            "command": plan.command}
+
+
+def _setup(plan: Plan, served: Served) -> dict:
+    return {"engine": served.engine_info, "adapters": served.adapters_info,
+            "timing": {"setup_s": served.setup_s, "warmup_s": served.warmup_s,
+                       "total_s": time.monotonic() - plan.t_start,
+                       "compiled_programs_after_warmup": served.programs_after_warmup,
+                       "compiled_programs": served.programs()}}
+
+
 def result(plan: Plan, served: Served, n: int, s: dict, base: Optional[dict], points: dict, notes: list,
            peft_s: Optional[dict] = None) -> dict:
     """One n's result JSON."""
-    import jax
-
     cfg, rs = plan.cfg, plan.cfg["rate_search"]
     thr = float(rs["threshold"])
     base_tp = None if base is None else base["throughput_req_s"]
@@ -602,14 +630,8 @@ def result(plan: Plan, served: Served, n: int, s: dict, base: Optional[dict], po
         "base_only_throughput_req_s": base_tp,
         "base_only_tokens_per_s": None if base is None else base["tokens_per_s"],
         "lora_vs_base": s["throughput_req_s"] / base_tp if base_tp else None,
-        "max_running": served.engine_info["max_running"],
-        "device": device_name(), "jax_version": jax.__version__, "git_commit": git_commit(), "date": plan.date,
-        "command": plan.command, "notes": notes, "run": s, "base_only": base,
-        "engine": served.engine_info, "adapters": served.adapters_info,
-        "timing": {"setup_s": served.setup_s, "warmup_s": served.warmup_s,
-                   "total_s": time.monotonic() - plan.t_start,
-                   "compiled_programs_after_warmup": served.programs_after_warmup,
-                   "compiled_programs": served.programs()},
+        "max_running": served.engine_info["max_running"], **_provenance(plan),
+        "notes": notes, "run": s, "base_only": base, **_setup(plan, served),
     }
     if not plan.saturate:
         out.update({
@@ -623,9 +645,10 @@ def result(plan: Plan, served: Served, n: int, s: dict, base: Optional[dict], po
     return out
 
 
-def write_result(plan: Plan, res: dict) -> str:
+def write_result(plan: Plan, res: dict, name: Optional[str] = None) -> str:
+    """`res` as `<out>/<name>` (default: `<setting>[-sat]-<n>.json`)."""
     tag = "-sat" if res.get("saturated") else ""
-    path = os.path.join(plan.out_dir, f"{res['setting']}{tag}-{res['n_adapters']}.json")
+    path = os.path.join(plan.out_dir, name or f"{res['setting']}{tag}-{res['n_adapters']}.json")
     os.makedirs(plan.out_dir, exist_ok=True)
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
@@ -687,12 +710,98 @@ def run_offered(plan: Plan, served: Served, peft: dict) -> list[dict]:
     return [results[n] for n in plan.ns if n in results]
 
 
+# -- prefix cache on / off ------------------------------------------------------------------------
+def hit_rate(s: dict) -> float:
+    """Prompt tokens found in the prefix cache over those looked up, in one timed run (0 with the cache off)."""
+    e = s["engine"]
+    return e["prefix_hit_tokens"] / e["prefix_query_tokens"] if e["prefix_query_tokens"] else 0.0
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a and b else None
+
+
+def _prefix_mode(runs: dict) -> dict:
+    """One mode's figures: throughput and first-token latency at the offered rate, saturated throughput."""
+    out: dict = {}
+    o, s = runs.get("offered"), runs.get("saturated")
+    if o:
+        out.update({"throughput_req_s": o["throughput_req_s"], "tokens_per_s": o["tokens_per_s"],
+                    "ttft_mean_s": o["avg_ttft_s"], "ttft_p50_s": o["p50_ttft_s"], "ttft_p99_s": o["p99_ttft_s"],
+                    "hit_rate": hit_rate(o)})
+    if s:
+        out.update({"saturated_throughput_req_s": s["throughput_req_s"], "saturated_tokens_per_s": s["tokens_per_s"],
+                    "saturated_hit_rate": hit_rate(s)})
+    return {**out, "runs": runs}
+
+
+def _prefix_notes(plan: Plan, runs: dict) -> list:
+    c = plan.cfg
+    notes = [f"the same requests with the prefix cache on and off on one engine (step programs compiled once), "
+             f"each run from an empty pool cache (no adapter resident, no prefix cached): {c['duration_s']:g} s at {c['rate']:g} req/s (first-token latency), "
+             f"then {c['saturate_requests']} requests of the setting (the same seed) offered at once (throughput)"]
+    for mode, by in runs.items():
+        for which, s in by.items():
+            if s["stopped"] != "done":
+                notes.append(f"{which}, prefix cache {mode}: cut ({s['stopped']}) with {s['unfinished']} of "
+                             f"{s['requests']} requests unfinished")
+            if s["compiled_during"]:
+                notes.append(f"{which}, prefix cache {mode}: {s['compiled_during']} step programs compiled during "
+                             "the timed run")
+    return notes
+
+
+def prefix_result(plan: Plan, served: Served, n: int, runs: dict) -> dict:
+    """The result JSON of the prefix cache on / off comparison."""
+    c = plan.cfg
+    on, off = _prefix_mode(runs["on"]), _prefix_mode(runs["off"])
+    return {
+        "setting": c["setting"], "model": plan.model_cfg.name, "model_config": c["model"], "n_adapters": n,
+        "ranks": plan.ranks, "system_prompt_len": int(c["system_prompt_len"]), "input_range": list(c["input_range"]),
+        "output_range": list(c["output_range"]), "rate": float(c["rate"]), "cv": float(c["cv"]),
+        "alpha": float(c["alpha"]), "duration_s": float(c["duration_s"]),
+        "saturate_requests": int(c["saturate_requests"]), "seed": int(c["seed"]), "on": on, "off": off,
+        "ttft_p50_speedup": _ratio(off.get("ttft_p50_s"), on.get("ttft_p50_s")),
+        "saturated_throughput_ratio": _ratio(on.get("saturated_throughput_req_s"),
+                                             off.get("saturated_throughput_req_s")),
+        "max_running": served.engine_info["max_running"], **_provenance(plan),
+        "notes": _prefix_notes(plan, runs), **_setup(plan, served),
+    }
+
+
+def run_prefix_compare(plan: Plan, served: Served) -> dict:
+    """The largest n's requests with the prefix cache on and off: at the offered rate, then all at once (the
+    TTFT pair first, so a short budget keeps it). Writes `<setting>-prefix.json`."""
+    n = plan.ns[-1]
+    runs: dict = {"on": {}, "off": {}}
+    for which, saturate in (("offered", False), ("saturated", True)):
+        p = plan.requests(saturate)
+        for mode in runs:
+            if time.monotonic() > plan.hard_deadline - 5:
+                log.error("time budget used up: no %s run with the prefix cache %s", which, mode)
+                continue
+            served.llm.set_prefix_cache(mode == "on")
+            served.llm.clear_cache()
+            runs[mode][which] = lora_run(p, served, n, f", {which}, prefix cache {mode}")
+    res = prefix_result(plan, served, n, runs)
+    write_result(plan, res, f"{plan.cfg['setting']}-prefix.json")
+    log.info("%s n=%d, prefix cache on / off: TTFT p50 speed-up %s, saturated throughput ratio %s, hit rate %s",
+             plan.cfg["setting"], n, res["ttft_p50_speedup"], res["saturated_throughput_ratio"],
+             res["on"].get("hit_rate"))
+    return res
+
+
 def run_from_config(config_path: str, out_dir: str, overrides: Optional[dict] = None) -> list[dict]:
-    """Run the setting of `config_path` (with `--set` overrides); write and return one result per n."""
+    """Run the setting of `config_path` (with `--set` overrides); write and return one result per n (prefix
+    cache on / off: the one comparison)."""
     plan = plan_run(config_path, out_dir, overrides)
-    peft = {} if plan.saturate else _peft_phase(plan)  # before JAX takes the device
+    compare = bool(plan.cfg["compare_prefix_cache"])
+    peft = {} if plan.saturate or compare else _peft_phase(plan)  # before JAX takes the device
     served = start_engine(plan)
     warm_up(plan, served)
-    results = run_saturated(plan, served) if plan.saturate else run_offered(plan, served, peft)
+    if compare:
+        results = [run_prefix_compare(plan, served)]
+    else:
+        results = run_saturated(plan, served) if plan.saturate else run_offered(plan, served, peft)
     log.info("setting %s done in %.0f s", plan.cfg["setting"], time.monotonic() - plan.t_start)
     return results

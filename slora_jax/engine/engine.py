@@ -216,6 +216,27 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._inbox) or self.scheduler.has_work() or self._inflight is not None
 
+    # -- the pool cache (benchmarks compare runs on one engine, its step programs compiled once) ------------
+    def set_prefix_cache(self, enabled: bool) -> None:
+        """Turn prefix caching on or off; blocks cached before stay until evicted (or `clear_cache`)."""
+        with self._lock:
+            self._check_idle("set_prefix_cache")
+            self.scheduler.prefix_cache = enabled
+            self.ecfg = self.ecfg.replace(prefix_cache=enabled)
+
+    def clear_cache(self) -> None:
+        """Swap out every adapter and drop every cached prefix block: the pool as after start-up, every adapter
+        still registered."""
+        with self._lock:
+            self._check_idle("clear_cache")
+            self.cache.drop_idle()
+
+    def _check_idle(self, what: str) -> None:
+        """Both only while nothing is queued or running (RuntimeError, nothing changed); neither is mirrored to
+        other processes (jax.distributed)."""
+        if self.has_work():
+            raise RuntimeError(f"{what}: requests are queued or running")
+
     # -- adapters ----------------------------------------------------------------------
     def add_adapter(self, lw: LoraWeights, replace: bool = False):
         need = self.layout.adapter_pages(self.layout.adapter_rows(lw.ranks))

@@ -315,6 +315,11 @@ class PoolCache:
                 self._key_of[page] = key
         return len(index)
 
+    def drop_idle(self) -> None:
+        """Swap out every idle adapter, drop every idle cached block and every prefetch in flight."""
+        self._inflight.clear()
+        self._evict_items(list(self._lru))
+
     def blocks_idle(self, pages: np.ndarray) -> None:
         """The page table: these blocks' refcounts reached 0. They join the LRU as its most recent items."""
         for page in pages.tolist():
