@@ -92,8 +92,7 @@ def test_system_prompts_are_the_adapters_own():
 def test_chat_setting_fits_its_prompts():
     c = load_config(os.path.join(ROOT, "configs", "bench-chat.json"))
     assert c["compare_prefix_cache"] and c["n_adapters"] == [1000] and c["system_prompt_len"] == 1024
-    assert c["input_range"] == [32, 256] and c["alpha"] == load_config(os.path.join(ROOT, "configs",
-                                                                                   "bench-S1.json"))["alpha"]
+    assert c["input_range"] == [32, 256] and c["alpha"] < 1  # power-law popularity: prompts repeat
     assert c["engine"]["max_model_len"] >= c["system_prompt_len"] + c["input_range"][1] + c["output_range"][1]
     assert load_config(TINY)["system_prompt_len"] == 0 and not load_config(TINY)["compare_prefix_cache"]
 
