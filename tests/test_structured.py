@@ -6,6 +6,7 @@ constrained rows as without them; and the masks of a step are computed while its
 from __future__ import annotations
 
 import json
+import threading
 
 import httpx
 import jsonschema_rs
@@ -161,39 +162,47 @@ def test_unconstrained_rows_are_unchanged_by_constrained_neighbours():
 
 
 def test_masks_are_computed_while_the_forward_runs():
-    """Async loop, a constrained batch: forward N+1 is dispatched before step N's tokens are read, and its
-    masks are computed (and its sampling dispatched) only after that read."""
+    """Async loop, a constrained batch: forward N+1 is dispatched before step N's tokens are read; N+1's
+    masks are computed after that read, on a worker thread, while the host builds step N+2; N+1's sampling
+    is dispatched once N+2's batch is built, just before N+2's forward that takes its tokens."""
     llm = LLM("tiny", **ENGINE)
     eng = llm.engine
-    log = []
-    real = {name: getattr(eng.runner, name) for name in ("forward", "sample")}
-    real_masks, real_read = eng.grammars.masks, eng._read
+    log, mask_threads = [], set()
 
-    def forward(*a, **kw):
-        log.append("forward")
-        return real["forward"](*a, **kw)
+    def logged(name, fn):
+        def call(*a, **kw):
+            log.append(name)
+            return fn(*a, **kw)
+        return call
+
+    real_sample, real_masks = eng.runner.sample, eng.grammars.masks
 
     def sample(fwd, mask=None, logprobs=False):
         log.append("sample" if mask is not None else "sample-unmasked")
-        return real["sample"](fwd, mask, logprobs)
+        return real_sample(fwd, mask, logprobs)
 
     def masks(rows, b):
-        log.append("masks")
-        return real_masks(rows, b)
+        mask_threads.add(threading.current_thread().name)
+        out = real_masks(rows, b)
+        log.append("masks-done")
+        return out
 
-    def read(step):
-        log.append("read")
-        return real_read(step)
-
-    eng.runner.forward, eng.runner.sample, eng.grammars.masks, eng._read = forward, sample, masks, read
+    eng.runner.forward = logged("forward", eng.runner.forward)
+    eng.builder.build = logged("build", eng.builder.build)
+    eng._read = logged("read", eng._read)
+    eng.runner.sample, eng.grammars.masks = sample, masks
     reqs = _run(eng, [([256, 1, 2], None, SamplingParams(max_tokens=96, json_schema=SCHEMA))] * 2)
     assert all(valid(r.text, SCHEMA) for r in reqs)
+    assert mask_threads and threading.current_thread().name not in mask_threads
     steps = log.count("forward")
-    assert steps >= 10 and log.count("masks") == log.count("sample") == steps
-    assert log[:3] == ["forward", "masks", "sample"]  # the first step: nothing in flight to read
-    for k in range(1, steps - 1):  # forward N+1, read N, masks N+1, sample N+1
-        i = [j for j, e in enumerate(log) if e == "forward"][k]
-        assert log[i: i + 4] == ["forward", "read", "masks", "sample"], log[i: i + 4]
+    assert steps >= 10 and log.count("masks-done") == log.count("sample") == steps
+    main = [e for e in log if e != "masks-done"]
+    assert main[:3] == ["build", "forward", "build"]  # the first step: nothing in flight to read
+    forwards = [j for j, e in enumerate(main) if e == "forward"]
+    for i in forwards[1:-1]:  # build N+2, sample N+1, forward N+2, read N+1
+        assert main[i - 2: i + 2] == ["build", "sample", "forward", "read"], main[i - 2: i + 2]
+    for k, i in enumerate(j for j, e in enumerate(log) if e == "sample"):  # each step's masks were done first
+        assert log[:i].count("masks-done") == k + 1
 
 
 def test_a_grammar_refusing_a_token_fails_only_its_request():

@@ -25,14 +25,17 @@ Structured output (engine/structured.py): the token mask of a constrained row
 depends on the token its previous step sampled, which the host reads only after
 dispatching the next step. So a batch with constrained rows is dispatched in two
 parts: its forward first (`runner.forward`); then, once the previous step's
-tokens are read and fed to the matchers, the masks are computed on the host
-while that forward runs on the device, and the sampling program that applies
-them is dispatched behind it (`_sample_masked`). The next step's forward waits
-on the device for those tokens only, as it waits for any step's.
+tokens are read and fed to the matchers, the masks are computed on a worker
+thread (llguidance releases the GIL) while that forward runs on the device and
+the host goes on with its own work (callbacks, the next schedule and batch);
+the sampling program that applies them is dispatched when the next step needs
+its tokens, or when they are read (`_sample_masked`). The host's critical path
+thus pays max(masks, its other work), not their sum.
 """
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
@@ -76,6 +79,7 @@ class InFlight:
     logprobs: object = None  # sampling.logprobs of the tokens, on the device, if a row asked for them
     forward: Optional[Forward] = None  # until its sampling program is dispatched (a masked batch)
     want_logprobs: bool = False
+    masks: Optional[concurrent.futures.Future] = None  # the constrained rows' masks, being computed
 
 
 def _split_at_stop(text: str, stops) -> tuple[str, bool]:
@@ -133,6 +137,8 @@ class Engine:
                                    ecfg.early_abort_s, ecfg.prefix_cache)
         self.builder = BatchBuilder(self.pages, self.cache, ecfg.max_running, ecfg.max_batch_tokens)
         self.grammars = Grammars(tokenizer, cfg.vocab_size)
+        # one worker: a step's masks, computed while the host goes on (its thread starts on first use)
+        self._mask_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="slora-masks")
         self._inflight: Optional[InFlight] = None
         self.requests: dict = {}
         # seeds of unseeded requests; across hosts (jax.distributed) every process runs the same steps,
@@ -293,7 +299,7 @@ class Engine:
             if older is not None:
                 finished += self._read(older)
             if launched is not None and launched.forward is not None:
-                self._sample_masked(launched)
+                self._start_masks(launched)
             if not self.ecfg.async_steps:
                 finished += self.drain()
         for cb in self.on_step:
@@ -302,6 +308,8 @@ class Engine:
 
     def _dispatch(self, sched: ScheduledStep) -> InFlight:
         inp, samp, reqs = self.builder.build(sched)
+        if self._inflight is not None and self._inflight.forward is not None:
+            self._sample_masked(self._inflight)  # this step's forward takes its tokens
         prev = None if self._inflight is None else self._inflight.tokens
         ntok = dict(zip((r.id for r in sched.requests), sched.num_tokens))
         # the requests that sample a token in this step: not a prefill chunk short of the prompt's end
@@ -325,15 +333,21 @@ class Engine:
             r.pending_row = i
         return launched
 
-    def _sample_masked(self, step: InFlight) -> None:
-        """Dispatch the sampling program of a step with constrained rows, their masks computed now: the
-        step before it has been read (its tokens fed to the matchers) and this step's forward is running."""
-        fwd, step.forward = step.forward, None
+    def _start_masks(self, step: InFlight) -> None:
+        """Start computing the masks of a step with constrained rows on the worker: the step before it has
+        been read (its tokens fed to the matchers), and no matcher is touched again before `_sample_masked`."""
         rows = [(r.grammar, i) for r, i in step.rows if r.grammar is not None and not r.finished]
-        mask = self.grammars.masks(rows, fwd.logits.shape[0])
-        step.tokens, step.logprobs = self.runner.sample(fwd, mask, step.want_logprobs)
+        step.masks = self._mask_worker.submit(self.grammars.masks, rows, step.forward.logits.shape[0])
+
+    def _sample_masked(self, step: InFlight) -> None:
+        """Dispatch the sampling program of a step with constrained rows, once its masks are computed."""
+        fwd, step.forward = step.forward, None
+        masks, step.masks = step.masks, None
+        step.tokens, step.logprobs = self.runner.sample(fwd, masks.result(), step.want_logprobs)
 
     def _read(self, step: InFlight) -> list:
+        if step.forward is not None:
+            self._sample_masked(step)
         tokens = parallel.to_host(step.tokens)  # the one device->host read of a step
         lps = None if step.logprobs is None else [parallel.to_host(x) for x in step.logprobs]
         now = time.monotonic()
@@ -463,7 +477,9 @@ class Engine:
     def _step_failed(self, error: Exception) -> None:
         """One bad step must not kill the server: fail the running requests, go on."""
         with self._lock:
-            self._inflight = None  # its tokens are lost: fail every request waiting for one
+            lost, self._inflight = self._inflight, None  # its tokens are lost: fail every request waiting for one
+            if lost is not None and lost.masks is not None:
+                concurrent.futures.wait([lost.masks])  # the worker is done with the matchers before they go
             stuck = [r for r in self.scheduler.waiting if r.pending]
             for r in list(self.scheduler.running) + stuck:
                 self._finish(r, "error", error="internal error in the engine step")
