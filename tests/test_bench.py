@@ -347,3 +347,12 @@ def test_report_writes_table_and_plots(tiny_results, tiny_saturated, tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     write_report(str(results), str(md), str(plots))  # a second run replaces the sections
     assert md.read_text() == text
+
+
+def test_a_max_rate_above_the_saturated_capacity_is_flagged():
+    """A short probe can pass above capacity (max_running admits a burst): the headline says so."""
+    from slora_jax.bench.report import _above_capacity
+
+    probe = {"setting": "S1", "max_sustainable_rate": 48, "rate_search": {"probe_s": 12.0}}
+    assert "above the saturated capacity of 26.2 req/s" in _above_capacity(probe, {"S1": 26.2})
+    assert _above_capacity(probe, {"S1": 50.0}) == "" and _above_capacity(probe, {}) == ""

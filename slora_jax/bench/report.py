@@ -159,8 +159,9 @@ def headline_section(results_dir: str) -> list[str]:
     decode = _maybe(results_dir, "decode.json") or []
     measured = [r for r in decode if r.get("read_roofline_fraction") is not None]
     out += ["**Read-roofline fractions** (the fewest bytes the work must move over its time, divided by the "
-            "device's read limit measured in the same run: the best of a read-only reduction and a bf16 GEMV "
-            "over 8 GiB; DESIGN.md section 7):", ""]
+            "device's read limit measured in the same run: the best of a read-only reduction, a bf16 GEMV "
+            "and a Pallas tile-sum kernel over 8 GiB, which varies by about 2 % between processes; DESIGN.md "
+            "section 7):", ""]
     lines = []
     for model in sorted({r["model"] for r in measured}):
         rows = [r for r in measured if r["model"] == model and r["adapters"] == "distinct" and r["rank"] == 8]
@@ -193,13 +194,25 @@ def headline_section(results_dir: str) -> list[str]:
     offered = [d for d in load_results(results_dir, saturated=False) if int(d["n_adapters"]) == 2000]
     out += ["**Maximum sustainable rate** at n = 2,000 (SLO attainment >= 0.9, first token < 6 s; rates probed in "
             "rising order up to the first that fails, so '>=' marks a lower bound):", ""]
+    capacity = {d["setting"]: d["throughput_req_s"] for d in sat if int(d["n_adapters"]) == 2000}
     if offered:
-        out += [f"- {d['setting']}: {_rate(d)} req/s ({_meta([d])})" for d in offered]
+        out += [f"- {d['setting']}: {_rate(d)} req/s ({_meta([d])})" + _above_capacity(d, capacity) for d in offered]
     else:
         out.append("Not measured yet.")
     out += ["", "The offered-load tables further down replay a trace at a fixed offered rate (10 req/s): their "
             "throughput is bounded by that rate and says nothing of capacity.", "", HEADLINE[1]]
     return out
+
+
+def _above_capacity(d: dict, capacity: dict) -> str:
+    """The caveat for a max rate above the setting's saturated capacity: a probe of a few seconds admits
+    up to max_running requests at once, so first tokens stay fast while the backlog grows; such a rate
+    holds for the probe, not for long."""
+    rate, cap = d.get("max_sustainable_rate"), capacity.get(d["setting"])
+    if rate is None or cap is None or rate <= cap:
+        return ""
+    return (f"; above the saturated capacity of {cap:.1f} req/s, so the probe was too short to show the backlog: "
+            f"sustainable for its {d['rate_search'].get('probe_s', '?')} s, not for long")
 
 
 # -- kernels, decode, profiles, swaps --------------------------------------------------------------
