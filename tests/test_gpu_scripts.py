@@ -38,17 +38,22 @@ def test_lora_bench_smoke_rows_split_device_time_by_kernel(tmp_path):
     assert decode["tunables"]["shrink"]["block_t"] == 1  # the decode default: one token per program
 
 
-def test_device_run_stages_smoke(tmp_path):
-    """The stages of the three GPU calls that the kernel smoke test does not cover, as device_run.sh runs
-    them, then the report over what they wrote."""
+def _device_run_smoke(tmp_path, stages: list, budget_s: int = 600) -> tuple:
+    """`SMOKE=1 bash benchmarks/device_run.sh STAGE...` on the CPU -> (process, summary.txt, $OUT, $WORK)."""
     out, work = tmp_path / "out", tmp_path / "work"
     out.mkdir()
     env = dict(os.environ, JAX_PLATFORMS="cpu", GIT_COMMIT="test-commit", SMOKE="1", OUT=str(out), WORK=str(work),
-               BUDGET_S="1500", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    stages = ["decode-7b", "decode-8b", "cmdbuf", "profile-8b", "s1-sat", "rate-s1"]
+               BUDGET_S=str(budget_s), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     proc = subprocess.run(["bash", "benchmarks/device_run.sh", *stages], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=1500)
-    summary = (out / "summary.txt").read_text()
+                          text=True, timeout=budget_s)
+    return proc, (out / "summary.txt").read_text(), out, work
+
+
+def test_device_run_stages_smoke(tmp_path):
+    """The stages of the three GPU calls that the kernel smoke test does not cover, as device_run.sh runs
+    them, then the report over what they wrote."""
+    stages = ["decode-7b", "decode-8b", "cmdbuf", "profile-8b", "s1-sat", "rate-s1"]
+    proc, summary, out, work = _device_run_smoke(tmp_path, stages, budget_s=1500)
     assert proc.returncode == 0, summary + proc.stdout[-3000:] + proc.stderr[-2000:]
     for stage in stages:
         assert f"== {stage} rc=0" in summary, summary
@@ -111,13 +116,7 @@ def test_report_renders_the_stored_results(tmp_path):
 def test_structured_stage_smoke(tmp_path):
     """device_run.sh's `structured` stage (bench_structured.py --smoke): every mode's rows generate their tokens
     (the constrained ones through llguidance masks) and structured.json holds the ratios of issue #19's goals."""
-    out, work = tmp_path / "out", tmp_path / "work"
-    out.mkdir()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", GIT_COMMIT="test-commit", SMOKE="1", OUT=str(out), WORK=str(work),
-               BUDGET_S="600", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    proc = subprocess.run(["bash", "benchmarks/device_run.sh", "structured"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    summary = (out / "summary.txt").read_text()
+    proc, summary, out, work = _device_run_smoke(tmp_path, ["structured"])
     assert proc.returncode == 0 and "== structured rc=0" in summary, summary + proc.stderr[-2000:]
     row = json.loads((work / "r" / "structured.json").read_text())
     assert set(row["modes"]) == {"none", "all", "half"} and row["git_commit"] == "test-commit"
@@ -134,13 +133,7 @@ def test_structured_stage_smoke(tmp_path):
 def test_chat_stage_smoke(tmp_path):
     """device_run.sh's `chat` stage (the prefix cache on / off, issue #18) on the tiny model: its system prompts
     scaled to the smoke's max_model_len, chat-prefix.json written, and the report's table from it."""
-    out, work = tmp_path / "out", tmp_path / "work"
-    out.mkdir()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", GIT_COMMIT="test-commit", SMOKE="1", OUT=str(out), WORK=str(work),
-               BUDGET_S="600", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    proc = subprocess.run(["bash", "benchmarks/device_run.sh", "chat"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    summary = (out / "summary.txt").read_text()
+    proc, summary, out, work = _device_run_smoke(tmp_path, ["chat"])
     assert proc.returncode == 0 and "== chat rc=0" in summary, summary + proc.stderr[-2000:]
     d = json.loads((work / "r" / "chat-prefix.json").read_text())
     assert d["git_commit"] == "test-commit" and d["n_adapters"] == 1000 and d["system_prompt_len"] == 16
