@@ -147,3 +147,18 @@ def test_chat_stage_smoke(tmp_path):
     text = md.read_text()
     assert "### Prefix caching (chat): tiny-llama, 1000 adapters, 16-token system prompts" in text
     assert f"TTFT p50 off / on: **{d['ttft_p50_speedup']:.2f}x**" in text
+
+
+def test_tile_sum_read_probe_sums_each_tile():
+    """The Pallas kernel of the third read probe (benchmarks/common.py), interpreted: one sum per 64 x 512 tile."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import common
+    finally:
+        sys.path.pop(0)
+    import jax
+    import numpy as np
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (192, 1024), "bfloat16")
+    ref = np.asarray(a, np.float32).reshape(3, 64, 2, 512).sum(axis=(1, 3))
+    np.testing.assert_allclose(np.asarray(common.tile_sums(a)), ref, rtol=1e-5, atol=1e-3)
