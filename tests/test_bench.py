@@ -138,6 +138,18 @@ def test_rate_search_stops_at_the_first_failing_rate():
     assert calls == [4, 8] and metrics.max_sustainable_rate(points, 0.9) == 4
 
 
+def test_rate_search_probes_nothing_above_the_capacity():
+    """A rate above the saturated throughput cannot be sustained (its queue grows), whatever a short probe
+    says: the search stops below it, and what passed is then no lower bound."""
+    calls = []
+    points = metrics.search_rates([12, 16, 24, 32, 48], lambda r: calls.append(r) or 1.0, 0.9, known={10.0: 1.0},
+                                  capacity=26.2)
+    assert calls == [12, 16, 24] and metrics.max_sustainable_rate(points, 0.9) == 24
+    assert not metrics.rate_is_lower_bound(points, 0.9, [12, 16, 24, 32, 48], 26.2)
+    assert metrics.rate_is_lower_bound(points, 0.9, [12, 16, 24, 32, 48], 40.0)  # 32 could have passed
+    assert metrics.rate_is_lower_bound(points, 0.9)  # no capacity known: as before
+
+
 def test_rate_search_reports_a_lower_bound_only_when_no_rate_failed():
     points = metrics.search_rates([12, 16, 32, 64], lambda r: 1.0, 0.9, known={10.0: 1.0})
     assert metrics.max_sustainable_rate(points, 0.9) == 64 and metrics.rate_is_lower_bound(points, 0.9)
@@ -223,6 +235,7 @@ def test_tiny_run_writes_the_result_json(tiny_results):
     assert d["run"]["finished"] == d["requests"]  # the tiny trace drains completely
     assert d["base_only_throughput_req_s"] > 0
     assert d["max_sustainable_rate"] is None or d["max_sustainable_rate"] > 0
+    assert d["rate_search"]["capacity_req_s"] > 0  # measured first: the search's bound
     assert d["device"].startswith("cpu") and d["jax_version"]
     if HAVE_PEFT:
         assert d["baseline_peft_throughput_req_s"] is not None and d["baseline_peft_throughput_req_s"] >= 0

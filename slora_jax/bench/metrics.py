@@ -93,13 +93,19 @@ def max_sustainable_rate(points: dict, threshold: float = 0.9) -> Optional[float
     return max(ok) if ok else None
 
 
-def rate_is_lower_bound(points: dict, threshold: float = 0.9) -> bool:
-    """True when no measured rate failed: the sustainable rate may lie above every rate measured."""
-    return not _failing(points, threshold)
+def rate_is_lower_bound(points: dict, threshold: float = 0.9, rates: Sequence[float] = (),
+                        capacity: Optional[float] = None) -> bool:
+    """True when no measured rate failed and the search did not stop at `capacity` (the next of `rates`
+    above the best one exceeds it): the sustainable rate may lie above every rate measured."""
+    if _failing(points, threshold):
+        return False
+    best = max_sustainable_rate(points, threshold)
+    above = [float(r) for r in rates if best is None or float(r) > best]
+    return capacity is None or not above or min(above) <= capacity
 
 
 def search_rates(rates: Sequence[float], probe: Callable[[float], Optional[float]], threshold: float = 0.9,
-                 known: Optional[dict] = None) -> dict:
+                 known: Optional[dict] = None, capacity: Optional[float] = None) -> dict:
     """Probe `rates` in rising order, from just above the highest known passing rate, up to the first one
     that fails.
 
@@ -108,8 +114,10 @@ def search_rates(rates: Sequence[float], probe: Callable[[float], Optional[float
     there: the result is then a lower bound). `known` holds already-measured
     {rate: attainment} points (e.g. the main run): the scan starts above the
     highest of them that passed (below the lowest that failed) and never
-    probes at or past a known failing rate. Returns every measured {rate:
-    attainment} point, `known` included.
+    probes at or past a known failing rate. No rate above `capacity` (the
+    throughput with every request offered at once) is probed: its queue would
+    grow without bound, however a short probe ends. Returns every measured
+    {rate: attainment} point, `known` included.
     """
     points = {float(k): v for k, v in (known or {}).items()}
     fails = _failing(points, threshold)
@@ -118,7 +126,7 @@ def search_rates(rates: Sequence[float], probe: Callable[[float], Optional[float
     for rate in sorted(set(float(r) for r in rates)):
         if rate <= floor or rate in points:
             continue
-        if rate >= ceiling:
+        if rate >= ceiling or (capacity is not None and rate > capacity):
             break
         a = probe(rate)
         if a is None:

@@ -205,10 +205,11 @@ def headline_section(results_dir: str) -> list[str]:
 
 
 def _above_capacity(d: dict, capacity: dict) -> str:
-    """The caveat for a max rate above the setting's saturated capacity: a probe of a few seconds admits
-    up to max_running requests at once, so first tokens stay fast while the backlog grows; such a rate
-    holds for the probe, not for long."""
-    rate, cap = d.get("max_sustainable_rate"), capacity.get(d["setting"])
+    """The caveat for a max rate above the setting's saturated capacity (results from before the search
+    was bounded by it): a probe of a few seconds admits up to max_running requests at once, so first
+    tokens stay fast while the backlog grows; such a rate holds for the probe, not for long."""
+    rate = d.get("max_sustainable_rate")
+    cap = (d.get("rate_search") or {}).get("capacity_req_s") or capacity.get(d["setting"])
     if rate is None or cap is None or rate <= cap:
         return ""
     return (f"; above the saturated capacity of {cap:.1f} req/s, so the probe was too short to show the backlog: "

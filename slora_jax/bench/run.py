@@ -16,7 +16,10 @@ One invocation serves one setting (configs/bench-*.json) for each n in its
    bounded by that rate;
 5. the maximum sustainable rate per n (largest n first): `rate_search.rates`
    probed in rising order up to the first whose SLO attainment falls below
-   `rate_search.threshold`, with whatever is left of `time_budget_s`.
+   `rate_search.threshold`, or up to the capacity (`rate_search.capacity_bound`:
+   `capacity_requests` requests offered at once first; a short probe above it
+   passes on a burst the running batch absorbs, while its queue grows), with
+   whatever is left of `time_budget_s`.
 
 Saturated (`--set saturate=true`): the capacity, not an offered load. Steps
 2-4 with `saturate_requests` requests all offered at once, base-only and each
@@ -83,7 +86,8 @@ DEFAULTS: dict = {
     "warmup": {"rate": 10.0, "duration_s": 20.0, "max_drain_s": 40.0},  # per pass (LoRA, then base-only)
     "base_only": True,
     "rate_search": {"enabled": True, "rates": [2, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 56, 64], "probe_s": 15.0,
-                    "threshold": 0.9, "max_probes": 4},
+                    "threshold": 0.9, "max_probes": 4, "capacity_bound": True,
+                    "capacity_requests": None},  # None: saturate_requests
     # saturated mode: `saturate_requests` requests of the setting's lengths and adapters, all offered at once;
     # each run stops `saturate_max_s` after its start (unfinished requests count as such)
     "saturate": False,
@@ -462,12 +466,21 @@ def base_only_run(plan: Plan, served: Served) -> Optional[dict]:
     return timed_run(plan, served, plan.traces[n], plan.prompts[n], lambda i: None, "base-only")
 
 
-def search_rate(plan: Plan, served: Served, n: int, known: dict, budget_s: float) -> tuple[dict, str]:
-    """The maximum sustainable rate at n within `budget_s`: (every measured {rate: attainment}, a note)."""
+def measure_capacity(plan: Plan, served: Served, n: int) -> float:
+    """Req/s at n with `rate_search.capacity_requests` requests of the setting offered at once."""
+    k = int(plan.cfg["rate_search"].get("capacity_requests") or plan.cfg["saturate_requests"])
+    sat = dataclasses.replace(plan, cfg={**plan.cfg, "saturate_requests": k}).requests(saturate=True)
+    return lora_run(sat, served, n, f", {k} at once (the rate search's bound)")["throughput_req_s"]
+
+
+def search_rate(plan: Plan, served: Served, n: int, known: dict, budget_s: float) -> tuple:
+    """The maximum sustainable rate at n within `budget_s`: (every measured {rate: attainment}, a note, the
+    capacity that bounds the search or None)."""
     rs, cfg = plan.cfg["rate_search"], plan.cfg
-    probe_cost = float(rs["probe_s"]) + plan.slo + 2.0
-    budget_s = min(budget_s, probe_cost * int(rs.get("max_probes", 4)))
     t_n = time.monotonic()
+    capacity = measure_capacity(plan, served, n) if rs.get("capacity_bound", True) else None
+    probe_cost = float(rs["probe_s"]) + plan.slo + 2.0
+    budget_s = min(budget_s, time.monotonic() - t_n + probe_cost * int(rs.get("max_probes", 4)))
     probed: list = []
     out_of_time: list = []
     seed = int(cfg["seed"]) + 2
@@ -486,8 +499,8 @@ def search_rate(plan: Plan, served: Served, n: int, known: dict, budget_s: float
         log.info("probe n=%d rate %g: SLO attainment %.3f (%d requests)", n, rate, a or 0.0, len(rep.records))
         return a
 
-    points = metrics.search_rates(rs["rates"], probe, float(rs["threshold"]), known=known)
-    return points, rate_note(points, rs, probed, bool(out_of_time), float(cfg["rate"]))
+    points = metrics.search_rates(rs["rates"], probe, float(rs["threshold"]), known=known, capacity=capacity)
+    return points, rate_note(points, rs, probed, bool(out_of_time), float(cfg["rate"]), capacity), capacity
 
 
 def _peft_phase(plan: Plan) -> dict:
@@ -557,17 +570,20 @@ def _peft_phase(plan: Plan) -> dict:
     return out
 
 
-def rate_note(points: dict, rs: dict, probed: list, out_of_time: bool, main_rate: float) -> str:
+def rate_note(points: dict, rs: dict, probed: list, out_of_time: bool, main_rate: float,
+              capacity: Optional[float] = None) -> str:
     thr = float(rs["threshold"])
     best = metrics.max_sustainable_rate(points, thr)
     head = (f"max sustainable rate (SLO attainment >= {thr:g}): rates {sorted(rs['rates'])} req/s probed in rising "
             f"order up to the first that fails, {rs['probe_s']:g} s probes, the main run at {main_rate:g} req/s; "
             f"probed {sorted(probed)}")
+    if capacity is not None:
+        head += f"; none above the capacity, {capacity:.2f} req/s with every request offered at once"
     if out_of_time:
         head += "; the probes stopped early (time budget)"
     if best is None:
         return head + "; no measured rate met the target"
-    if metrics.rate_is_lower_bound(points, thr):
+    if metrics.rate_is_lower_bound(points, thr, rs["rates"], capacity):
         return head + f"; no measured rate failed, so {best:g} req/s is a lower bound"
     return head
 
@@ -614,7 +630,7 @@ def _setup(plan: Plan, served: Served) -> dict:
 
 
 def result(plan: Plan, served: Served, n: int, s: dict, base: Optional[dict], points: dict, notes: list,
-           peft_s: Optional[dict] = None) -> dict:
+           peft_s: Optional[dict] = None, capacity: Optional[float] = None) -> dict:
     """One n's result JSON."""
     cfg, rs = plan.cfg, plan.cfg["rate_search"]
     thr = float(rs["threshold"])
@@ -636,11 +652,11 @@ def result(plan: Plan, served: Served, n: int, s: dict, base: Optional[dict], po
     if not plan.saturate:
         out.update({
             "max_sustainable_rate": metrics.max_sustainable_rate(points, thr),
-            "max_sustainable_rate_is_lower_bound": metrics.rate_is_lower_bound(points, thr),
+            "max_sustainable_rate_is_lower_bound": metrics.rate_is_lower_bound(points, thr, rs["rates"], capacity),
             "baseline_peft_throughput_req_s": None if peft_s is None else peft_s["throughput_req_s"],
             "peft": peft_s,
             "rate_search": {"threshold": thr, "probe_s": float(rs["probe_s"]), "rates": sorted(rs["rates"]),
-                            "points": {f"{k:g}": v for k, v in sorted(points.items())}},
+                            "points": {f"{k:g}": v for k, v in sorted(points.items())}, "capacity_req_s": capacity},
         })
     return out
 
@@ -685,10 +701,10 @@ def run_offered(plan: Plan, served: Served, peft: dict) -> list[dict]:
     main: dict = {}
     results: dict = {}
 
-    def emit(n: int, points: dict, search_note: str) -> None:
+    def emit(n: int, points: dict, search_note: str, capacity: Optional[float] = None) -> None:
         peft_s, peft_note = peft.get(n, (None, "HF PEFT not run"))
         results[n] = result(plan, served, n, main[n], base, points,
-                            _notes(plan, served, main[n], base, (peft_note, search_note)), peft_s)
+                            _notes(plan, served, main[n], base, (peft_note, search_note)), peft_s, capacity)
         write_result(plan, results[n])
 
     for n in plan.ns:
@@ -705,8 +721,9 @@ def run_offered(plan: Plan, served: Served, peft: dict) -> list[dict]:
         if not rs.get("enabled", True):
             emit(n, known, "max sustainable rate: search disabled (rate_search.enabled)")
             continue
-        points, note = search_rate(plan, served, n, known, (plan.deadline - time.monotonic()) / (len(done) - k))
-        emit(n, points, note)
+        points, note, capacity = search_rate(plan, served, n, known,
+                                             (plan.deadline - time.monotonic()) / (len(done) - k))
+        emit(n, points, note, capacity)
     return [results[n] for n in plan.ns if n in results]
 
 
