@@ -7,7 +7,7 @@
 # The three calls of issue #16 (usual seconds on an H100 80 GB; an H200 is faster; each under BUDGET_S):
 #   call 1: lora-table attention-table decode-7b            (~480 s)
 #   call 2: decode-8b cmdbuf s1-8b-sat profile-8b           (~520 s; cmdbuf and profile-8b are diagnoses)
-#   call 3: s1-sat s2-sat rate-s1                           (~550 s)
+#   call 3: s1-sat s2-sat rate-s1                           (~590 s)
 # Issue #18's prefix cache on / off: chat                   (~200 s)
 # A stage starts only if its usual duration fits in what is left of BUDGET_S (default 565 s, under the
 # 600 s limit of one call) and is stopped when the budget runs out. Everything a stage writes (its log,
@@ -36,8 +36,9 @@ BENCH="python3 -m slora_jax.cli bench --out $R --set time_budget_s=${BENCH_BUDGE
 # program compiled first; base-only runs first, then n = 5, then n = 2,000)
 SAT="python3 -m slora_jax.cli bench --out $R --set saturate=true --set n_adapters=[5,2000] --set time_budget_s=230 --config configs"
 # the max-rate search alone at n = 2,000 (no base-only or PEFT runs; a 10 s main run at the offered 10 req/s):
-# rates in rising order up to the first failing one, at most 64 req/s
-RATE="python3 -m slora_jax.cli bench --out $R --set time_budget_s=170 --set n_adapters=[2000] --set duration_s=10 --set peft.enabled=false --set base_only=false --set rate_search.max_probes=12 --config configs"
+# the capacity first (500 requests offered at once), then rates in rising order up to the first failing one
+# or the capacity, at most 64 req/s
+RATE="python3 -m slora_jax.cli bench --out $R --set time_budget_s=200 --set rate_search.capacity_requests=500 --set n_adapters=[2000] --set duration_s=10 --set peft.enabled=false --set base_only=false --set rate_search.max_probes=12 --config configs"
 declare -A STAGES=(
     [check]="150|python3 benchmarks/gpu_engine_check.py"
     [lora]="450|python3 benchmarks/bench_lora.py --out $R"
@@ -61,9 +62,9 @@ declare -A STAGES=(
     [s1-sat]="200|$SAT/bench-S1.json"
     [s2-sat]="170|$SAT/bench-S2.json --set base_only=false"
     [s1-8b-sat]="180|$SAT/bench-S1-8B.json"
-    [rate-s1]="180|$RATE/bench-S1.json"
-    [rate-s2]="180|$RATE/bench-S2.json"
-    [rate-s1-8b]="180|$RATE/bench-S1-8B.json"
+    [rate-s1]="220|$RATE/bench-S1.json"
+    [rate-s2]="220|$RATE/bench-S2.json"
+    [rate-s1-8b]="220|$RATE/bench-S1-8B.json"
     # prefix cache on / off (issue #18): 1,000 adapters with a 1,024-token system prompt each, the same requests
     # at 8 req/s for 20 s (first-token latency) and 400 at once (throughput), each way; writes chat-prefix.json
     [chat]="200|python3 -m slora_jax.cli bench --out $R --set time_budget_s=170 --config configs/bench-chat.json"
@@ -76,7 +77,7 @@ declare -A STAGES=(
 TINY_BENCH="--set model=configs/tiny.json --set kernels=xla --set dtype=float32 --set engine.num_pages=256 \
     --set engine.max_running=4 --set engine.max_batch_tokens=32 --set engine.max_model_len=32 --set input_range=[2,8] \
     --set output_range=[2,6] --set rate=4 --set duration_s=2 --set saturate_requests=8 --set rate_search.probe_s=1.5 \
-    --set rate_search.rates=[1,4,16] --set warmup.duration_s=0 --set peft.enabled=false \
+    --set rate_search.rates=[1,4,16] --set rate_search.capacity_requests=8 --set warmup.duration_s=0 --set peft.enabled=false \
     --set adapter_host_memory=shared --set time_budget_s=120 --set progress=false"
 smoke_args() {
     case "$1" in
