@@ -62,6 +62,7 @@ declare -A STAGES=(
     [s1-sat]="200|$SAT/bench-S1.json"
     [s2-sat]="170|$SAT/bench-S2.json --set base_only=false"
     [s1-8b-sat]="180|$SAT/bench-S1-8B.json"
+    [s1-prefix]="240|$BENCH/bench-S1.json --set compare_prefix_cache=true --set n_adapters=[2000] --set duration_s=10 --set time_budget_s=210 --set base_only=false --set peft.enabled=false --set rate_search.enabled=false"
     [rate-s1]="220|$RATE/bench-S1.json"
     [rate-s2]="220|$RATE/bench-S2.json"
     [rate-s1-8b]="220|$RATE/bench-S1-8B.json"

@@ -131,10 +131,12 @@ def test_structured_stage_smoke(tmp_path):
 
 
 def test_chat_stage_smoke(tmp_path):
-    """device_run.sh's `chat` stage (the prefix cache on / off, issue #18) on the tiny model: its system prompts
-    scaled to the smoke's max_model_len, chat-prefix.json written, and the report's table from it."""
-    proc, summary, out, work = _device_run_smoke(tmp_path, ["chat"])
-    assert proc.returncode == 0 and "== chat rc=0" in summary, summary + proc.stderr[-2000:]
+    """device_run.sh's `chat` and `s1-prefix` stages (the prefix cache on / off, issue #18) on the tiny model:
+    the chat's system prompts scaled to the smoke's max_model_len, chat-prefix.json and S1-prefix.json
+    written, and the report's tables from them."""
+    proc, summary, out, work = _device_run_smoke(tmp_path, ["chat", "s1-prefix"])
+    assert proc.returncode == 0 and "== chat rc=0" in summary and "== s1-prefix rc=0" in summary, \
+        summary + proc.stderr[-2000:]
     d = json.loads((work / "r" / "chat-prefix.json").read_text())
     assert d["git_commit"] == "test-commit" and d["n_adapters"] == 1000 and d["system_prompt_len"] == 16
     for mode in ("on", "off"):
@@ -146,6 +148,8 @@ def test_chat_stage_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = md.read_text()
     assert "### Prefix caching (chat): tiny-llama, 1000 adapters, 16-token system prompts" in text
+    # S1 with the cache on and off: prompts that share nothing, the cache's own cost (issue #18's no-regression)
+    assert "### Prefix caching (S1): tiny-llama, 2000 adapters, prompts that share nothing" in text
     assert f"TTFT p50 off / on: **{d['ttft_p50_speedup']:.2f}x**" in text
 
 

@@ -604,20 +604,24 @@ def slora_section(results_dir: str, plots: Optional[str]) -> list[str]:
     if plots and (sat or offered):
         rel = plot_workload(sat, offered, plots)
         lines += [f"![{title}](benchmarks/plots/{name})" for title, name in rel.items()] + [""]
-    chat = _maybe(results_dir, "chat-prefix.json")
-    if isinstance(chat, dict) and "on" in chat and "off" in chat:
-        lines += prefix_section(chat)
+    for name in sorted(f for f in os.listdir(results_dir) if f.endswith("-prefix.json")):  # chat, S1, ...
+        d = _maybe(results_dir, name)
+        if isinstance(d, dict) and "on" in d and "off" in d:
+            lines += prefix_section(d)
     lines.append(END)
     return lines
 
 
 def prefix_section(d: dict) -> list[str]:
-    """chat-prefix.json (`slora-jax bench --config configs/bench-chat.json`): the same requests with the prefix
-    cache on and off."""
-    lines = [f"### Prefix caching (chat): {d['model']}, {d['n_adapters']} adapters, {d['system_prompt_len']}-token "
-             "system prompts", "",
-             f"{_meta([d])}. Each adapter has its own system prompt; a prompt is it plus a user turn of "
-             f"{d['input_range']} tokens, outputs {d['output_range']}, adapters drawn with alpha {d['alpha']:g}. "
+    """<setting>-prefix.json (`slora-jax bench --config configs/bench-chat.json`, or any setting with
+    `--set compare_prefix_cache=true`): the same requests with the prefix cache on and off."""
+    shared = d.get("system_prompt_len") or 0
+    lines = [f"### Prefix caching ({d['setting']}): {d['model']}, {d['n_adapters']} adapters, "
+             + (f"{shared}-token system prompts" if shared else "prompts that share nothing (the cache's cost)"), "",
+             f"{_meta([d])}. "
+             + ("Each adapter has its own system prompt; a prompt is it plus a user turn of " if shared else
+                "Random prompts of ")
+             + f"{d['input_range']} tokens, outputs {d['output_range']}, adapters drawn with alpha {d['alpha']:g}. "
              f"First-token latency at {d['rate']:g} req/s for {d['duration_s']:g} s; saturated: "
              f"{d['saturate_requests']} requests at once. Every run starts with no adapter resident and "
              "nothing cached; hit rate = prompt tokens found cached / prompt tokens looked up.", "",
