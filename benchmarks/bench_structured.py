@@ -16,7 +16,7 @@ tokenizer is a byte-level BPE of Llama-2's 32,000 tokens trained at start on the
 library's source (the grammar engine's work grows with the vocabulary and its tokens' shapes; the model's
 weights play no part in it); `mask_ms` is the host's mask time per step, `step_ms` the loop's step time.
 
-    python benchmarks/bench_structured.py --out DIR [--batch 32] [--tokens 256] [--smoke]
+    python benchmarks/bench_structured.py --out DIR [--batch 32] [--tokens 256] [--profile] [--smoke]
 
 Writes <out>/structured.json. `--smoke`: the tiny model on a CPU, a small vocabulary: checks the script.
 """
@@ -130,6 +130,19 @@ def run_mode(llm, prompts: list, constrained: list, tokens: int, min_items: int,
             "mask_ms_max": float(np.max(timer.seconds)) * 1e3 if timer.seconds else 0.0}
 
 
+def traced_mode(llm, prompts: list, constrained: list, tokens: int, min_items: int, timer: MaskTimer) -> dict:
+    """One run of a mode under jax.profiler: the device's busy and idle time per step (idle: waiting on the
+    host), which says whether a slower constrained step is host-bound or does more device work."""
+    import jax
+
+    tmp = tempfile.mkdtemp()
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+        r = run_mode(llm, prompts, constrained, tokens, min_items, timer)
+    busy, span = common.busy_and_span(common.device_events(tmp))
+    return {"step_ms": r["step_ms_mean"], "device_busy_ms": busy / r["steps"] / 1e3,
+            "device_idle_ms": (span - busy) / r["steps"] / 1e3, "mask_ms": r["mask_ms"]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
@@ -137,6 +150,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="the tiny model on a CPU: checks the script runs")
+    ap.add_argument("--profile", action="store_true", help="then one traced run per mode: device busy / idle")
     args = ap.parse_args()
     if args.smoke:
         preset, vocab, corpus, args.batch, args.tokens, args.repeats = "tiny", 320, 300_000, 4, 24, 1
@@ -178,12 +192,18 @@ def main():
         "device": common.device_name(), "kernels": llm.stats()["kernels"], "cpu_count": os.cpu_count(),
         "git_commit": common.git_commit(),
     }
+    if args.profile:
+        row["profile"] = {name: traced_mode(llm, prompts, flags, min(args.tokens, 64), min_items, timer)
+                          for name, flags in modes.items()}
     common.write_json(os.path.join(args.out, "structured.json"), row)
     print("mode  tokens/s  step_ms  mask_ms (max)")
     for name, r in best.items():
         print(f"{name:5s} {r['tokens_per_s']:8.0f} {r['step_ms']:8.2f} {r['mask_ms']:7.2f} ({r['mask_ms_max']:.1f})")
     print(f"all constrained / none: {row['all_vs_none']:.3f} (goal >= 0.9); free rows of the half batch lose "
           f"{100 * row['half_free_row_loss']:.1f}% (goal <= 2%)", flush=True)
+    for name, p in row.get("profile", {}).items():
+        print(f"traced {name:5s}: step {p['step_ms']:.2f} ms, device busy {p['device_busy_ms']:.2f} ms, idle "
+              f"{p['device_idle_ms']:.2f} ms, masks {p['mask_ms']:.2f} ms", flush=True)
 
 
 if __name__ == "__main__":

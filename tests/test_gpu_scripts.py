@@ -122,6 +122,7 @@ def test_structured_stage_smoke(tmp_path):
     assert set(row["modes"]) == {"none", "all", "half"} and row["git_commit"] == "test-commit"
     assert row["modes"]["all"]["mask_ms"] > 0 and row["modes"]["none"]["mask_ms"] == 0
     assert row["all_vs_none"] > 0 and row["half_free_row_loss"] < 1
+    assert set(row["profile"]) == {"none", "all", "half"}  # --profile: the traced run of each mode
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n")
     proc = _run(["-m", "slora_jax.bench.report", "--results", str(work / "r"), "--md", str(md), "--plots",
