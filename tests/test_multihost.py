@@ -172,6 +172,13 @@ def test_a_silent_follower_fails_requests_in_flight_and_health(monkeypatch):
     store = FakeStore()
     following = start_following(follower, store.channel(1), timeout_s=0.5)
     leader.engine.lead(0.5, channel=store.channel(0))
+    real_step = leader.engine.step
+
+    def slow_step():  # 100 tokens take >= 2 s: the request is still running when the heartbeat is missed
+        time.sleep(0.02)
+        return real_step()
+
+    monkeypatch.setattr(leader.engine, "step", slow_step)
     leader.start()
     handle = leader.submit("a long one", sampling=SamplingParams(max_tokens=100, ignore_eos=True))
     follower.engine._quit.set()  # its heartbeat stops; the follower itself keeps running steps
