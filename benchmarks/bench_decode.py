@@ -234,7 +234,7 @@ def save(out: str, rows: list) -> None:
                 kept = [r for r in json.load(f) if r.get("model") not in models]
             except (json.JSONDecodeError, AttributeError):
                 kept = []
-    common.write_json(path, kept + rows)
+    common.write_json(path, kept + common.rebase_read_limit(rows))
 
 
 def peft_baseline(args, rows) -> None:

@@ -167,3 +167,21 @@ def test_tile_sum_read_probe_sums_each_tile():
     a = jax.random.normal(jax.random.PRNGKey(0), (192, 1024), "bfloat16")
     ref = np.asarray(a, np.float32).reshape(3, 64, 2, 512).sum(axis=(1, 3))
     np.testing.assert_allclose(np.asarray(common.tile_sums(a)), ref, rtol=1e-5, atol=1e-3)
+
+
+def test_a_kernel_faster_than_the_read_probes_becomes_the_read_limit():
+    """A read fraction above 1 says the probes fell short, not that the kernel beat the memory: the run's
+    fastest read-only row becomes every row's denominator (the rows passed in stay as they were)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import common
+    finally:
+        sys.path.pop(0)
+    rows = [{"read_roofline_fraction": 1.0064, "read_limit_tbps": 4.3694},
+            {"read_roofline_fraction": 0.5032, "device_read_roofline_fraction": 0.8, "read_limit_tbps": 4.3694}]
+    out = common.rebase_read_limit(rows)
+    assert [r["read_roofline_fraction"] for r in out] == [1.0, 0.5] and out[1]["device_read_roofline_fraction"] == 0.7949
+    assert out[0]["read_limit_tbps"] == round(4.3694 * 1.0064, 4) and "read_limit_source" in out[0]
+    assert rows[0]["read_roofline_fraction"] == 1.0064  # not changed in place
+    below = [{"read_roofline_fraction": 0.9, "read_limit_tbps": 4.4}]
+    assert common.rebase_read_limit(below) == below and "read_limit_source" not in below[0]
