@@ -159,8 +159,7 @@ READ_GIB = 8.0  # the read measurements stream this much (less only where the de
 class DeviceLimits:
     """The roofline denominators, measured at the start of a bench run (DESIGN.md section 7).
 
-    read_bps: the device's read limit, the best of a read-only reduction, a bf16 GEMV and a Pallas kernel
-    that sums tiles (reading the way our kernels read: many programs, one wide tile each) over
+    read_bps: the device's read limit, the best of a read-only reduction and a bf16 GEMV over
     `read_bytes` (a decode step, a LoRA kernel and decode attention only read, so they are held to
     it); copy_bps: `y = x + 1` (bytes read + written), the denominator of earlier runs, kept beside it;
     matmul_flops: a bf16 matrix product's rate (prefill attention's compute roofline), None if unmeasured.
@@ -169,7 +168,6 @@ class DeviceLimits:
     read_bps: float
     reduce_bps: float
     gemv_bps: float
-    tile_bps: float
     copy_bps: float
     read_bytes: int
     matmul_flops: Optional[float] = None
@@ -186,7 +184,7 @@ class DeviceLimits:
 
     def describe(self) -> str:
         s = (f"read limit {self.read_bps / 1e12:.3f} TB/s (reduction {self.reduce_bps / 1e12:.3f}, bf16 GEMV "
-             f"{self.gemv_bps / 1e12:.3f}, tile sums {self.tile_bps / 1e12:.3f}, over {self.read_bytes / GIB:.2f} GiB); copy {self.copy_bps / 1e12:.3f} TB/s")
+             f"{self.gemv_bps / 1e12:.3f}, over {self.read_bytes / GIB:.2f} GiB); copy {self.copy_bps / 1e12:.3f} TB/s")
         return s + (f"; bf16 matmul {self.matmul_flops / 1e12:.0f} TFLOP/s" if self.matmul_flops else "")
 
 
@@ -227,48 +225,21 @@ def copy_bandwidth(gib: float = 2.0) -> float:
     return 2 * n * 2 / min(times)
 
 
-TILE = (64, 512)  # the tile one program of the tile-sum kernel reads: 64 KiB of bf16
-
-
-def tile_sums(a: jax.Array) -> jax.Array:
-    """[N / 64, C / 512] float32: the sum of each [64, 512] tile of `a`, one Pallas program per tile
-    (interpreted off a GPU, where it checks the kernel, not a bandwidth)."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
-
-    def kernel(x_ref, o_ref):
-        o_ref[...] = jnp.broadcast_to(jnp.sum(x_ref[...].astype(jnp.float32)), o_ref.shape)
-
-    grid = (a.shape[0] // TILE[0], a.shape[1] // TILE[1])
-    return pl.pallas_call(kernel, grid=grid, in_specs=[pl.BlockSpec(TILE, lambda i, j: (i, j))],
-                          out_specs=pl.BlockSpec((1, 1), lambda i, j: (i, j)),
-                          out_shape=jax.ShapeDtypeStruct(grid, jnp.float32),
-                          compiler_params=plgpu.CompilerParams(num_warps=8),
-                          interpret=jax.default_backend() != "gpu")(a)
-
-
-def read_bandwidth(gib: float) -> tuple[float, float, float, int]:
-    """(reduction, GEMV, tile-sum bytes/s; bytes read) over one random bf16 [N, 4096] buffer of `gib` GiB.
+def read_bandwidth(gib: float) -> tuple[float, float, int]:
+    """(reduction bytes/s, GEMV bytes/s, bytes read) over one random bf16 [N, 4096] buffer of `gib` GiB.
 
     Reduction: the sum over N (a [4096] float32 result) and over 4096 (an [N] result), the better of the
-    two; GEMV: [N, 4096] @ [4096, 32] (bytes: the buffer read, the [N, 32] product written); tile sums:
-    `tile_sums`, the way a Pallas kernel streams its input (on a GPU only, else 0: the others stand)."""
+    two; GEMV: [N, 4096] @ [4096, 32] (bytes: the buffer read, the [N, 32] product written)."""
     cols = 4096
-    rows = max(TILE[0], int(gib * GIB) // (2 * cols) // TILE[0] * TILE[0])
+    rows = max(1, int(gib * GIB) // (2 * cols))
     buf = jax.random.normal(jax.random.PRNGKey(1), (rows, cols), jnp.bfloat16)
     v = jax.random.normal(jax.random.PRNGKey(2), (cols, 32), jnp.bfloat16)
     nbytes = rows * cols * 2
     reduce_s = min(_best_seconds(jax.jit(lambda a: jnp.sum(a, axis=0, dtype=jnp.float32)), buf),
                    _best_seconds(jax.jit(lambda a: jnp.sum(a, axis=1, dtype=jnp.float32)), buf))
     gemv_s = _best_seconds(jax.jit(lambda a, b: a @ b), buf, v)
-    tile_bps = 0.0  # off a GPU the kernel would be interpreted (and take minutes): no figure
-    if jax.default_backend() == "gpu":
-        try:
-            tile_bps = nbytes / _best_seconds(jax.jit(tile_sums), buf)
-        except Exception as e:  # a Triton lowering failure: the probe is one of three
-            print(f"tile-sum read probe skipped: {type(e).__name__}: {e}", flush=True)
     del buf
-    return nbytes / reduce_s, (nbytes + rows * 32 * 2) / gemv_s, tile_bps, nbytes
+    return nbytes / reduce_s, (nbytes + rows * 32 * 2) / gemv_s, nbytes
 
 
 def matmul_flops(n: int = 8192) -> float:
@@ -290,10 +261,10 @@ def device_limits(read_gib: Optional[float] = None, copy_gib: float = 2.0, flops
     elif read_gib is None:
         free = free_device_bytes()
         read_gib = READ_GIB if free is None else min(READ_GIB, 0.4 * free / GIB)
-    reduce_bps, gemv_bps, tile_bps, nbytes = read_bandwidth(read_gib)
+    reduce_bps, gemv_bps, nbytes = read_bandwidth(read_gib)
     copy_bps = copy_bandwidth(min(copy_gib, read_gib))
     peak = matmul_flops(256 if smoke else 8192) if flops else None
-    lim = DeviceLimits(max(reduce_bps, gemv_bps, tile_bps), reduce_bps, gemv_bps, tile_bps, copy_bps, nbytes, peak)
+    lim = DeviceLimits(max(reduce_bps, gemv_bps), reduce_bps, gemv_bps, copy_bps, nbytes, peak)
     print(f"device limits: {lim.describe()}", flush=True)
     return lim
 

@@ -154,21 +154,6 @@ def test_chat_stage_smoke(tmp_path):
     assert f"TTFT p50 off / on: **{d['ttft_p50_speedup']:.2f}x**" in text
 
 
-def test_tile_sum_read_probe_sums_each_tile():
-    """The Pallas kernel of the third read probe (benchmarks/common.py), interpreted: one sum per 64 x 512 tile."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import common
-    finally:
-        sys.path.pop(0)
-    import jax
-    import numpy as np
-
-    a = jax.random.normal(jax.random.PRNGKey(0), (192, 1024), "bfloat16")
-    ref = np.asarray(a, np.float32).reshape(3, 64, 2, 512).sum(axis=(1, 3))
-    np.testing.assert_allclose(np.asarray(common.tile_sums(a)), ref, rtol=1e-5, atol=1e-3)
-
-
 def test_a_kernel_faster_than_the_read_probes_becomes_the_read_limit():
     """A read fraction above 1 says the probes fell short, not that the kernel beat the memory: the run's
     fastest read-only row becomes every row's denominator (the rows passed in stay as they were)."""

@@ -159,9 +159,9 @@ def headline_section(results_dir: str) -> list[str]:
     decode = _maybe(results_dir, "decode.json") or []
     measured = [r for r in decode if r.get("read_roofline_fraction") is not None]
     out += ["**Read-roofline fractions** (the fewest bytes the work must move over its time, divided by the "
-            "device's read limit measured in the same run: the best of a read-only reduction, a bf16 GEMV "
-            "and a Pallas tile-sum kernel over 8 GiB (about 2 % apart between processes), or the run's fastest "
-            "read-only kernel where it read faster; DESIGN.md section 7):", ""]
+            "device's read limit measured in the same run: the best of a read-only reduction and a bf16 GEMV "
+            "over 8 GiB (about 2 % apart between processes), or the run's fastest read-only kernel where it "
+            "read faster; DESIGN.md section 7):", ""]
     lines = []
     for model in sorted({r["model"] for r in measured}):
         rows = [r for r in measured if r["model"] == model and r["adapters"] == "distinct" and r["rank"] == 8]
