@@ -27,6 +27,10 @@ _ENGINE_COUNTERS = (
     ("slora_preemptions", "Requests preempted for KV pages (recomputed later).", "preemptions"),
     ("slora_prefix_query_tokens", "Prompt tokens looked up in the prefix cache.", "prefix_query_tokens"),
     ("slora_prefix_hit_tokens", "Prompt tokens whose KV the prefix cache supplied.", "prefix_hit_tokens"),
+    ("slora_engine_host_seconds", "Seconds the engine loop spent on host work (schedule, build, dispatch, "
+     "post-process).", "host_s"),
+    ("slora_engine_device_wait_seconds", "Seconds the engine loop waited on the device for sampled tokens.",
+     "device_wait_s"),
 )
 _ENGINE_GAUGES = (
     ("slora_pool_pages_capacity", "Pages in the unified device pool.", "pages_total"),

@@ -245,3 +245,17 @@ def test_add_request_does_not_wait_for_the_engine_lock():
     eng.run_until_done(added)
     assert added[0].finish_reason == "length" and len(added[0].output_ids) == 2
     assert llm.stats()["pages_kv"] == 0
+
+
+def test_step_timings_split_the_loop_into_host_work_and_device_waits():
+    import time
+
+    llm = make_llm()
+    before = dict(llm.engine.timings)
+    t0 = time.perf_counter()
+    llm.generate([[256, 1, 2, 3]] * 3, sampling=SamplingParams(max_tokens=6, ignore_eos=True))
+    wall = time.perf_counter() - t0
+    s = llm.stats()
+    host, wait = s["host_s"] - before["host_s"], s["device_wait_s"] - before["device_wait_s"]
+    assert host > 0 and wait >= 0 and s["mask_wait_s"] == 0  # no grammar: the mask worker never ran
+    assert host + wait <= wall

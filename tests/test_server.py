@@ -504,6 +504,7 @@ def test_metrics_in_prometheus_format(served, http):
     assert set(pages) == {"kv", "adapter", "cached", "free"}
     assert sum(pages.values()) == samples[("slora_pool_pages_capacity", ())] == served.llm.stats()["pages_total"]
     assert samples[("slora_prefix_query_tokens_total", ())] > 0
+    assert samples[("slora_engine_host_seconds_total", ())] > 0
     assert samples[("slora_adapters_resident", ())] >= 1
     assert samples[("slora_adapter_swaps_total", (("direction", "in"),))] >= 1
     assert samples[("slora_requests_total", (("endpoint", "completions"), ("finish_reason", "length")))] > 0

@@ -299,7 +299,7 @@ def register_adapters(llm, n: int, ranks: Sequence[int], modules: Sequence[str],
 # -- the benchmark --------------------------------------------------------------------------
 def _stats_delta(before: dict, after: dict) -> dict:
     keys = ("swaps_in", "swaps_out", "preemptions", "requests_aborted", "steps", "tokens_generated",
-            "prefix_query_tokens", "prefix_hit_tokens")
+            "prefix_query_tokens", "prefix_hit_tokens", "host_s", "device_wait_s", "mask_wait_s")
     return {k: after.get(k, 0) - before.get(k, 0) for k in keys}
 
 

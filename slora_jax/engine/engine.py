@@ -154,6 +154,9 @@ class Engine:
         self._stop = False
         self.counters = {"requests_finished": 0, "requests_aborted": 0, "tokens_generated": 0, "prompt_tokens": 0,
                          "steps": 0, "preemptions": 0, "steps_overlapped": 0}
+        # where a step's wall time goes: the host's own work, and its waits on the device (the token read)
+        # and on the mask worker; a loop whose waits are ~0 is host-bound (benchmarks report them per run)
+        self.timings = {"host_s": 0.0, "device_wait_s": 0.0, "mask_wait_s": 0.0}
         self.on_step: list = []  # callables(finished requests) for metrics
         # why the engine stopped serving for good (a process of a multi-process engine lost), and its signal
         self.failure: Optional[str] = None
@@ -281,6 +284,8 @@ class Engine:
         """Run one engine step; returns the requests that finished in it.
 
         Async mode: dispatch this step, then read the previous one's tokens."""
+        t0 = time.perf_counter()
+        waited = self.timings["device_wait_s"] + self.timings["mask_wait_s"]
         with self._lock:
             self._admit_new()
             sched = self.scheduler.schedule()
@@ -304,6 +309,8 @@ class Engine:
                 finished += self.drain()
         for cb in self.on_step:
             cb(finished)
+        self.timings["host_s"] += time.perf_counter() - t0 - (
+            self.timings["device_wait_s"] + self.timings["mask_wait_s"] - waited)
         return finished
 
     def _dispatch(self, sched: ScheduledStep) -> InFlight:
@@ -343,13 +350,18 @@ class Engine:
         """Dispatch the sampling program of a step with constrained rows, once its masks are computed."""
         fwd, step.forward = step.forward, None
         masks, step.masks = step.masks, None
-        step.tokens, step.logprobs = self.runner.sample(fwd, masks.result(), step.want_logprobs)
+        t0 = time.perf_counter()
+        computed = masks.result()
+        self.timings["mask_wait_s"] += time.perf_counter() - t0
+        step.tokens, step.logprobs = self.runner.sample(fwd, computed, step.want_logprobs)
 
     def _read(self, step: InFlight) -> list:
         if step.forward is not None:
             self._sample_masked(step)
+        t0 = time.perf_counter()
         tokens = parallel.to_host(step.tokens)  # the one device->host read of a step
         lps = None if step.logprobs is None else [parallel.to_host(x) for x in step.logprobs]
+        self.timings["device_wait_s"] += time.perf_counter() - t0
         now = time.monotonic()
         finished = []
         for r, row in step.rows:
@@ -531,5 +543,5 @@ class Engine:
                 "adapter_entries": c["adapter_entries"], "swaps_in": c["swaps_in"], "swaps_out": c["swaps_out"],
                 "requests_running": len(self.scheduler.running),
                 "requests_waiting": len(self.scheduler.waiting) + len(self._inbox),
-                "pool_bytes": self.pool.nbytes, "kernels": self.runner.kernels.name, **self.counters,
+                "pool_bytes": self.pool.nbytes, "kernels": self.runner.kernels.name, **self.counters, **self.timings,
             }
