@@ -69,6 +69,11 @@ declare -A STAGES=(
     # prefix cache on / off (issue #18): 1,000 adapters with a 1,024-token system prompt each, the same requests
     # at 8 req/s for 20 s (first-token latency) and 400 at once (throughput), each way; writes chat-prefix.json
     [chat]="200|python3 -m slora_jax.cli bench --out $R --set time_budget_s=170 --config configs/bench-chat.json"
+    # a few seconds of a setting's traffic traced: host work and device waits, device busy / idle and kernels per
+    # step (the chat setting at its offered rate, prefix cache on; S1 and S1-8B saturated)
+    [profile-chat]="130|python3 benchmarks/profile_serve.py --out $R --config configs/bench-chat.json --lead-s 4"
+    [profile-s1-sat]="120|python3 benchmarks/profile_serve.py --out $R --config configs/bench-S1.json --saturate --set n_adapters=[2000]"
+    [profile-s1-8b-sat]="120|python3 benchmarks/profile_serve.py --out $R --config configs/bench-S1-8B.json --saturate --set n_adapters=[2000]"
     [tp]="200|python3 benchmarks/gpu_tp_check.py --out $R"
     [profile-tp]="120|python3 benchmarks/profile_step.py --out $R --tp 2"
 )
@@ -84,6 +89,7 @@ smoke_args() {
     case "$1" in
         *bench_lora.py*|*bench_attention.py*|*bench_structured.py*) echo "--smoke" ;;
         *bench_decode.py*|*bench_cmdbuf.py*|*profile_step.py*|*bench_swap.py*) echo "--quick" ;;
+        *profile_serve.py*) echo "$TINY_BENCH --set system_prompt_len=16 --set rate=20 --lead-s 0.3 --seconds 0.3" ;;
         # the chat setting's system prompts shrink with max_model_len: one 16-token page of each is shared
         *bench-chat.json*) echo "$TINY_BENCH --set system_prompt_len=16" ;;
         *"slora_jax.cli bench"*) echo "$TINY_BENCH" ;;

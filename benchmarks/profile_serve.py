@@ -1,0 +1,149 @@
+"""Where a serving step's time goes: a bench setting's traffic, a few seconds of it traced.
+
+profile_step.py traces one fixed decode batch; this traces the engine as a bench setting drives it (its
+arrivals, prompt and output lengths, adapters, prefix cache), after a lead-in that lets the running batch
+settle. Over the traced window it reports, per engine step: the wall time, the host's own work and its
+waits on the device (Engine.timings), the device's busy and idle time, the sequences and tokens a step
+carried, and the device time by kernel kind (profile_step.kind_of) and by kernel name. A step whose wait
+is ~0 while the device idles is host-bound; one whose device is busy throughout is device-bound, and the
+kernel table says on what.
+
+    python benchmarks/profile_serve.py --config configs/bench-chat.json --out DIR [--saturate]
+        [--prefix-cache on|off] [--lead-s 3] [--seconds 3] [--set KEY=VALUE ...]
+
+Writes <out>/profile_serve_<setting>[_sat][_nocache].json.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.profile_step import kind_of  # noqa: E402
+from slora_jax.bench import run as bench  # noqa: E402
+from slora_jax.bench.workload import adapter_name  # noqa: E402
+
+
+class Window:
+    """An engine `on_step` callback: starts the profiler `lead_s` after the first step, stops it `seconds`
+    later, and keeps the engine's figures at both ends and the batch of every step between."""
+
+    def __init__(self, engine, trace_dir: str, lead_s: float, seconds: float):
+        self.engine, self.trace_dir = engine, trace_dir
+        self.lead_s, self.seconds = lead_s, seconds
+        self.t0 = self.start = self.end = None
+        self.before = self.after = None
+        self.running: list = []
+
+    def __call__(self, finished) -> None:
+        import jax
+
+        now = time.monotonic()
+        if self.t0 is None:
+            self.t0 = now
+        if self.start is None and now - self.t0 >= self.lead_s:
+            self.before, self.start = self._figures(), time.monotonic()
+            jax.profiler.start_trace(self.trace_dir, create_perfetto_trace=True)
+        elif self.start is not None and self.end is None:
+            self.running.append(len(self.engine.scheduler.running))
+            if now - self.start >= self.seconds:
+                self.engine.drain()  # the last step's device work inside the window
+                jax.profiler.stop_trace()
+                self.after, self.end = self._figures(), time.monotonic()
+
+    @property
+    def done(self) -> bool:
+        return self.end is not None
+
+    def _figures(self) -> dict:
+        st = self.engine.stats()
+        return {k: st[k] for k in ("steps", "tokens_generated", "prompt_tokens", "host_s", "device_wait_s",
+                                   "mask_wait_s", "prefix_hit_tokens", "swaps_in")}
+
+
+def summarize(win: Window) -> dict:
+    d = {k: win.after[k] - win.before[k] for k in win.before}
+    steps = max(d["steps"], 1)
+    events = common.device_events(win.trace_dir)
+    busy, span = common.busy_and_span(events)
+    wall = win.end - win.start
+    by_name: dict = collections.defaultdict(lambda: [0, 0.0])
+    for name, _, dur in events:
+        by_name[name][0] += 1
+        by_name[name][1] += dur
+    kinds: dict = collections.defaultdict(lambda: [0, 0.0])
+    for name, (n, us) in by_name.items():
+        kinds[kind_of(name)][0] += n
+        kinds[kind_of(name)][1] += us
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]
+    per = lambda x: x / steps  # noqa: E731
+    return {
+        "window_s": wall, "steps": d["steps"], "wall_ms_per_step": per(wall) * 1e3,
+        "host_ms_per_step": per(d["host_s"]) * 1e3, "device_wait_ms_per_step": per(d["device_wait_s"]) * 1e3,
+        "mask_wait_ms_per_step": per(d["mask_wait_s"]) * 1e3,
+        "device_busy_ms_per_step": per(busy) / 1e3, "device_idle_ms_per_step": per(max(wall * 1e6 - busy, 0)) / 1e3,
+        "device_span_ms": span / 1e3,
+        "running_mean": sum(win.running) / max(len(win.running), 1),
+        "tokens_generated_per_step": per(d["tokens_generated"]), "prompt_tokens_admitted": d["prompt_tokens"],
+        "prefix_hit_tokens": d["prefix_hit_tokens"], "swaps_in": d["swaps_in"],
+        "kinds": {k: {"launches_per_step": per(n), "us_per_step": per(us)} for k, (n, us) in kinds.items()},
+        "top": [{"name": k, "launches_per_step": per(n), "us_per_step": per(us)} for k, (n, us) in top],
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--saturate", action="store_true", help="the setting's saturate_requests offered at once")
+    ap.add_argument("--prefix-cache", default="on", choices=("on", "off"))
+    ap.add_argument("--lead-s", type=float, default=3.0, help="seconds of serving before the traced window")
+    ap.add_argument("--seconds", type=float, default=3.0, help="seconds traced")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    overrides.update({"saturate": "true" if args.saturate else "false", "compare_prefix_cache": "false"})
+    plan = bench.plan_run(args.config, args.out, overrides)
+    served = bench.start_engine(plan)
+    bench.warm_up(plan, served)
+    llm, engine = served.llm, served.engine
+    llm.set_prefix_cache(args.prefix_cache == "on")
+    llm.clear_cache()
+    n = plan.ns[-1]
+    trace = plan.traces[n]
+    win = Window(engine, tempfile.mkdtemp(), args.lead_s, args.seconds)
+    engine.on_step.append(win)
+    rep = bench.replay(engine, trace, lambda i: adapter_name(int(trace.adapter[i])), plan.prompts[n], plan.slo,
+                       max_drain_s=args.lead_s + args.seconds + 5.0,
+                       deadline=time.monotonic() + args.lead_s + args.seconds + 1.0, progress=False)
+    engine.on_step.remove(win)
+    if not win.done:
+        raise SystemExit(f"the traffic ended ({rep.stopped}) before the traced window did: "
+                         "lower --lead-s / --seconds or offer more requests")
+    res = {"setting": plan.cfg["setting"], "model": plan.model_cfg.name, "n_adapters": n,
+           "saturate": plan.saturate, "rate": None if plan.saturate else float(plan.cfg["rate"]),
+           "prefix_cache": args.prefix_cache, "lead_s": args.lead_s, "max_running": engine.scheduler.max_running,
+           "device": common.device_name(), "git_commit": common.git_commit(), **summarize(win)}
+    name = (f"profile_serve_{plan.cfg['setting']}" + ("_sat" if plan.saturate else "")
+            + ("" if args.prefix_cache == "on" else "_nocache") + ".json")
+    common.write_json(os.path.join(args.out, name), res)
+    print(f"wrote {name}: {res['steps']} steps in {res['window_s']:.2f} s, {res['wall_ms_per_step']:.2f} ms a step "
+          f"(host {res['host_ms_per_step']:.2f}, device wait {res['device_wait_ms_per_step']:.2f}; device busy "
+          f"{res['device_busy_ms_per_step']:.2f}, idle {res['device_idle_ms_per_step']:.2f}); "
+          f"{res['running_mean']:.1f} running, {res['tokens_generated_per_step']:.1f} tokens a step")
+    for k, v in sorted(res["kinds"].items(), key=lambda kv: -kv[1]["us_per_step"]):
+        print(f"  {k:10s} {v['launches_per_step']:7.1f} launches {v['us_per_step']:9.1f} us")
+    for t in res["top"][:15]:
+        print(f"    {t['us_per_step']:9.1f} us  x{t['launches_per_step']:5.1f}  {t['name'][:90]}")
+
+
+if __name__ == "__main__":
+    main()
