@@ -68,7 +68,7 @@ declare -A STAGES=(
     [rate-s1-8b]="220|$RATE/bench-S1-8B.json"
     # prefix cache on / off (issue #18): 1,000 adapters with a 1,024-token system prompt each, the same requests
     # at 8 req/s for 20 s (first-token latency) and 400 at once (throughput), each way; writes chat-prefix.json
-    [chat]="200|python3 -m slora_jax.cli bench --out $R --set time_budget_s=170 --config configs/bench-chat.json"
+    [chat]="240|python3 -m slora_jax.cli bench --out $R --set time_budget_s=210 --config configs/bench-chat.json"
     # a few seconds of a setting's traffic traced: host work and device waits, device busy / idle and kernels per
     # step (the chat setting at its offered rate, prefix cache on; S1 and S1-8B saturated)
     [profile-chat]="130|python3 benchmarks/profile_serve.py --out $R --config configs/bench-chat.json --lead-s 4"
@@ -91,7 +91,7 @@ smoke_args() {
         *bench_decode.py*|*bench_cmdbuf.py*|*profile_step.py*|*bench_swap.py*) echo "--quick" ;;
         *profile_serve.py*) echo "$TINY_BENCH --set system_prompt_len=16 --set rate=20 --lead-s 0.3 --seconds 0.3" ;;
         # the chat setting's system prompts shrink with max_model_len: one 16-token page of each is shared
-        *bench-chat.json*) echo "$TINY_BENCH --set system_prompt_len=16" ;;
+        *bench-chat.json*) echo "$TINY_BENCH --set system_prompt_len=16 --set prefix_warm_s=1" ;;
         *"slora_jax.cli bench"*) echo "$TINY_BENCH" ;;
     esac
 }

@@ -276,7 +276,7 @@ CHAT_TINY = {"model": "configs/tiny.json", "kernels": "xla", "dtype": "float32",
              "engine.max_running": "4", "engine.max_batch_tokens": "32", "engine.max_model_len": "32",
              "input_range": "[2,8]", "output_range": "[2,6]", "rate": "4", "duration_s": "2", "saturate_requests": "8",
              "warmup.duration_s": "1", "time_budget_s": "120", "progress": "false", "system_prompt_len": "16",
-             "n_adapters": "3"}
+             "n_adapters": "3", "prefix_warm_s": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -301,10 +301,14 @@ def test_chat_run_compares_the_prefix_cache_on_and_off(tiny_chat):
         for which, n in (("offered", 8), ("saturated", 8)):
             run = m["runs"][which]
             assert run["requests"] == run["finished"] == n and run["compiled_during"] == 0, (mode, which)
-        # every run from an empty pool cache: the same adapters swapped in each time
-        assert m["runs"]["offered"]["engine"]["swaps_in"] == d["on"]["runs"]["offered"]["engine"]["swaps_in"] > 0
+        # each mode from an empty pool cache and the same traffic served before: the same swaps each time
+        assert m["runs"]["offered"]["engine"]["swaps_in"] == d["on"]["runs"]["offered"]["engine"]["swaps_in"]
     assert d["on"]["hit_rate"] > 0 and d["on"]["saturated_hit_rate"] > 0
     assert d["off"]["hit_rate"] == d["off"]["saturated_hit_rate"] == 0
+    # the requests that hit, beside themselves with the cache off
+    c = d["cached_requests"]
+    assert d["prefix_warm_s"] == 1 and 0 < c["requests"] <= c["of"] == 8 and c["cached_tokens_mean"] >= 16
+    assert c["ttft_p50_speedup"] == pytest.approx(c["ttft_p50_off_s"] / c["ttft_p50_on_s"])
     assert d["ttft_p50_speedup"] == pytest.approx(d["off"]["ttft_p50_s"] / d["on"]["ttft_p50_s"])
     assert d["saturated_throughput_ratio"] == pytest.approx(
         d["on"]["saturated_throughput_req_s"] / d["off"]["saturated_throughput_req_s"])

@@ -147,6 +147,8 @@ def test_chat_stage_smoke(tmp_path):
     for mode in ("on", "off"):
         assert d[mode]["throughput_req_s"] > 0 and d[mode]["saturated_throughput_req_s"] > 0
     assert d["off"]["hit_rate"] == 0 and d["ttft_p50_speedup"] > 0 and d["saturated_throughput_ratio"] > 0
+    # served 1 s of the traffic first: requests of adapters seen then find their system prompt cached
+    assert d["prefix_warm_s"] == 1 and d["cached_requests"]["requests"] > 0, d["cached_requests"]
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n")
     proc = _run(["-m", "slora_jax.bench.report", "--results", str(work / "r"), "--md", str(md), "--no-plots"], tmp_path)

@@ -141,8 +141,10 @@ def test_reregistered_name_never_reuses_old_blocks():
     assert new == fresh.generate([p], adapter="x", sampling=sp)[0].token_ids
     assert new != old  # the test can tell the two weights apart
     llm.add_adapter("x", w1, alpha=8.0, replace=True)  # the first weights again: their blocks are valid again
-    assert llm.generate([p], adapter="x", sampling=sp)[0].token_ids == old
-    assert llm.stats()["prefix_hit_tokens"] == hits + 28
+    req = llm.engine.add_request(p, "x", sp)
+    llm.engine.run_until_done([req])
+    assert req.output_ids == old
+    assert llm.stats()["prefix_hit_tokens"] == hits + 28 == hits + req.cached_tokens  # the request knows its hit
     check_idle(llm)
 
 

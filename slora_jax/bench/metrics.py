@@ -32,6 +32,7 @@ class RequestRecord:
     generated: int = 0  # tokens produced (== output_len when finished)
     first_token: Optional[float] = None
     finish: Optional[float] = None  # None: not finished (aborted, cut off)
+    cached_tokens: int = 0  # prompt tokens the prefix cache supplied
 
     @property
     def ttft(self) -> Optional[float]:

@@ -622,9 +622,11 @@ def prefix_section(d: dict) -> list[str]:
              + ("Each adapter has its own system prompt; a prompt is it plus a user turn of " if shared else
                 "Random prompts of ")
              + f"{d['input_range']} tokens, outputs {d['output_range']}, adapters drawn with alpha {d['alpha']:g}. "
-             f"First-token latency at {d['rate']:g} req/s for {d['duration_s']:g} s; saturated: "
-             f"{d['saturate_requests']} requests at once. Every run starts with no adapter resident and "
-             "nothing cached; hit rate = prompt tokens found cached / prompt tokens looked up.", "",
+             f"First-token latency at {d['rate']:g} req/s for {d['duration_s']:g} s"
+             + (f", after {d['prefix_warm_s']:g} s of the same traffic served untimed (a server that has been up)"
+                if d.get("prefix_warm_s") else "")
+             + f"; saturated: {d['saturate_requests']} requests at once. Each mode starts with no adapter resident "
+             "and nothing cached; hit rate = prompt tokens found cached / prompt tokens looked up.", "",
              "| prefix cache | hit rate | req/s | tokens/s | TTFT mean s | TTFT p50 s | TTFT p99 s | saturated req/s "
              "| saturated hit rate |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for mode in ("on", "off"):
@@ -635,6 +637,12 @@ def prefix_section(d: dict) -> list[str]:
                      f"**{_f(m.get('saturated_throughput_req_s'))}** | {_f(m.get('saturated_hit_rate'))} |")
     lines += ["", f"TTFT p50 off / on: **{_f(d.get('ttft_p50_speedup'))}x**; saturated throughput on / off: "
                   f"**{_f(d.get('saturated_throughput_ratio'), '{:.3f}')}**.", ""]
+    c = d.get("cached_requests") or {}
+    if c.get("requests"):
+        lines += [f"The {c['requests']} of {c['of']} offered requests whose prefix the cache supplied (on average "
+                  f"{c['cached_tokens_mean']:.0f} tokens): TTFT p50 {_f(c['ttft_p50_on_s'], '{:.3f}')} s with the "
+                  f"cache, {_f(c['ttft_p50_off_s'], '{:.3f}')} s for the same requests without it "
+                  f"(**{_f(c['ttft_p50_speedup'])}x**).", ""]
     notes = [f"- {note}" for note in d.get("notes", [])]
     if notes:
         lines += ["<details><summary>notes</summary>", ""] + notes + ["", "</details>", ""]

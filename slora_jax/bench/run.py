@@ -94,6 +94,7 @@ DEFAULTS: dict = {
     "saturate_requests": 1000,
     "saturate_max_s": 240.0,
     "system_prompt_len": 0,  # > 0: every prompt starts with its adapter's system prompt of this many tokens
+    "prefix_warm_s": 0.0,  # prefix cache on / off: seconds of the traffic served (untimed) before the offered run
     "compare_prefix_cache": False,  # the run of the chat setting: prefix cache on / off (module docstring)
     "peft": {"enabled": True, "n_cap": 100, "duration_s": 30.0, "time_limit_s": 60.0, "max_batch": 32,
              "device": None, "subprocess": False},  # subprocess: run it in a child process (torch apart from JAX)
@@ -255,7 +256,7 @@ def replay(engine, trace: Trace, adapter_of: Callable[[int], Optional[str]], pro
             arrival=r.arrival - t0, prompt_len=len(r.prompt_ids), output_len=r.sampling.max_tokens,
             generated=len(r.output_ids),
             first_token=None if r.first_token_time is None else r.first_token_time - t0,
-            finish=(r.finish_time - t0) if ok else None))
+            finish=(r.finish_time - t0) if ok else None, cached_tokens=r.cached_tokens))
     if stopped == "done" and records:
         elapsed = max(rec.finish for rec in records if rec.finish is not None) if any(
             rec.finish is not None for rec in records) else end - t0
@@ -437,13 +438,17 @@ def warm_up(plan: Plan, served: Served) -> None:
     served.programs_after_warmup = served.programs()
 
 
-def timed_run(plan: Plan, served: Served, trace: Trace, prompts: list, adapter_of, desc: str) -> dict:
-    """One replay of `trace`, summarized; cut at the hard deadline."""
+def timed_run(plan: Plan, served: Served, trace: Trace, prompts: list, adapter_of, desc: str,
+              records: Optional[list] = None) -> dict:
+    """One replay of `trace`, summarized; cut at the hard deadline. `records`: a list that receives its
+    RequestRecords."""
     before, p0 = served.stats(), served.programs()
     drain = float(plan.cfg["saturate_max_s"] if plan.saturate else plan.cfg["max_drain_s"])
     rep = replay(served.engine, trace, adapter_of, prompts, plan.slo, max_drain_s=drain,
                  deadline=plan.hard_deadline, desc=desc, progress=bool(plan.cfg["progress"]))
     s = metrics.summarize(rep.records, rep.elapsed_s, plan.slo)
+    if records is not None:
+        records.extend(rep.records)
     s.update({"stopped": rep.stopped, "compiled_during": served.programs() - p0,
               "engine": _stats_delta(before, served.stats())})
     log.info("%s: %.3f req/s, %.1f tok/s, avg latency %.2f s, avg ttft %.2f s, SLO %.2f, stopped: %s", desc,
@@ -452,10 +457,10 @@ def timed_run(plan: Plan, served: Served, trace: Trace, prompts: list, adapter_o
     return s
 
 
-def lora_run(plan: Plan, served: Served, n: int, desc: str = "") -> dict:
+def lora_run(plan: Plan, served: Served, n: int, desc: str = "", records: Optional[list] = None) -> dict:
     tr = plan.traces[n]
     return timed_run(plan, served, tr, plan.prompts[n], lambda i: adapter_name(int(tr.adapter[i])),
-                     f"{plan.cfg['setting']} n={n}{desc}")
+                     f"{plan.cfg['setting']} n={n}{desc}", records)
 
 
 def base_only_run(plan: Plan, served: Served) -> Optional[dict]:
@@ -754,9 +759,13 @@ def _prefix_mode(runs: dict) -> dict:
 
 def _prefix_notes(plan: Plan, runs: dict) -> list:
     c = plan.cfg
+    warm = float(c.get("prefix_warm_s") or 0.0)
+    before = (f", after {warm:g} s of the same traffic (another seed, the same system prompts) served untimed"
+              if warm > 0 else "")
     notes = [f"the same requests with the prefix cache on and off on one engine (step programs compiled once), "
-             f"each run from an empty pool cache (no adapter resident, no prefix cached): {c['duration_s']:g} s at {c['rate']:g} req/s (first-token latency), "
-             f"then {c['saturate_requests']} requests of the setting (the same seed) offered at once (throughput)"]
+             f"each mode from an empty pool cache (no adapter resident, no prefix cached): {c['duration_s']:g} s "
+             f"at {c['rate']:g} req/s (first-token latency){before}, then {c['saturate_requests']} requests of "
+             "the setting (the same seed) offered at once (throughput)"]
     for mode, by in runs.items():
         for which, s in by.items():
             if s["stopped"] != "done":
@@ -777,7 +786,7 @@ def prefix_result(plan: Plan, served: Served, n: int, runs: dict) -> dict:
         "ranks": plan.ranks, "system_prompt_len": int(c["system_prompt_len"]), "input_range": list(c["input_range"]),
         "output_range": list(c["output_range"]), "rate": float(c["rate"]), "cv": float(c["cv"]),
         "alpha": float(c["alpha"]), "duration_s": float(c["duration_s"]),
-        "saturate_requests": int(c["saturate_requests"]), "seed": int(c["seed"]), "on": on, "off": off,
+        "prefix_warm_s": float(c.get("prefix_warm_s") or 0.0), "saturate_requests": int(c["saturate_requests"]), "seed": int(c["seed"]), "on": on, "off": off,
         "ttft_p50_speedup": _ratio(off.get("ttft_p50_s"), on.get("ttft_p50_s")),
         "saturated_throughput_ratio": _ratio(on.get("saturated_throughput_req_s"),
                                              off.get("saturated_throughput_req_s")),
@@ -786,11 +795,42 @@ def prefix_result(plan: Plan, served: Served, n: int, runs: dict) -> dict:
     }
 
 
+def _serve_before(plan: Plan, served: Served, n: int, mode: str) -> None:
+    """`prefix_warm_s` seconds of the setting's traffic (another seed), untimed, before an offered run: its
+    first-token latency is then a server's that has been up, with the popular adapters' prefixes cached
+    (as the LRU keeps them), not one's that starts from an empty cache."""
+    warm_s = float(plan.cfg.get("prefix_warm_s") or 0.0)
+    if warm_s <= 0:
+        return
+    seed = int(plan.cfg["seed"]) + 2
+    tr = plan.trace(n, float(plan.cfg["rate"]), warm_s, seed)
+    rep = replay(served.engine, tr, lambda i: adapter_name(int(tr.adapter[i])),
+                 make_prompts(tr, plan.model_cfg.vocab_size, seed, system_seed=int(plan.cfg["seed"])), plan.slo,
+                 max_drain_s=float(plan.cfg["max_drain_s"]), deadline=plan.hard_deadline,
+                 desc=f"serving before the offered run, prefix cache {mode}", progress=bool(plan.cfg["progress"]))
+    log.info("served %d requests (%.0f s of traffic) before the offered run, prefix cache %s", len(rep.records),
+             warm_s, mode)
+
+
+def cached_requests_ttft(on: list, off: list) -> dict:
+    """First-token latency of the requests whose prefix the cache supplied (cache on), beside the same
+    requests' with the cache off: the saving a cached prefix brings, apart from the misses around it."""
+    idx = [i for i, r in enumerate(on) if r.cached_tokens > 0 and r.ttft is not None
+           and i < len(off) and off[i].ttft is not None]
+    if not idx:
+        return {"requests": 0}
+    p50_on = float(np.percentile([on[i].ttft for i in idx], 50))
+    p50_off = float(np.percentile([off[i].ttft for i in idx], 50))
+    return {"requests": len(idx), "of": len(on), "cached_tokens_mean": float(np.mean([on[i].cached_tokens for i in idx])),
+            "ttft_p50_on_s": p50_on, "ttft_p50_off_s": p50_off, "ttft_p50_speedup": _ratio(p50_off, p50_on)}
+
+
 def run_prefix_compare(plan: Plan, served: Served) -> dict:
     """The largest n's requests with the prefix cache on and off: at the offered rate, then all at once (the
     TTFT pair first, so a short budget keeps it). Writes `<setting>-prefix.json`."""
     n = plan.ns[-1]
     runs: dict = {"on": {}, "off": {}}
+    offered: dict = {"on": [], "off": []}  # the offered runs' RequestRecords
     for which, saturate in (("offered", False), ("saturated", True)):
         p = plan.requests(saturate)
         for mode in runs:
@@ -799,8 +839,12 @@ def run_prefix_compare(plan: Plan, served: Served) -> dict:
                 continue
             served.llm.set_prefix_cache(mode == "on")
             served.llm.clear_cache()
-            runs[mode][which] = lora_run(p, served, n, f", {which}, prefix cache {mode}")
+            if not saturate:
+                _serve_before(plan, served, n, mode)
+            runs[mode][which] = lora_run(p, served, n, f", {which}, prefix cache {mode}",
+                                         None if saturate else offered[mode])
     res = prefix_result(plan, served, n, runs)
+    res["cached_requests"] = cached_requests_ttft(offered["on"], offered["off"])
     write_result(plan, res, f"{plan.cfg['setting']}-prefix.json")
     log.info("%s n=%d, prefix cache on / off: TTFT p50 speed-up %s, saturated throughput ratio %s, hit rate %s",
              plan.cfg["setting"], n, res["ttft_p50_speedup"], res["saturated_throughput_ratio"],

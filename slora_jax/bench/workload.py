@@ -23,7 +23,7 @@ trace, unchanged.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -94,12 +94,14 @@ def system_prompt(adapter: int, length: int, vocab_size: int, seed: int) -> list
     return np.random.default_rng([seed, adapter]).integers(0, vocab_size, length).tolist()
 
 
-def make_prompts(trace: Trace, vocab_size: int, seed: int) -> list:
+def make_prompts(trace: Trace, vocab_size: int, seed: int, system_seed: Optional[int] = None) -> list:
     """Prompt token ids of the trace's requests (made before timing): its adapter's system prompt, if the
-    trace has them, then random ids up to the request's length."""
+    trace has them, then random ids up to the request's length. `system_seed` (default `seed`): the seed
+    of the system prompts, so that traffic of another seed can share a setting's system prompts."""
     rng = np.random.default_rng(seed + 7919)
     k = trace.system_prompt_len
-    system = {int(a): system_prompt(int(a), k, vocab_size, seed) for a in np.unique(trace.adapter)} if k else {}
+    sseed = seed if system_seed is None else system_seed
+    system = {int(a): system_prompt(int(a), k, vocab_size, sseed) for a in np.unique(trace.adapter)} if k else {}
     return [system.get(int(a), []) + rng.integers(0, vocab_size, int(n) - k).tolist()
             for a, n in zip(trace.adapter, trace.prompt_len)]
 

@@ -137,6 +137,7 @@ class Request:
         self.num_computed = 0  # tokens whose K/V are in the pool (or being written by a dispatched step)
         self.page_keys: list = []  # prefix-cache chain keys of its full pages of known tokens (memory/cache.py)
         self.pages_registered = 0  # its leading pages offered to (or shared from) the prefix cache
+        self.cached_tokens = 0  # tokens its last admission took from the prefix cache
         # Tokens sampled by dispatched steps but not read back yet (async mode): they count in num_tokens,
         # not in output_ids. The newest one sits in row `pending_row` of the step in flight.
         self.pending = 0

@@ -160,7 +160,7 @@ class Scheduler:
         if kv_pages + adapter_pages + watermark > free or (r.adapter and not self.cache.can_take(r.adapter)):
             return 0
         self.pages.share(r.id_int, hit)  # first: eviction for the adapter or the KV must not take them
-        r.num_computed, r.pages_registered = done, len(hit)
+        r.num_computed, r.pages_registered, r.cached_tokens = done, len(hit), done
         if r.adapter:
             self.cache.acquire(r.adapter)
         if not self._reserve(r, n):  # the check above left room; stay safe if a resident adapter's pages were counted
