@@ -70,6 +70,15 @@ def make_cache(num_pages, page_rows, adapters: dict, capacity=8):
     return pt, PoolCache(pt.layout, store, pt, FakePool(), max_rank=8, capacity=capacity)
 
 
+def write_rows(pt, spans):
+    """PageTable.batch_write_rows of one step writing positions [start, end) of each (seq, start, end)."""
+    sids = [s for s, _, _ in spans]
+    tables = pt.block_table(sids, max([len(pt.seq_pages(s)) for s in sids] + [1]))
+    seq_of = np.concatenate([np.full(e - b, i) for i, (_, b, e) in enumerate(spans)]).astype(np.int64)
+    positions = np.concatenate([np.arange(b, e) for _, b, e in spans]).astype(np.int64)
+    return pt.batch_write_rows(sids, tables, seq_of, positions)
+
+
 # --------------------------------------------------------------------------- unit tests
 def test_kv_rows_page_rows_1():
     pt = table(8, 1)
@@ -282,8 +291,10 @@ def test_blocks_shared_read_only_and_evicted_with_adapters_in_one_lru():
     pt.extend(0, 7)  # pages 0..3
     assert c.register(0, 0, keys) == 3 and pt.owner_kind.tolist()[:4] == [BLOCK, BLOCK, BLOCK, KV]
     with pytest.raises(ValueError, match="shared prefix block"):
-        pt.write_rows(0, 5, 7)  # position 5 lies in page 2, a block
-    assert pt.write_rows(0, 6, 7).tolist() == [6]
+        write_rows(pt, [(0, 5, 7)])  # position 5 lies in page 2, a block
+    assert write_rows(pt, [(0, 6, 7)]).tolist() == [6]
+    with pytest.raises(ValueError, match="past its sequence"):
+        write_rows(pt, [(0, 6, 8)])
     assert c.match(keys).tolist() == [0, 1, 2] and c.match(chain_keys(b"w" * 16, np.arange(7), 2)).tolist() == []
     pt.share(1, c.match(keys[:2]))
     assert pt.refcount.tolist()[:4] == [2, 2, 1, 1] and pt.stats()["pages_kv"] == 4
@@ -474,17 +485,21 @@ class CacheMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.seqs)
     @rule(data=st.data())
     def write(self, data):
-        """A step writes K/V at some positions: never into a block (the batch builder's rows come from here)."""
-        sid = data.draw(st.sampled_from(sorted(self.seqs)))
-        start = data.draw(st.integers(0, self.seqs[sid]))
-        end = data.draw(st.integers(start, self.seqs[sid]))
-        touched = self.pages[sid][start // self.pr: cdiv(end, self.pr)] if end > start else []
+        """A step writes K/V at some positions of some sequences: never into a block (the batch builder's
+        rows come from here)."""
+        sids = data.draw(st.lists(st.sampled_from(sorted(self.seqs)), min_size=1, max_size=3, unique=True))
+        spans, touched = [], []
+        for sid in sids:
+            start = data.draw(st.integers(0, self.seqs[sid]))
+            end = data.draw(st.integers(start, self.seqs[sid]))
+            spans.append((sid, start, end))
+            touched += self.pages[sid][start // self.pr: cdiv(end, self.pr)] if end > start else []
         if any(p in self.block_refs for p in touched):
             with pytest.raises(ValueError, match="shared prefix block"):
-                self.pt.write_rows(sid, start, end)
+                write_rows(self.pt, spans)
             return
-        rows = self.pt.write_rows(sid, start, end)
-        assert rows.tolist() == self.pt.kv_rows(sid, start, end).tolist()
+        rows = write_rows(self.pt, spans)
+        assert rows.tolist() == [x for sid, b, e in spans for x in self.pt.kv_rows(sid, b, e).tolist()]
         self.version[rows // self.pr] += 1
 
     @rule(name=st.sampled_from(NAMES))

@@ -93,17 +93,21 @@ class BatchBuilder:
         for i, r in enumerate(reqs):
             lo, n = r.num_computed, int(ntok[i])
             s = q_starts[i]
-            ids = r.all_ids
-            known = min(n, len(ids) - lo)
-            tokens[s: s + known] = ids[lo: lo + known]
+            n_known = len(r.prompt_ids) + len(r.output_ids)
+            known = min(n, n_known - lo)
+            tokens[s: s + known] = r.known_ids(lo, lo + known)
             if known < n:  # the last token was sampled by the step in flight: the device feeds it in
-                assert known == n - 1 and r.pending == 1, (r.id, lo, n, len(ids), r.pending)
+                assert known == n - 1 and r.pending == 1, (r.id, lo, n, n_known, r.pending)
                 feed[s + n - 1] = r.pending_row
-            positions[s: s + n] = np.arange(lo, lo + n)
-            kv_rows[s: s + n] = self.pages.write_rows(r.id_int, lo, lo + n)  # never into a shared block
             kv_lens[i] = lo + n
+        seq_ids = [r.id_int for r in reqs]
         block_tables = np.zeros((b, self.width), np.int32)
-        block_tables[:nb] = self.pages.block_table([r.id_int for r in reqs], self.width)
+        block_tables[:nb] = self.pages.block_table(seq_ids, self.width)
+        # each token's position and pool row (never in a shared block), numpy over the step's tokens
+        total = int(q_starts[nb])
+        seq_of = np.repeat(np.arange(nb), ntok)
+        positions[:total] = (kv_lens[:nb] - ntok)[seq_of] + np.arange(total) - q_starts[:nb][seq_of]
+        kv_rows[:total] = self.pages.batch_write_rows(seq_ids, block_tables[:nb], seq_of, positions[:total])
         logit_rows = np.arange(b, dtype=np.int32) if decode else np.maximum(q_starts[1:] - 1, 0)
 
         inp = StepInput(tokens, positions, kv_rows, block_tables, kv_lens, q_starts, logit_rows,

@@ -160,6 +160,15 @@ class Request:
         """The tokens known on the host (without the pending ones)."""
         return self.prompt_ids + self.output_ids
 
+    def known_ids(self, start: int, end: int) -> list:
+        """all_ids[start:end] without building all_ids (the batch builder's per-step read)."""
+        n_prompt = len(self.prompt_ids)
+        if end <= n_prompt:
+            return self.prompt_ids[start:end]
+        if start >= n_prompt:
+            return self.output_ids[start - n_prompt: end - n_prompt]
+        return self.prompt_ids[start:] + self.output_ids[: end - n_prompt]
+
     @property
     def num_tokens(self) -> int:
         """Prompt + generated tokens, including those still on the device."""

@@ -363,14 +363,19 @@ class PageTable:
             )
         return self.layout.kv_rows(s.pages, np.arange(start, end, dtype=np.int64))
 
-    def write_rows(self, seq_id: int, start: int, end: int) -> np.ndarray:
-        """`kv_rows` of positions a step writes: ValueError if one lies in a block (blocks are read-only)."""
-        rows = self.kv_rows(seq_id, start, end)
-        if end > start:
-            pages = self._seqs[seq_id].pages[int(start) // self._pr: cdiv(end, self._pr)]
-            if (self._owner_kind[pages] != KV).any():
-                raise ValueError(f"write_rows(seq {seq_id}, {start}, {end}): writes into a shared prefix block")
-        return rows
+    def batch_write_rows(self, seq_ids: Sequence[int], tables: np.ndarray, seq_of: np.ndarray,
+                         positions: np.ndarray) -> np.ndarray:
+        """`kv_rows` of the positions a step writes, all at once (numpy over its tokens): token j is position
+        `positions[j]` of sequence `seq_ids[seq_of[j]]`, whose `block_table` row is `tables[seq_of[j]]`.
+        ValueError if a position is past its sequence or lies in a block (blocks are read-only)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        lengths = np.fromiter((self._seqs[s].length for s in seq_ids), np.int64, len(seq_ids))
+        if ((positions < 0) | (positions >= lengths[seq_of])).any():
+            raise ValueError(f"batch_write_rows: a position of {positions.tolist()} lies past its sequence")
+        pages = tables[seq_of, positions // self._pr]
+        if (self._owner_kind[pages] != KV).any():
+            raise ValueError(f"batch_write_rows: a position of {positions.tolist()} lies in a shared prefix block")
+        return (pages.astype(np.int64) * self._pr + positions % self._pr).astype(np.int32)
 
     def block_table(self, seq_ids: Sequence[int], width: int) -> np.ndarray:
         """int32 [len(seq_ids), width] page indices per sequence, padded with 0."""
