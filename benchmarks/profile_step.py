@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.bench_decode import decode_batch, fill_pool_random, pipelined_step_s  # noqa: E402
 from slora_jax import LLM  # noqa: E402
+from slora_jax.engine.runner import step_compiler_options  # noqa: E402
 
 # XLA's GPU trace names a psum's all-reduce after the op ("psum_917_0_fusion_1")
 KINDS = (("collective", ("all-reduce", "allreduce", "all_reduce", "nccl", "psum")),
@@ -115,6 +116,7 @@ def main():
     common.write_json(os.path.join(args.out, name), {
         "device": common.device_name(), "model": llm.model_cfg.name, "tp": args.tp,
         "command_buffers": args.command_buffers, "xla_flags": xla_flags, "git_commit": common.git_commit(),
+        "step_compiler_options": step_compiler_options(),
         "rows": rows})
     print(f"wrote {name}")
     for r in rows:

@@ -15,6 +15,7 @@ masks on the host while its forward runs on the device.
 from __future__ import annotations
 
 import dataclasses
+import json
 import functools
 import os
 import threading
@@ -52,6 +53,18 @@ class Forward:
     k: Optional[int]  # sampling.plan of the batch: None when no row samples at random
 
 
+def step_compiler_options() -> dict:
+    """XLA options of the step programs beyond the above, as JSON in $SLORA_XLA_OPTIONS (e.g.
+    '{"xla_gpu_enable_triton_gemm": false}'): benchmarks compare settings with it, one process each."""
+    text = os.environ.get("SLORA_XLA_OPTIONS", "").strip()
+    if not text:
+        return {}
+    opts = json.loads(text)
+    if not isinstance(opts, dict):
+        raise ValueError(f"SLORA_XLA_OPTIONS must be a JSON object, got {text!r}")
+    return opts
+
+
 class ModelRunner:
     """Owns the device side: params, the compiled steps. The pool array is passed in and donated."""
 
@@ -76,7 +89,7 @@ class ModelRunner:
         # pools: "can't reduce memory use below ...") and, failing to fit that, recomputes small values
         # (the LoRA tables, RoPE) next to each use: on the H200, ~190 extra launches per Llama-7B decode
         # step, for nothing, as buffer assignment updates the pool in place anyway (tests/test_pool.py).
-        opts = {"xla_disable_hlo_passes": "rematerialization"}
+        opts = {"xla_disable_hlo_passes": "rematerialization", **step_compiler_options()}
         self._step = jax.jit(functools.partial(ModelRunner._step_fn, self.graphdef, kernels), donate_argnums=(1,),
                              compiler_options=opts)
         self._logits = jax.jit(functools.partial(ModelRunner._logits_fn, self.graphdef, kernels),
