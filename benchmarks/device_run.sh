@@ -8,7 +8,7 @@
 #   call 1: lora-table attention-table decode-7b            (~480 s)
 #   call 2: decode-8b cmdbuf s1-8b-sat profile-8b           (~520 s; cmdbuf and profile-8b are diagnoses)
 #   call 3: s1-sat s2-sat rate-s1                           (~590 s)
-# Issue #18's prefix cache on / off: chat                   (~200 s)
+# Issue #18's prefix cache on / off: chat                   (~280 s)
 # A stage starts only if its usual duration fits in what is left of BUDGET_S (default 565 s, under the
 # 600 s limit of one call) and is stopped when the budget runs out. Everything a stage writes (its log,
 # its JSON results) goes to $WORK (logs) and $WORK/r (results), packed after every stage into
@@ -68,7 +68,7 @@ declare -A STAGES=(
     [rate-s1-8b]="220|$RATE/bench-S1-8B.json"
     # prefix cache on / off (issue #18): 1,000 adapters with a 1,024-token system prompt each, the same requests
     # at 8 req/s for 20 s (first-token latency) and 400 at once (throughput), each way; writes chat-prefix.json
-    [chat]="240|python3 -m slora_jax.cli bench --out $R --set time_budget_s=210 --config configs/bench-chat.json"
+    [chat]="280|python3 -m slora_jax.cli bench --out $R --set time_budget_s=250 --config configs/bench-chat.json"
     # a few seconds of a setting's traffic traced: host work and device waits, device busy / idle and kernels per
     # step (the chat setting at its offered rate, prefix cache on; S1 and S1-8B saturated)
     [profile-chat]="130|python3 benchmarks/profile_serve.py --out $R --config configs/bench-chat.json --lead-s 4"
@@ -91,7 +91,7 @@ smoke_args() {
         *bench_decode.py*|*bench_cmdbuf.py*|*profile_step.py*|*bench_swap.py*) echo "--quick" ;;
         *profile_serve.py*) echo "$TINY_BENCH --set system_prompt_len=16 --set rate=20 --lead-s 0.3 --seconds 0.3" ;;
         # the chat setting's system prompts shrink with max_model_len: one 16-token page of each is shared
-        *bench-chat.json*) echo "$TINY_BENCH --set system_prompt_len=16 --set prefix_warm_s=1" ;;
+        *bench-chat.json*) echo "$TINY_BENCH --set system_prompt_len=16 --set prefix_warm_s=1 --set prefix_more_rates=[8]" ;;
         *"slora_jax.cli bench"*) echo "$TINY_BENCH" ;;
     esac
 }

@@ -276,7 +276,7 @@ CHAT_TINY = {"model": "configs/tiny.json", "kernels": "xla", "dtype": "float32",
              "engine.max_running": "4", "engine.max_batch_tokens": "32", "engine.max_model_len": "32",
              "input_range": "[2,8]", "output_range": "[2,6]", "rate": "4", "duration_s": "2", "saturate_requests": "8",
              "warmup.duration_s": "1", "time_budget_s": "120", "progress": "false", "system_prompt_len": "16",
-             "n_adapters": "3", "prefix_warm_s": "1"}
+             "n_adapters": "3", "prefix_warm_s": "1", "prefix_more_rates": "[8]"}
 
 
 @pytest.fixture(scope="module")
@@ -309,6 +309,10 @@ def test_chat_run_compares_the_prefix_cache_on_and_off(tiny_chat):
     c = d["cached_requests"]
     assert d["prefix_warm_s"] == 1 and 0 < c["requests"] <= c["of"] == 8 and c["cached_tokens_mean"] >= 16
     assert c["ttft_p50_speedup"] == pytest.approx(c["ttft_p50_off_s"] / c["ttft_p50_on_s"])
+    # a heavier offered load after it, on the same cache
+    (more,) = d["more_rates"]
+    assert more["rate"] == 8 and more["on"]["hit_rate"] > 0 and more["off"]["hit_rate"] == 0
+    assert more["ttft_p50_speedup"] == pytest.approx(more["off"]["ttft_p50_s"] / more["on"]["ttft_p50_s"])
     assert d["ttft_p50_speedup"] == pytest.approx(d["off"]["ttft_p50_s"] / d["on"]["ttft_p50_s"])
     assert d["saturated_throughput_ratio"] == pytest.approx(
         d["on"]["saturated_throughput_req_s"] / d["off"]["saturated_throughput_req_s"])

@@ -643,6 +643,20 @@ def prefix_section(d: dict) -> list[str]:
                   f"{c['cached_tokens_mean']:.0f} tokens): TTFT p50 {_f(c['ttft_p50_on_s'], '{:.3f}')} s with the "
                   f"cache, {_f(c['ttft_p50_off_s'], '{:.3f}')} s for the same requests without it "
                   f"(**{_f(c['ttft_p50_speedup'])}x**).", ""]
+    more = d.get("more_rates") or []
+    if more:
+        lines += [f"First-token latency at more offered rates, the same traffic and cache (continuing after the "
+                  f"{d['rate']:g} req/s run):", "",
+                  "| offered req/s | hit rate | TTFT p50 s on | TTFT p50 s off | off / on | p99 s on | p99 s off | "
+                  "requests that hit: off / on |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for m in [{"rate": d["rate"], "on": d["on"], "off": d["off"], "ttft_p50_speedup": d.get("ttft_p50_speedup"),
+                   "cached_requests": c}] + more:
+            on, off = m["on"], m["off"]
+            lines.append(f"| {m['rate']:g} | {_f(on.get('hit_rate'))} | {_f(on.get('ttft_p50_s'), '{:.3f}')} | "
+                         f"{_f(off.get('ttft_p50_s'), '{:.3f}')} | **{_f(m.get('ttft_p50_speedup'))}x** | "
+                         f"{_f(on.get('ttft_p99_s'), '{:.3f}')} | {_f(off.get('ttft_p99_s'), '{:.3f}')} | "
+                         f"{_f((m.get('cached_requests') or {}).get('ttft_p50_speedup'))}x |")
+        lines.append("")
     notes = [f"- {note}" for note in d.get("notes", [])]
     if notes:
         lines += ["<details><summary>notes</summary>", ""] + notes + ["", "</details>", ""]

@@ -95,6 +95,7 @@ DEFAULTS: dict = {
     "saturate_max_s": 240.0,
     "system_prompt_len": 0,  # > 0: every prompt starts with its adapter's system prompt of this many tokens
     "prefix_warm_s": 0.0,  # prefix cache on / off: seconds of the traffic served (untimed) before the offered run
+    "prefix_more_rates": [],  # prefix cache on / off: offered rates measured after `rate` (first-token latency)
     "compare_prefix_cache": False,  # the run of the chat setting: prefix cache on / off (module docstring)
     "peft": {"enabled": True, "n_cap": 100, "duration_s": 30.0, "time_limit_s": 60.0, "max_batch": 32,
              "device": None, "subprocess": False},  # subprocess: run it in a child process (torch apart from JAX)
@@ -830,7 +831,9 @@ def run_prefix_compare(plan: Plan, served: Served) -> dict:
     TTFT pair first, so a short budget keeps it). Writes `<setting>-prefix.json`."""
     n = plan.ns[-1]
     runs: dict = {"on": {}, "off": {}}
-    offered: dict = {"on": [], "off": []}  # the offered runs' RequestRecords
+    more = [float(r) for r in plan.cfg.get("prefix_more_rates") or []]
+    offered: dict = {rate: {"on": [], "off": []} for rate in [float(plan.cfg["rate"])] + more}  # RequestRecords
+    more_runs: dict = {rate: {"on": None, "off": None} for rate in more}
     for which, saturate in (("offered", False), ("saturated", True)):
         p = plan.requests(saturate)
         for mode in runs:
@@ -839,12 +842,25 @@ def run_prefix_compare(plan: Plan, served: Served) -> dict:
                 continue
             served.llm.set_prefix_cache(mode == "on")
             served.llm.clear_cache()
-            if not saturate:
-                _serve_before(plan, served, n, mode)
+            if saturate:
+                runs[mode][which] = lora_run(p, served, n, f", {which}, prefix cache {mode}")
+                continue
+            _serve_before(plan, served, n, mode)
             runs[mode][which] = lora_run(p, served, n, f", {which}, prefix cache {mode}",
-                                         None if saturate else offered[mode])
+                                         offered[float(plan.cfg["rate"])][mode])
+            for rate in more:  # on the cache as the main rate's run left it
+                if time.monotonic() < plan.hard_deadline - 5:
+                    at = dataclasses.replace(plan, cfg={**plan.cfg, "rate": rate}).requests(False)
+                    more_runs[rate][mode] = lora_run(at, served, n, f", {which} at {rate:g} req/s, prefix cache "
+                                                     f"{mode}", offered[rate][mode])
     res = prefix_result(plan, served, n, runs)
-    res["cached_requests"] = cached_requests_ttft(offered["on"], offered["off"])
+    res["cached_requests"] = cached_requests_ttft(*offered[float(plan.cfg["rate"])].values())
+    res["more_rates"] = [{"rate": rate, "on": _prefix_mode({"offered": r["on"]}) if r["on"] else {},
+                          "off": _prefix_mode({"offered": r["off"]}) if r["off"] else {},
+                          "cached_requests": cached_requests_ttft(*offered[rate].values())}
+                         for rate, r in more_runs.items()]
+    for m in res["more_rates"]:
+        m["ttft_p50_speedup"] = _ratio(m["off"].get("ttft_p50_s"), m["on"].get("ttft_p50_s"))
     write_result(plan, res, f"{plan.cfg['setting']}-prefix.json")
     log.info("%s n=%d, prefix cache on / off: TTFT p50 speed-up %s, saturated throughput ratio %s, hit rate %s",
              plan.cfg["setting"], n, res["ttft_p50_speedup"], res["saturated_throughput_ratio"],
