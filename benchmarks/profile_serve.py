@@ -52,7 +52,7 @@ class Window:
             self.before, self.start = self._figures(), time.monotonic()
             # device activity only: tracing every Python call slowed a saturated 8B step ten-fold (H100)
             opts = jax.profiler.ProfileOptions()
-            opts.python_tracer_level, opts.host_tracer_level = 0, 0
+            opts.python_tracer_level = 0
             jax.profiler.start_trace(self.trace_dir, create_perfetto_trace=True, profiler_options=opts)
         elif self.start is not None and self.end is None:
             self.running.append(len(self.engine.scheduler.running))
