@@ -25,7 +25,8 @@ Structured output (engine/structured.py): the token mask of a constrained row
 depends on the token its previous step sampled, which the host reads only after
 dispatching the next step. So a batch with constrained rows is dispatched in two
 parts: its forward first (`runner.forward`); then, once the previous step's
-tokens are read and fed to the matchers, the masks are computed on a worker
+tokens are read and fed to the matchers (first thing after the read, before
+the per-token detokenizing and listeners), the masks are computed on a worker
 thread (llguidance releases the GIL) while that forward runs on the device and
 the host goes on with its own work (callbacks, the next schedule and batch);
 the sampling program that applies them is dispatched when the next step needs
@@ -302,8 +303,8 @@ class Engine:
                 self.counters["steps"] += bool(sched.requests or sched.aborted or sched.preempted)
             older, self._inflight = self._inflight, launched
             if older is not None:
-                finished += self._read(older)
-            if launched is not None and launched.forward is not None:
+                finished += self._read(older, launched)
+            elif launched is not None and launched.forward is not None:
                 self._start_masks(launched)
             if not self.ecfg.async_steps:
                 finished += self.drain()
@@ -340,10 +341,12 @@ class Engine:
             r.pending_row = i
         return launched
 
-    def _start_masks(self, step: InFlight) -> None:
+    def _start_masks(self, step: InFlight, ending: frozenset = frozenset()) -> None:
         """Start computing the masks of a step with constrained rows on the worker: the step before it has
-        been read (its tokens fed to the matchers), and no matcher is touched again before `_sample_masked`."""
-        rows = [(r.grammar, i) for r, i in step.rows if r.grammar is not None and not r.finished]
+        been read (its tokens fed to the matchers), and no matcher is touched again before `_sample_masked`.
+        `ending`: requests whose grammar just stopped or refused a token (they finish; no mask)."""
+        rows = [(r.grammar, i) for r, i in step.rows
+                if r.grammar is not None and not r.finished and r not in ending]
         step.masks = self._mask_worker.submit(self.grammars.masks, rows, step.forward.logits.shape[0])
 
     def _sample_masked(self, step: InFlight) -> None:
@@ -355,7 +358,10 @@ class Engine:
         self.timings["mask_wait_s"] += time.perf_counter() - t0
         step.tokens, step.logprobs = self.runner.sample(fwd, computed, step.want_logprobs)
 
-    def _read(self, step: InFlight) -> list:
+    def _read(self, step: InFlight, following: Optional[InFlight] = None) -> list:
+        """Read a step's tokens and hand them to their requests. `following`: the step dispatched after it;
+        if it has constrained rows, their masks start as soon as the matchers have taken these tokens,
+        before the rest of the per-token work (detokenizing, stop strings, listeners)."""
         if step.forward is not None:
             self._sample_masked(step)
         t0 = time.perf_counter()
@@ -363,6 +369,11 @@ class Engine:
         lps = None if step.logprobs is None else [parallel.to_host(x) for x in step.logprobs]
         self.timings["device_wait_s"] += time.perf_counter() - t0
         now = time.monotonic()
+        # the grammars first: the next step's masks need only them
+        grammar = {r: advance(r.grammar, int(tokens[row])) for r, row in step.rows
+                   if r.grammar is not None and not r.finished}
+        if following is not None and following.forward is not None:
+            self._start_masks(following, frozenset(r for r, outcome in grammar.items() if outcome))
         finished = []
         for r, row in step.rows:
             r.pending -= 1
@@ -371,7 +382,7 @@ class Engine:
             tok = int(tokens[row])
             if r.logprobs is not None:
                 r.logprobs.append(_token_logprob(tok, lps[0][row], lps[2][row], lps[1][row], r.sampling.logprobs))
-            if self._append(r, tok, now):
+            if self._append(r, tok, now, grammar.get(r)):
                 finished.append(r)
         return finished
 
@@ -380,22 +391,25 @@ class Engine:
         older, self._inflight = self._inflight, None
         return [] if older is None else self._read(older)
 
-    def _append(self, r: Request, tok: int, now: float) -> bool:
+    def _append(self, r: Request, tok: int, now: float, grammar: Optional[str] = None) -> bool:
+        """Hand one read token to its request; `grammar`: what its matcher said of it (`advance`, done by
+        `_read`). True if the request finished."""
         sp = r.sampling
         r.output_ids.append(tok)
         if r.first_token_time is None:
             r.first_token_time = now
         self.counters["tokens_generated"] += 1
         delta = r.decoder.push([tok]) if tok not in self.tokenizer.eos_ids else ""
-        reason = None
-        if r.grammar is not None and (reason := advance(r.grammar, tok)) == "error":
+        reason = grammar
+        if reason == "error":
             log.error("request %s: its grammar refused token %d: %s", r.id, tok, r.grammar.get_error())
             r.text += delta
             self._finish(r, "error", error="structured output: the grammar refused a generated token")
             return True
         if (tok in self.tokenizer.eos_ids and not sp.ignore_eos) or tok in sp.stop_token_ids:
             reason = "stop"
-        elif reason is None and (len(r.output_ids) >= sp.max_tokens or len(r.all_ids) >= self.ecfg.max_model_len):
+        elif reason is None and (len(r.output_ids) >= sp.max_tokens or
+                                 len(r.prompt_ids) + len(r.output_ids) >= self.ecfg.max_model_len):
             reason = "length"
         if reason:
             delta += r.decoder.flush()  # a character left incomplete at the end: as U+FFFD, as decode() shows it

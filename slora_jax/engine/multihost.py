@@ -189,9 +189,9 @@ class _Mirrored(Engine):
         self._error: Optional[str] = None  # a follower's reason to stop, sent in its heartbeat
         self._beats = 0
 
-    def _append(self, r: Request, tok: int, now: float) -> bool:
+    def _append(self, r: Request, tok: int, now: float, grammar: Optional[str] = None) -> bool:
         self.digest = (self.digest * 1_000_003 + tok * 8191 + r.id_int) % _DIGEST_MOD
-        return super()._append(r, tok, now)
+        return super()._append(r, tok, now, grammar)
 
     def _apply(self, cmd: list, local=None) -> Optional[Exception]:
         """Apply one command here (under the engine lock) and return the error it raised, if any; `local` is
