@@ -76,7 +76,7 @@ class Scheduler:
             self._cache_pages(r)
         aborted = self._early_abort()
         preempted = self._reserve_decodes()
-        budget = self.max_batch_tokens - sum(1 for r in self.running if r.remaining_prefill == 1 and not r.complete)
+        budget = self.max_batch_tokens - sum(r.remaining_prefill == 1 and not r.complete for r in self.running)
         budget = self._continue_prefills(budget)
         self._admit(budget)
         if not self.running:
@@ -102,13 +102,15 @@ class Scheduler:
     def _reserve_decodes(self) -> list:
         """Make room for one more token of every decoding request, preempting the newest if needed."""
         preempted = []
+        gone: set = set()  # preempted in this pass (a set: `in self.running` would scan the list each time)
         for r in list(self.running):
-            if r.remaining_prefill != 1 or r.complete or r not in self.running:
+            if r in gone or r.remaining_prefill != 1 or r.complete:
                 continue
             while not self._reserve(r, 1):  # no room even with idle adapters evicted: preempt the newest
                 victim = self.running[-1]
                 self.preempt(victim)
                 preempted.append(victim)
+                gone.add(victim)
                 if victim is r:
                     break
         return preempted

@@ -37,6 +37,9 @@ ADAPTER = 2
 BLOCK = 3
 
 
+_NO_PAGES = np.empty(0, dtype=np.int32)
+_NO_PAGES.flags.writeable = False
+
 class OutOfPages(RuntimeError):
     """Not enough pages. Raised before any state is changed."""
 
@@ -248,6 +251,10 @@ class PageTable:
         reclaimer for room when too few pages are free, and raises OutOfPages
         (changing nothing) if even that cannot make enough.
         """
+        s = self._seqs.get(seq_id) if type(seq_id) is int else None
+        if s is not None and s.length <= new_len <= s.n * self._pr and type(new_len) is int:
+            s.length = new_len  # the common step: room left in its last page (every check below passes)
+            return _NO_PAGES
         seq_id = self._check_seq_id(seq_id)
         new_len = int(new_len)
         if new_len < 0:
