@@ -16,7 +16,6 @@ Writes <out>/profile_serve_<setting>[_sat][_nocache].json.
 from __future__ import annotations
 
 import argparse
-import collections
 import logging
 import os
 import sys
@@ -26,7 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.profile_step import kind_of  # noqa: E402
+from benchmarks.profile_step import kernel_table, print_kernels  # noqa: E402
 from slora_jax.bench import run as bench  # noqa: E402
 from slora_jax.bench.workload import adapter_name  # noqa: E402
 
@@ -77,15 +76,6 @@ def summarize(win: Window) -> dict:
     events = common.device_events(win.trace_dir)
     busy, span = common.busy_and_span(events)
     wall = win.end - win.start
-    by_name: dict = collections.defaultdict(lambda: [0, 0.0])
-    for name, _, dur in events:
-        by_name[name][0] += 1
-        by_name[name][1] += dur
-    kinds: dict = collections.defaultdict(lambda: [0, 0.0])
-    for name, (n, us) in by_name.items():
-        kinds[kind_of(name)][0] += n
-        kinds[kind_of(name)][1] += us
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]
     per = lambda x: x / steps  # noqa: E731
     return {
         "window_s": wall, "steps": d["steps"], "wall_ms_per_step": per(wall) * 1e3,
@@ -95,9 +85,7 @@ def summarize(win: Window) -> dict:
         "device_span_ms": span / 1e3,
         "running_mean": sum(win.running) / max(len(win.running), 1),
         "tokens_generated_per_step": per(d["tokens_generated"]), "prompt_tokens_admitted": d["prompt_tokens"],
-        "prefix_hit_tokens": d["prefix_hit_tokens"], "swaps_in": d["swaps_in"],
-        "kinds": {k: {"launches_per_step": per(n), "us_per_step": per(us)} for k, (n, us) in kinds.items()},
-        "top": [{"name": k, "launches_per_step": per(n), "us_per_step": per(us)} for k, (n, us) in top],
+        "prefix_hit_tokens": d["prefix_hit_tokens"], "swaps_in": d["swaps_in"], **kernel_table(events, steps, 25),
     }
 
 
@@ -142,10 +130,7 @@ def main():
           f"(host {res['host_ms_per_step']:.2f}, device wait {res['device_wait_ms_per_step']:.2f}; device busy "
           f"{res['device_busy_ms_per_step']:.2f}, idle {res['device_idle_ms_per_step']:.2f}); "
           f"{res['running_mean']:.1f} running, {res['tokens_generated_per_step']:.1f} tokens a step")
-    for k, v in sorted(res["kinds"].items(), key=lambda kv: -kv[1]["us_per_step"]):
-        print(f"  {k:10s} {v['launches_per_step']:7.1f} launches {v['us_per_step']:9.1f} us")
-    for t in res["top"][:15]:
-        print(f"    {t['us_per_step']:9.1f} us  x{t['launches_per_step']:5.1f}  {t['name'][:90]}")
+    print_kernels(res, 15)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,28 @@ def kind_of(name: str) -> str:
     return next((k for k, keys in KINDS if any(x in low for x in keys)), "other")
 
 
+def kernel_table(events, steps: int, top_n: int = 30) -> dict:
+    """Device events summed per kernel kind and per kernel name, per step: {"kinds": ..., "top": ...}."""
+    by_name: dict = collections.defaultdict(lambda: [0, 0.0])
+    for name, _, dur in events:
+        by_name[name][0] += 1
+        by_name[name][1] += dur
+    kinds: dict = collections.defaultdict(lambda: [0, 0.0])
+    for name, (n, us) in by_name.items():
+        kinds[kind_of(name)][0] += n
+        kinds[kind_of(name)][1] += us
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top_n]
+    return {"kinds": {k: {"launches_per_step": n / steps, "us_per_step": us / steps} for k, (n, us) in kinds.items()},
+            "top": [{"name": k, "launches_per_step": n / steps, "us_per_step": us / steps} for k, (n, us) in top]}
+
+
+def print_kernels(table: dict, top_n: int) -> None:
+    for k, v in sorted(table["kinds"].items(), key=lambda kv: -kv[1]["us_per_step"]):
+        print(f"  {k:10s} {v['launches_per_step']:7.1f} launches {v['us_per_step']:9.1f} us")
+    for t in table["top"][:top_n]:
+        print(f"    {t['us_per_step']:9.1f} us  x{t['launches_per_step']:5.1f}  {t['name'][:90]}")
+
+
 def hlo_counts(llm, step) -> dict:
     """What the compiled step is made of: its optimized HLO's fusions, custom calls (the Pallas
     kernels, cuBLAS) and command buffers (CUDA graphs: launches the host does not pay one by one)."""
@@ -66,24 +88,13 @@ def profile(llm, batch, context, mode, rank, steps) -> dict:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             wall = pipelined_step_s(dispatch, steps)
         hlo = hlo_counts(llm, step)
-    by_name: dict = collections.defaultdict(lambda: [0, 0.0])
     events = common.device_events(tmp)
-    for name, _, dur in events:
-        by_name[name][0] += 1
-        by_name[name][1] += dur
     busy, span = common.busy_and_span(events)
-    kinds: dict = collections.defaultdict(lambda: [0, 0.0])
-    for name, (n, us) in by_name.items():
-        kinds[kind_of(name)][0] += n
-        kinds[kind_of(name)][1] += us
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:30]
     return {"batch": batch, "context": context, "adapters": mode, "rank": rank if mode != "none" else 0,
-            "steps": steps, "device_us_per_step": sum(us for _, us in by_name.values()) / steps,
+            "steps": steps, "device_us_per_step": sum(dur for _, _, dur in events) / steps,
             # wall: the engine's one-step-behind loop, under the profiler; idle: device gaps inside it
             "wall_us_per_step": wall * 1e6, "busy_us_per_step": busy / steps,
-            "idle_us_per_step": (span - busy) / steps, "hlo": hlo,
-            "kinds": {k: {"launches_per_step": n / steps, "us_per_step": us / steps} for k, (n, us) in kinds.items()},
-            "top": [{"name": k, "launches_per_step": n / steps, "us_per_step": us / steps} for k, (n, us) in top]}
+            "idle_us_per_step": (span - busy) / steps, "hlo": hlo, **kernel_table(events, steps)}
 
 
 def main():
@@ -123,10 +134,7 @@ def main():
         print(f"\nbatch {r['batch']} adapters {r['adapters']} rank {r['rank']}: "
               f"{r['device_us_per_step']:.0f} us of device events per step, wall {r['wall_us_per_step']:.0f} us, "
               f"device idle {r['idle_us_per_step']:.0f} us; HLO {r['hlo']}")
-        for k, v in sorted(r["kinds"].items(), key=lambda kv: -kv[1]["us_per_step"]):
-            print(f"  {k:10s} {v['launches_per_step']:7.1f} launches {v['us_per_step']:9.1f} us")
-        for t in r["top"][:12]:
-            print(f"    {t['us_per_step']:9.1f} us  x{t['launches_per_step']:5.1f}  {t['name'][:90]}")
+        print_kernels(r, 12)
 
 
 if __name__ == "__main__":
