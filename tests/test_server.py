@@ -459,6 +459,9 @@ def test_disconnecting_clients_abort_and_free_pages(served, monkeypatch):
     s = wait_idle(llm, timeout=20)
     assert s["pages_kv"] == 0
     assert s["requests_aborted"] - before == 8, "every disconnected client's request is aborted, not run to the end"
+    with httpx.Client(base_url=served.base, headers=headers) as c:
+        _, samples = metric_samples(c.get("/metrics").text)
+    assert samples[("slora_requests_total", (("endpoint", "chat"), ("finish_reason", "abort")))] >= 4
 
 
 def test_an_engine_step_failure_fails_its_requests_but_not_the_server(served, client, monkeypatch):
@@ -487,17 +490,26 @@ def test_an_engine_step_failure_fails_its_requests_but_not_the_server(served, cl
 
 
 # -- metrics, templates, serve ---------------------------------------------------------------------------------
+def metric_samples(text: str) -> tuple:
+    """(families by name, {(sample name, sorted labels): value}) of a /metrics page."""
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    return families, {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+
+
 def test_metrics_in_prometheus_format(served, http):
+    # its own traffic (an adapter's completion, to its length), whatever ran before it
+    r = http.post("/v1/completions", json={"model": "demo-coder", "prompt": "metrics", "max_tokens": 3,
+                                           "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
     r = http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    families, samples = metric_samples(r.text)
     for name in ("slora_requests", "slora_prompt_tokens", "slora_generation_tokens", "slora_http_errors",
                  "slora_time_to_first_token_seconds", "slora_inter_token_latency_seconds",
                  "slora_e2e_request_latency_seconds", "slora_pool_pages", "slora_pool_pages_capacity",
                  "slora_adapters_resident", "slora_adapter_swaps", "slora_requests_running", "slora_engine_up"):
         assert name in families, name
     assert families["slora_time_to_first_token_seconds"].type == "histogram"
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert samples[("slora_time_to_first_token_seconds_count", ())] > 0
     assert samples[("slora_inter_token_latency_seconds_count", ())] > 0
     pages = {s.labels["kind"]: s.value for s in families["slora_pool_pages"].samples}
@@ -508,7 +520,6 @@ def test_metrics_in_prometheus_format(served, http):
     assert samples[("slora_adapters_resident", ())] >= 1
     assert samples[("slora_adapter_swaps_total", (("direction", "in"),))] >= 1
     assert samples[("slora_requests_total", (("endpoint", "completions"), ("finish_reason", "length")))] > 0
-    assert samples[("slora_requests_total", (("endpoint", "chat"), ("finish_reason", "abort")))] >= 4
 
 
 def test_chat_template_from_the_tokenizer_is_used(tmp_path):
