@@ -90,16 +90,17 @@ class BatchBuilder:
         q_starts[nb + 1:] = q_starts[nb]
         kv_lens = np.zeros(b, np.int32)
         feed = np.full(t, -1, np.int32)
-        for i, r in enumerate(reqs):
-            lo, n = r.num_computed, int(ntok[i])
-            s = q_starts[i]
-            n_known = len(r.prompt_ids) + len(r.output_ids)
-            known = min(n, n_known - lo)
-            tokens[s: s + known] = r.known_ids(lo, lo + known)
-            if known < n:  # the last token was sampled by the step in flight: the device feeds it in
-                assert known == n - 1 and r.pending == 1, (r.id, lo, n, n_known, r.pending)
-                feed[s + n - 1] = r.pending_row
-            kv_lens[i] = lo + n
+        lo = np.fromiter((r.num_computed for r in reqs), np.int32, nb)
+        kv_lens[:nb] = lo + ntok
+        known = np.minimum(ntok, np.fromiter((len(r.prompt_ids) + len(r.output_ids) for r in reqs), np.int32, nb) - lo)
+        fed = np.flatnonzero(known < ntok)  # the last token was sampled by the step in flight: the device feeds it
+        if fed.size:
+            assert (known[fed] == ntok[fed] - 1).all() and all(reqs[i].pending == 1 for i in fed), \
+                [(reqs[i].id, int(lo[i]), int(ntok[i]), int(known[i]), reqs[i].pending) for i in fed]
+            feed[q_starts[fed] + ntok[fed] - 1] = [reqs[i].pending_row for i in fed]
+        for i in np.flatnonzero(known > 0).tolist():  # prompt chunks; tokens read since they were sampled
+            s, k, start = int(q_starts[i]), int(known[i]), int(lo[i])
+            tokens[s: s + k] = reqs[i].known_ids(start, start + k)
         seq_ids = [r.id_int for r in reqs]
         block_tables = np.zeros((b, self.width), np.int32)
         block_tables[:nb] = self.pages.block_table(seq_ids, self.width)
@@ -149,15 +150,12 @@ class BatchBuilder:
 
     @staticmethod
     def _sampling(reqs: list, b: int) -> SamplingArrays:
-        def col(fn, dtype, fill=0):
-            out = np.full(b, fill, dtype)
-            out[: len(reqs)] = [fn(r) for r in reqs]
-            return out
-
-        return SamplingArrays(
-            col(lambda r: r.sampling.temperature, np.float32),
-            col(lambda r: r.sampling.top_p, np.float32, 1.0),
-            col(lambda r: r.sampling.top_k, np.int32),
-            col(lambda r: r.seed & 0xFFFFFFFF, np.uint32),
-            col(lambda r: r.num_generated, np.int32),  # counts tokens still in flight: same keys in both modes
-        )
+        # one pass over the requests; float64 holds every column exactly (seeds < 2**32)
+        table = np.zeros((b, 5), np.float64)
+        table[:, 1] = 1.0  # top_p of padding rows
+        if reqs:
+            table[: len(reqs)] = [(r.sampling.temperature, r.sampling.top_p, r.sampling.top_k, r.seed & 0xFFFFFFFF,
+                                   r.num_generated) for r in reqs]  # num_generated counts tokens in flight
+        return SamplingArrays(table[:, 0].astype(np.float32), table[:, 1].astype(np.float32),
+                              table[:, 2].astype(np.int32), table[:, 3].astype(np.uint32),
+                              table[:, 4].astype(np.int32))

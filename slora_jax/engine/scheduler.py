@@ -46,10 +46,13 @@ class ScheduledStep:
     num_tokens: list  # tokens each computes this step
     aborted: list  # requests dropped by early abort
     preempted: list
+    decode: Optional[bool] = None  # every request computes its one last token (None: work it out)
 
     @property
     def is_decode(self) -> bool:
-        return all(n == 1 and r.remaining_prefill == 1 for r, n in zip(self.requests, self.num_tokens))
+        if self.decode is None:
+            self.decode = all(n == 1 and r.remaining_prefill == 1 for r, n in zip(self.requests, self.num_tokens))
+        return self.decode
 
 
 class Scheduler:
@@ -75,19 +78,19 @@ class Scheduler:
         for r in self.running:
             self._cache_pages(r)
         aborted = self._early_abort()
-        preempted = self._reserve_decodes()
-        budget = self.max_batch_tokens - sum(r.remaining_prefill == 1 and not r.complete for r in self.running)
-        budget = self._continue_prefills(budget)
+        preempted, decodes = self._reserve_decodes()
+        budget = self._continue_prefills(self.max_batch_tokens - decodes)
         self._admit(budget)
         if not self.running:
             return ScheduledStep([], [], aborted, preempted) if (aborted or preempted) else None
-        reqs, ntoks = [], []
+        reqs, ntoks, decode = [], [], True
         for r in self.running:
             n = self.pages.seq_len(r.id_int) - r.num_computed  # what was reserved for this step
             if n > 0:
                 reqs.append(r)
                 ntoks.append(n)
-        return ScheduledStep(reqs, ntoks, aborted, preempted)
+                decode = decode and n == 1 and r.remaining_prefill == 1
+        return ScheduledStep(reqs, ntoks, aborted, preempted, decode)
 
     def _early_abort(self) -> list:
         if self.early_abort_s is None:
@@ -99,13 +102,15 @@ class Scheduler:
         self.waiting = keep
         return dropped
 
-    def _reserve_decodes(self) -> list:
-        """Make room for one more token of every decoding request, preempting the newest if needed."""
-        preempted = []
+    def _reserve_decodes(self) -> tuple[list, int]:
+        """Make room for one more token of every decoding request, preempting the newest if needed.
+        Returns (the preempted, how many decodes still run)."""
+        preempted, reserved = [], []
         gone: set = set()  # preempted in this pass (a set: `in self.running` would scan the list each time)
         for r in list(self.running):
             if r in gone or r.remaining_prefill != 1 or r.complete:
                 continue
+            reserved.append(r)
             while not self._reserve(r, 1):  # no room even with idle adapters evicted: preempt the newest
                 victim = self.running[-1]
                 self.preempt(victim)
@@ -113,14 +118,17 @@ class Scheduler:
                 gone.add(victim)
                 if victim is r:
                     break
-        return preempted
+        return preempted, sum(r not in gone for r in reserved)
 
     def _continue_prefills(self, budget: int) -> int:
         """Reserve pages for the next chunk of requests still in prefill (admitted earlier)."""
         for r in self.running:
-            if r.remaining_prefill <= 1 or budget <= 0:
+            if budget <= 0:
+                break
+            left = r.remaining_prefill
+            if left <= 1:
                 continue
-            n = min(r.remaining_prefill, budget)
+            n = min(left, budget)
             if self._reserve(r, n):  # all or nothing: a chunk that does not fit waits a step
                 budget -= n
         return budget
