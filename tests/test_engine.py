@@ -259,3 +259,14 @@ def test_step_timings_split_the_loop_into_host_work_and_device_waits():
     host, wait = s["host_s"] - before["host_s"], s["device_wait_s"] - before["device_wait_s"]
     assert host > 0 and wait >= 0 and s["mask_wait_s"] == 0  # no grammar: the mask worker never ran
     assert host + wait <= wall
+
+
+def test_extreme_valid_sampling_values_run_without_wrapping(recwarn):
+    """A top_k past the vocabulary and a temperature past float32's range are valid: they sample (no cut,
+    uniform) like any other request, with no cast wrapping around on the way to the device."""
+    llm = make_llm()
+    sp = SamplingParams(max_tokens=4, temperature=1e300, top_k=10**15, ignore_eos=True, seed=3)
+    out = llm.generate([[256, 5, 6]], sampling=sp)[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 4
+    assert all(0 <= t < llm.model_cfg.vocab_size for t in out.token_ids)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in recwarn]

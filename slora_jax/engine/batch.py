@@ -156,6 +156,10 @@ class BatchBuilder:
         if reqs:
             table[: len(reqs)] = [(r.sampling.temperature, r.sampling.top_p, r.sampling.top_k, r.seed & 0xFFFFFFFF,
                                    r.num_generated) for r in reqs]  # num_generated counts tokens in flight
+            # a valid request may ask for a top_k past the vocabulary (no cut) or a temperature past float32's
+            # range (uniform): clamped, so that no cast wraps around
+            np.minimum(table[:, 0], np.finfo(np.float32).max, out=table[:, 0])
+            np.minimum(table[:, 2], np.iinfo(np.int32).max, out=table[:, 2])
         return SamplingArrays(table[:, 0].astype(np.float32), table[:, 1].astype(np.float32),
                               table[:, 2].astype(np.int32), table[:, 3].astype(np.uint32),
                               table[:, 4].astype(np.int32))
