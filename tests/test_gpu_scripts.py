@@ -171,7 +171,9 @@ def test_a_kernel_faster_than_the_read_probes_becomes_the_read_limit():
     rows = [{"read_roofline_fraction": 1.0064, "read_limit_tbps": 4.3694},
             {"read_roofline_fraction": 0.5032, "device_read_roofline_fraction": 0.8, "read_limit_tbps": 4.3694}]
     out = common.rebase_read_limit(rows)
-    assert [r["read_roofline_fraction"] for r in out] == [1.0, 0.5] and out[1]["device_read_roofline_fraction"] == 0.7949
+    # the row that set the limit is the limit, not a fraction of it (a 1.0 by construction says nothing)
+    assert [r["read_roofline_fraction"] for r in out] == [None, 0.5] and out[1]["device_read_roofline_fraction"] == 0.7949
+    assert out[0]["sets_read_limit"] and "sets_read_limit" not in out[1]
     assert out[0]["read_limit_tbps"] == round(4.3694 * 1.0064, 4) and "read_limit_source" in out[0]
     assert rows[0]["read_roofline_fraction"] == 1.0064  # not changed in place
     below = [{"read_roofline_fraction": 0.9, "read_limit_tbps": 4.4}]

@@ -179,8 +179,12 @@ def headline_section(results_dir: str) -> list[str]:
     arows = [r for r in att if r.get("kernel") == "pallas" and str(r.get("phase", "")).startswith("decode")
              and "sweep" not in r["phase"] and r.get("read_roofline_fraction") is not None and r["context"] >= 2048]
     if arows:
+        setters = [r for r in att if r.get("sets_read_limit") and r.get("kernel") == "pallas"
+                   and str(r.get("phase", "")).startswith("decode") and r["context"] >= 2048]
+        at_limit = "".join(f"; batch {r['batch']}, context {r['context']} read {r['gbps'] / 1e3:.2f} TB/s, faster "
+                           "than the probes: its rate is the run's read limit" for r in setters)
         lines.append(f"- paged decode attention, context >= 2048: "
-                     f"{_span([r['read_roofline_fraction'] for r in arows])} ({_meta(arows)})")
+                     f"{_span([r['read_roofline_fraction'] for r in arows])}{at_limit} ({_meta(arows)})")
     prows = [r for r in att if r.get("kernel") == "pallas" and r.get("phase") == "prefill"
              and r.get("flop_fraction") is not None]
     if prows:
