@@ -123,7 +123,9 @@ def main():
             for batch in batches for mode in ("none", args.mode)]
     os.makedirs(args.out, exist_ok=True)
     name = ("profile_step" + ("" if preset == "llama-7b" else f"_{preset}") + (f"_tp{args.tp}" if args.tp > 1 else "")
-            + ("" if args.command_buffers == "default" else f"_cb-{args.command_buffers}") + ".json")
+            + ("" if args.command_buffers == "default" else f"_cb-{args.command_buffers}")
+            + "".join(f"_{k.removeprefix('xla_gpu_enable_').replace('_', '-')}-{'on' if v else 'off'}"
+                      for k, v in step_compiler_options().items()) + ".json")
     common.write_json(os.path.join(args.out, name), {
         "device": common.device_name(), "model": llm.model_cfg.name, "tp": args.tp,
         "command_buffers": args.command_buffers, "xla_flags": xla_flags, "git_commit": common.git_commit(),

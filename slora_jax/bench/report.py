@@ -436,7 +436,9 @@ def profile_section(profiles: list) -> list[str]:
             def us(k):
                 return _fmt(kinds.get(k, {}).get("us_per_step"), ".0f")
             launches = sum(v.get("launches_per_step", 0) for v in kinds.values())
-            out.append(f"| {p['model']} | {p.get('command_buffers', 'default')}{'' if p.get('tp', 1) == 1 else ', tp ' + str(p['tp'])} "
+            setting = p.get("command_buffers", "default") + ("" if p.get("tp", 1) == 1 else f", tp {p['tp']}") + "".join(
+                f", `{k}={v}`" for k, v in (p.get("step_compiler_options") or {}).items())
+            out.append(f"| {p['model']} | {setting} "
                        f"| {r['batch']} | {r['adapters']} | {r['rank']} | {r['wall_us_per_step']:.0f} | "
                        f"{r['busy_us_per_step']:.0f} | {r['idle_us_per_step']:.0f} | {us('lora')} | {us('attention')} | "
                        f"{us('gemm')} | {us('other')} | {launches:.0f} | {r['hlo'].get('command_buffer_mentions', '-')} |")
