@@ -415,6 +415,18 @@ def start_engine(plan: Plan) -> Served:
     return Served(llm, adapters_info, engine_info, time.monotonic() - t)
 
 
+def serve_untimed(plan: Plan, served: Served, n: int, rate: float, duration_s: float, seed: int, desc: str,
+                  max_drain_s: float, deadline: float, base_only: bool = False,
+                  system_seed: Optional[int] = None) -> Replay:
+    """Replay `duration_s` of the setting's traffic (trace and prompts of `seed`; system prompts of
+    `system_seed`, default `seed`) at `rate`, outside any timed run: through n's adapters, or `base_only`."""
+    tr = plan.trace(n, rate, duration_s, seed)
+    prompts = make_prompts(tr, plan.model_cfg.vocab_size, seed, system_seed)
+    adapter_of = (lambda i: None) if base_only else (lambda i: adapter_name(int(tr.adapter[i])))
+    return replay(served.engine, tr, adapter_of, prompts, plan.slo, max_drain_s=max_drain_s, deadline=deadline,
+                  desc=desc, progress=bool(plan.cfg["progress"]))
+
+
 def warm_up(plan: Plan, served: Served) -> None:
     """Compile every step program, then (optionally) replay a short trace to warm everything else.
 
@@ -424,15 +436,10 @@ def warm_up(plan: Plan, served: Served) -> None:
     n_bucket_programs = engine.warmup(lora=True)  # every bucket shape, with and without LoRA, compiled in parallel
     log.info("compiled %d step programs (every bucket shape) in %.1f s", n_bucket_programs, time.monotonic() - t)
     if float(wc.get("duration_s", 0)) > 0:
-        seed = int(cfg["seed"]) + 1
-        wtrace = plan.trace(plan.ns[-1], float(wc["rate"]), float(wc["duration_s"]), seed)
-        wprompts = make_prompts(wtrace, plan.model_cfg.vocab_size, seed)
-        passes = [("warm-up", lambda i: adapter_name(int(wtrace.adapter[i])))]
-        if cfg.get("base_only", True):
-            passes.append(("warm-up base-only", lambda i: None))
-        for desc, adapter_of in passes:
-            wr = replay(engine, wtrace, adapter_of, wprompts, plan.slo, max_drain_s=float(wc["max_drain_s"]),
-                        deadline=plan.deadline, desc=desc, progress=bool(cfg["progress"]))
+        passes = [("warm-up", False)] + ([("warm-up base-only", True)] if cfg.get("base_only", True) else [])
+        for desc, base in passes:
+            wr = serve_untimed(plan, served, plan.ns[-1], float(wc["rate"]), float(wc["duration_s"]),
+                               int(cfg["seed"]) + 1, desc, float(wc["max_drain_s"]), plan.deadline, base_only=base)
             log.info("%s: %d requests, %.1f s, stopped: %s, %d compiled programs", desc, len(wr.records),
                      time.monotonic() - t, wr.stopped, served.programs())
     served.warmup_s = time.monotonic() - t
@@ -803,12 +810,9 @@ def _serve_before(plan: Plan, served: Served, n: int, mode: str) -> None:
     warm_s = float(plan.cfg.get("prefix_warm_s") or 0.0)
     if warm_s <= 0:
         return
-    seed = int(plan.cfg["seed"]) + 2
-    tr = plan.trace(n, float(plan.cfg["rate"]), warm_s, seed)
-    rep = replay(served.engine, tr, lambda i: adapter_name(int(tr.adapter[i])),
-                 make_prompts(tr, plan.model_cfg.vocab_size, seed, system_seed=int(plan.cfg["seed"])), plan.slo,
-                 max_drain_s=float(plan.cfg["max_drain_s"]), deadline=plan.hard_deadline,
-                 desc=f"serving before the offered run, prefix cache {mode}", progress=bool(plan.cfg["progress"]))
+    rep = serve_untimed(plan, served, n, float(plan.cfg["rate"]), warm_s, int(plan.cfg["seed"]) + 2,
+                        f"serving before the offered run, prefix cache {mode}", float(plan.cfg["max_drain_s"]),
+                        plan.hard_deadline, system_seed=int(plan.cfg["seed"]))
     log.info("served %d requests (%.0f s of traffic) before the offered run, prefix cache %s", len(rep.records),
              warm_s, mode)
 
