@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from slora_jax import LLM, SamplingParams  # noqa: E402
+from slora_jax import LLM, SamplingParams, parallel  # noqa: E402
 from slora_jax.engine.structured import Grammars  # noqa: E402
 from slora_jax.tokenizer import HFTokenizer  # noqa: E402
 
@@ -104,8 +104,51 @@ class MaskTimer:
         return out
 
 
-def run_mode(llm, prompts: list, constrained: list, tokens: int, min_items: int, timer: MaskTimer) -> dict:
-    """One batch through the engine loop; per-step times of its steady decode steps."""
+class Timeline:
+    """The host's side of each step, from wrappers around the engine's calls: when the token read returned,
+    when the next forward was dispatched (its call's start and end) and when a sampling program was. A step
+    whose next forward leaves the host later than the device needs it stalls the batch; `summary` gives the
+    medians of each part (ms), so that a mode's slower step points at the part that grew."""
+
+    def __init__(self, engine):
+        self.events: list = []  # (name, start, end)
+        runner = engine.runner
+        for name, owner in (("forward", runner), ("sample", runner), ("to_host", parallel)):
+            setattr(owner, name, self._wrap(name, getattr(owner, name)))
+
+    def _wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.events.append((name, t, time.perf_counter()))
+            return out
+        return timed
+
+    def clear(self) -> None:
+        self.events.clear()
+
+    def summary(self) -> dict:
+        """Medians over the steps: `read_ms` (the token read's wait), `read_to_forward_ms` (from a read's
+        return to the next forward's dispatch: the host path a step's device time must cover),
+        `forward_dispatch_ms` and `sample_dispatch_ms` (the calls themselves)."""
+        reads = [e for e in self.events if e[0] == "to_host"]
+        forwards = [e for e in self.events if e[0] == "forward"]
+        gaps = []
+        for _, _, read_end in reads:
+            nxt = next((f for f in forwards if f[1] >= read_end), None)
+            if nxt is not None:
+                gaps.append(nxt[1] - read_end)
+        med = lambda xs: float(np.median(xs)) * 1e3 if xs else 0.0  # noqa: E731
+        span = lambda name: [e[2] - e[1] for e in self.events if e[0] == name]  # noqa: E731
+        return {"read_ms": med(span("to_host")), "read_to_forward_ms": med(gaps),
+                "read_to_forward_ms_p90": float(np.percentile(gaps, 90)) * 1e3 if gaps else 0.0,
+                "forward_dispatch_ms": med(span("forward")), "sample_dispatch_ms": med(span("sample"))}
+
+
+def run_mode(llm, prompts: list, constrained: list, tokens: int, min_items: int, timer: MaskTimer,
+             timeline: Timeline) -> dict:
+    """One batch through the engine loop; per-step times of its steady decode steps, and the engine's own
+    split of them (`Engine.timings`: host work, waits on the device and on the masks) per step."""
     eng = llm.engine
     reqs = []
     for p, c in zip(prompts, constrained):
@@ -113,6 +156,8 @@ def run_mode(llm, prompts: list, constrained: list, tokens: int, min_items: int,
               else SamplingParams(max_tokens=tokens, ignore_eos=True))
         reqs.append(eng.add_request(p, None, sp))
     timer.seconds.clear()
+    timeline.clear()
+    before = dict(eng.timings)
     steps = []
     while not all(r.finished for r in reqs):
         t = time.perf_counter()
@@ -124,20 +169,23 @@ def run_mode(llm, prompts: list, constrained: list, tokens: int, min_items: int,
     steady = steps[2:-2] if len(steps) > 6 else steps
     step_s = float(np.median(steady))
     free = sum(not c for c in constrained)
+    per_step = {f"{k[:-2]}_ms_per_step": (eng.timings[k] - before[k]) / len(steps) * 1e3 for k in before}
+    masks = np.array(timer.seconds or [0.0]) * 1e3
     return {"steps": len(steps), "step_ms": step_s * 1e3, "step_ms_mean": float(np.mean(steady)) * 1e3,
             "tokens_per_s": len(reqs) / step_s, "free_row_tokens_per_s": (1 / step_s) if free else None,
-            "mask_ms": float(np.median(timer.seconds)) * 1e3 if timer.seconds else 0.0,
-            "mask_ms_max": float(np.max(timer.seconds)) * 1e3 if timer.seconds else 0.0}
+            "mask_ms": float(np.median(masks)), "mask_ms_p90": float(np.percentile(masks, 90)),
+            "mask_ms_max": float(np.max(masks)), **per_step, **timeline.summary()}
 
 
-def traced_mode(llm, prompts: list, constrained: list, tokens: int, min_items: int, timer: MaskTimer) -> dict:
+def traced_mode(llm, prompts: list, constrained: list, tokens: int, min_items: int, timer: MaskTimer,
+                timeline: Timeline) -> dict:
     """One run of a mode under jax.profiler: the device's busy and idle time per step (idle: waiting on the
     host), which says whether a slower constrained step is host-bound or does more device work."""
     import jax
 
     tmp = tempfile.mkdtemp()
-    with jax.profiler.trace(tmp, create_perfetto_trace=True):
-        r = run_mode(llm, prompts, constrained, tokens, min_items, timer)
+    with jax.profiler.trace(tmp, create_perfetto_trace=True, profiler_options=common.device_only_profile()):
+        r = run_mode(llm, prompts, constrained, tokens, min_items, timer, timeline)
     busy, span = common.busy_and_span(common.device_events(tmp))
     return {"step_ms": r["step_ms_mean"], "device_busy_ms": busy / r["steps"] / 1e3,
             "device_idle_ms": (span - busy) / r["steps"] / 1e3, "mask_ms": r["mask_ms"]}
@@ -166,6 +214,7 @@ def main():
         tok = train_tokenizer(vocab, corpus, tmp, cfg.bos_token_id, cfg.eos_token_ids[0])
     use_tokenizer(llm, tok)
     timer = MaskTimer(llm.engine.grammars)
+    timeline = Timeline(llm.engine)
     print(f"{preset}: pool {llm.stats()['pages_total']} pages, tokenizer of {vocab} tokens trained; "
           f"{time.time() - t0:.0f}s", flush=True)
     rng = np.random.default_rng(0)
@@ -175,12 +224,12 @@ def main():
              "half": [i % 2 == 0 for i in range(args.batch)]}
     t = time.time()
     for flags in modes.values():  # compile every program the modes use (steps, sampling), warm the grammar
-        run_mode(llm, prompts, flags, 8, min_items, timer)
+        run_mode(llm, prompts, flags, 8, min_items, timer, timeline)
     print(f"warm-up {time.time() - t:.0f}s", flush=True)
     results = {name: [] for name in modes}
     for _ in range(args.repeats):  # interleaved, so that a drift of the device hits every mode alike
         for name, flags in modes.items():
-            results[name].append(run_mode(llm, prompts, flags, args.tokens, min_items, timer))
+            results[name].append(run_mode(llm, prompts, flags, args.tokens, min_items, timer, timeline))
     best = {name: max(rs, key=lambda r: r["tokens_per_s"]) for name, rs in results.items()}
     none, allc, half = best["none"], best["all"], best["half"]
     row = {
@@ -193,12 +242,15 @@ def main():
         "git_commit": common.git_commit(),
     }
     if args.profile:
-        row["profile"] = {name: traced_mode(llm, prompts, flags, min(args.tokens, 64), min_items, timer)
+        row["profile"] = {name: traced_mode(llm, prompts, flags, min(args.tokens, 64), min_items, timer, timeline)
                           for name, flags in modes.items()}
     common.write_json(os.path.join(args.out, "structured.json"), row)
-    print("mode  tokens/s  step_ms  mask_ms (max)")
+    print("mode  tokens/s  step_ms  mask_ms (p90, max)  host  device wait  mask wait  read->forward (p90)  dispatch fwd / sample")
     for name, r in best.items():
-        print(f"{name:5s} {r['tokens_per_s']:8.0f} {r['step_ms']:8.2f} {r['mask_ms']:7.2f} ({r['mask_ms_max']:.1f})")
+        print(f"{name:5s} {r['tokens_per_s']:8.0f} {r['step_ms']:8.2f} {r['mask_ms']:7.2f} ({r['mask_ms_p90']:.1f}, "
+              f"{r['mask_ms_max']:.1f}) {r['host_ms_per_step']:5.2f} {r['device_wait_ms_per_step']:6.2f} "
+              f"{r['mask_wait_ms_per_step']:9.2f} {r['read_to_forward_ms']:9.2f} ({r['read_to_forward_ms_p90']:.2f}) "
+              f"{r['forward_dispatch_ms']:8.2f} / {r['sample_dispatch_ms']:.2f}")
     print(f"all constrained / none: {row['all_vs_none']:.3f} (goal >= 0.9); free rows of the half batch lose "
           f"{100 * row['half_free_row_loss']:.1f}% (goal <= 2%)", flush=True)
     for name, p in row.get("profile", {}).items():

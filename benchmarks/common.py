@@ -82,11 +82,19 @@ def time_loop(body: Callable, args: tuple, iters: int = 20, repeats: int = 5,
     if split is None:
         return seconds
     tmp = tempfile.mkdtemp()
-    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+    with jax.profiler.trace(tmp, create_perfetto_trace=True, profiler_options=device_only_profile()):
         jax.block_until_ready(run(args[0], *flat))
     events = [(name.lower(), dur) for name, _, dur in device_events(tmp)]
     device_us = sum(dur for _, dur in events) / iters if events else None
     return seconds, device_us, {key: sum(dur for name, dur in events if key in name) / iters for key in split}
+
+
+def device_only_profile():
+    """jax.profiler options that trace the device but not every Python call: the Python tracer slowed a
+    saturated 8B step ten-fold (H100), so a traced loop would be host-bound where the real one is not."""
+    opts = jax.profiler.ProfileOptions()
+    opts.python_tracer_level = 0
+    return opts
 
 
 def device_events(trace_dir: str) -> list:

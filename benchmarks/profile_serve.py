@@ -49,10 +49,8 @@ class Window:
             self.t0 = now
         if self.start is None and now - self.t0 >= self.lead_s:
             self.before, self.start = self._figures(), time.monotonic()
-            # device activity only: tracing every Python call slowed a saturated 8B step ten-fold (H100)
-            opts = jax.profiler.ProfileOptions()
-            opts.python_tracer_level = 0
-            jax.profiler.start_trace(self.trace_dir, create_perfetto_trace=True, profiler_options=opts)
+            jax.profiler.start_trace(self.trace_dir, create_perfetto_trace=True,
+                                     profiler_options=common.device_only_profile())
         elif self.start is not None and self.end is None:
             self.running.append(len(self.engine.scheduler.running))
             if now - self.start >= self.seconds:

@@ -85,7 +85,7 @@ def profile(llm, batch, context, mode, rank, steps) -> dict:
         for _ in range(3):
             np.asarray(dispatch())  # compile, warm
         tmp = tempfile.mkdtemp()
-        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+        with jax.profiler.trace(tmp, create_perfetto_trace=True, profiler_options=common.device_only_profile()):
             wall = pipelined_step_s(dispatch, steps)
         hlo = hlo_counts(llm, step)
     events = common.device_events(tmp)
