@@ -202,6 +202,33 @@ def test_prefill_matches_reference(hq, hkv, hd, page_rows, tokens, nseq, max_pag
         assert np.all(out[: qs[0]] == 0) and np.all(out[qs[-1]:] == 0)  # padding rows
 
 
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("decode_single_rows", [True, False])
+def test_mixed_step_matches_reference(hq, hkv, decode_single_rows):
+    """A mixed step as the engine builds it: mostly one-row sequences (running decodes, one at length 1),
+    an empty sequence, two prefill chunks over earlier pages, padding rows after: one-row sequences through
+    the decode kernel (the default) or all through the prefill kernel, both equal to the reference."""
+    hd, page_rows, max_pages, tokens = 16, 4, 10, 48
+    for seed in SEEDS:
+        rng = np.random.default_rng(300 + seed)
+        sizes = np.array([1] * 9 + [0, 7, 1, 13, 1], np.int32)
+        rng.shuffle(sizes)
+        kvs = np.array([int(rng.integers(max(n, 1), max_pages * page_rows + 1)) for n in sizes], np.int32)
+        kvs[np.flatnonzero(sizes == 1)[0]] = 1
+        q_starts = jnp.asarray(np.concatenate([[0], np.cumsum(sizes)]), jnp.int32)
+        needed = [cdiv(int(n), page_rows) for n in kvs]
+        num_pages = sum(needed) + 1
+        pool = make_pool(rng, 2, num_pages, page_rows, hkv * hd, jnp.float32)
+        bt = make_tables(rng, needed, max_pages, num_pages)
+        q = jnp.asarray(rng.standard_normal((tokens, hq, hd), dtype=np.float32))
+        kw = dict(page_rows=page_rows, num_pages=num_pages, scale=hd ** -0.5)
+        out = attention.paged_attention_prefill(q, pool, 1, bt, q_starts, jnp.asarray(kvs), **kw, block_q=16,
+                                                block_kv=16, decode_single_rows=decode_single_rows)
+        ref = reference.paged_attention_prefill(q, pool, 1, bt, q_starts, jnp.asarray(kvs), **kw)
+        assert_close(out, ref, jnp.float32)
+        assert np.all(np.asarray(out)[int(q_starts[-1]):] == 0)
+
+
 def test_prefill_chunked_equals_whole():
     """A prompt prefilled in three chunks (later ones over earlier pages) equals one pass,
     and its last row equals decode at that position."""

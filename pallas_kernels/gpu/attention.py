@@ -28,6 +28,12 @@ programs write unnormalised partial outputs and (max, sum) pairs and a small
 XLA combine finishes. ``num_splits=None`` picks the smallest count that gives
 about ``8 x SMs`` programs.
 
+Mixed steps (prefill chunks batched with sequences of one query row, the running decodes): by default
+the one-row sequences go through the decode kernel (their rows gathered into a [B, Hq, hd] batch, the
+other sequences given length 0) and the prefill work list skips them, so that a decode row does not
+fill a BQ-row query tile alone: a saturated S1 step on the H200 spent ~700 us a layer in the prefill
+kernel where the decode kernel takes ~470 us for the same rows. A `where` merges the two outputs.
+
 Prefill: a static work list. The packed query axis is cut, per sequence, into
 blocks of ``BQ = block_q // R_g`` query tokens (``R_g = next_pow2(G)``; the
 ``[BQ * R_g, hd]`` tile holds every query head of the group for those tokens,
@@ -291,12 +297,15 @@ def _prefill_kernel(layer_ref, work_ref, bt_ref, q_ref, pool_ref, o_ref, *, grou
                 out.astype(o_ref.dtype), mask=smask[:, None])
 
 
-def _prefill_work(q_starts, kv_lens, num_tokens, block_tokens):
-    """The static work list [W, 4] int32: (seq, first row, rows, position of first row)."""
+def _prefill_work(q_starts, kv_lens, num_tokens, block_tokens, skip_single):
+    """The static work list [W, 4] int32: (seq, first row, rows, position of first row); `skip_single`: no
+    item for a sequence of one query row (the decode kernel takes those)."""
     nseq = kv_lens.shape[0]
     qs = jnp.clip(q_starts.astype(jnp.int32), 0, num_tokens)
     kv = kv_lens.astype(jnp.int32)
     n = jnp.maximum(qs[1:] - qs[:-1], 0)
+    if skip_single:
+        n = jnp.where(n == 1, 0, n)
     lead, tail0 = qs[0], qs[-1]
     zero = jnp.zeros((1,), jnp.int32)
     # ranges: every sequence's query rows, then the zero rows [0, qs[0]) and [qs[-1], T)
@@ -324,9 +333,9 @@ def _prefill_work(q_starts, kv_lens, num_tokens, block_tokens):
 @functools.partial(
     jax.jit,
     static_argnames=("page_rows", "num_pages", "scale", "interpret", "block_q", "block_kv", "num_warps",
-                     "num_stages"))
+                     "num_stages", "skip_single"))
 def _prefill_pallas(q, pool, layer, block_tables, q_starts, kv_lens, *, page_rows, num_pages, scale,
-                    interpret, block_q, block_kv, num_warps, num_stages):
+                    interpret, block_q, block_kv, num_warps, num_stages, skip_single=False):
     num_tokens, hq, hd = q.shape
     hkv = pool.shape[2] // hd
     group = hq // hkv
@@ -334,7 +343,7 @@ def _prefill_pallas(q, pool, layer, block_tables, q_starts, kv_lens, *, page_row
     block_tokens = max(1, block_q // group_p2)
     if block_tokens * group_p2 < _MIN_DOT:
         block_tokens = _MIN_DOT // group_p2
-    work = _prefill_work(q_starts, kv_lens, num_tokens, block_tokens)
+    work = _prefill_work(q_starts, kv_lens, num_tokens, block_tokens, skip_single)
     kernel = functools.partial(
         _prefill_kernel, group=group, group_p2=group_p2, block_tokens=block_tokens,
         head_dim=hd, num_tokens=num_tokens, block_kv=block_kv, page_rows=page_rows,
@@ -348,6 +357,25 @@ def _prefill_pallas(q, pool, layer, block_tables, q_starts, kv_lens, *, page_row
         interpret=interpret,
         name="paged_attention_prefill",
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), work, block_tables.astype(jnp.int32), q, pool)
+
+
+def _mixed(q, pool, layer, block_tables, q_starts, kv_lens, *, page_rows, num_pages, scale, interpret,
+           block_q, block_kv, num_warps, num_stages):
+    """The prefill op with its one-row sequences through the decode kernel (see the module docstring)."""
+    num_tokens = q.shape[0]
+    qs = jnp.clip(q_starts.astype(jnp.int32), 0, num_tokens)
+    single = (qs[1:] - qs[:-1]) == 1
+    first = jnp.minimum(qs[:-1], num_tokens - 1)
+    dec = _decode_pallas(q[first], pool, layer, block_tables, jnp.where(single, kv_lens, 0), page_rows=page_rows,
+                         num_pages=num_pages, scale=scale, interpret=interpret, block_kv=block_kv, num_splits=None,
+                         num_warps=num_warps, num_stages=num_stages)
+    pre = _prefill_pallas(q, pool, layer, block_tables, q_starts, kv_lens, page_rows=page_rows, num_pages=num_pages,
+                          scale=scale, interpret=interpret, block_q=block_q, block_kv=block_kv, num_warps=num_warps,
+                          num_stages=num_stages, skip_single=True)
+    rows = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(qs, rows, side="right") - 1, 0, single.shape[0] - 1)
+    take = single[seq] & (rows >= qs[0]) & (rows < qs[-1])
+    return jnp.where(take[:, None, None], dec[seq], pre)
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -393,7 +421,7 @@ def paged_attention_decode(q, pool, layer, block_tables, lengths, *, page_rows: 
 def paged_attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, page_rows: int,
                             num_pages: int, scale: float, interpret: bool | None = None,
                             block_q: int = 64, block_kv: int = 64, num_warps: int = 4,
-                            num_stages: int = 2):
+                            num_stages: int = 2, decode_single_rows: bool = True):
     """Causal attention of packed query chunks over their sequences' pages.
 
     q: [T, Hq, hd]; sequence b's queries are rows q_starts[b]:q_starts[b+1] ([B+1]
@@ -404,7 +432,9 @@ def paged_attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, 
 
     interpret: as in `paged_attention_decode`. Tunables: block_q (query-tile rows = query
     tokens * next_pow2(Hq / Hkv), a power of two), block_kv (keys per iteration, a power
-    of two >= 16), num_warps, num_stages.
+    of two >= 16), num_warps, num_stages (both kernels' where `decode_single_rows`: sequences of one
+    query row through the decode kernel, as a mixed step's running decodes; False: every row through the
+    prefill kernel).
     """
     fn = "paged_attention_prefill"
     check_prefill(fn, q, pool, layer, block_tables, q_starts, kv_lens, page_rows=page_rows,
@@ -412,7 +442,7 @@ def paged_attention_prefill(q, pool, layer, block_tables, q_starts, kv_lens, *, 
     _check_tunables(fn, q.shape[2], block_kv, num_warps, num_stages)
     if not (isinstance(block_q, int) and is_pow2(block_q)):
         raise ValueError(f"{fn}: block_q must be a power of two, got {block_q!r}")
-    return _prefill_pallas(q, pool, layer, block_tables, q_starts, kv_lens, page_rows=int(page_rows),
-                           num_pages=int(num_pages), scale=float(scale),
-                           interpret=triton_interpret(interpret), block_q=block_q, block_kv=block_kv,
-                           num_warps=num_warps, num_stages=num_stages)
+    run = _mixed if decode_single_rows else _prefill_pallas
+    return run(q, pool, layer, block_tables, q_starts, kv_lens, page_rows=int(page_rows), num_pages=int(num_pages),
+               scale=float(scale), interpret=triton_interpret(interpret), block_q=block_q, block_kv=block_kv,
+               num_warps=num_warps, num_stages=num_stages)

@@ -9,6 +9,12 @@ threads outside the GIL; the other rows keep every bit set. The sampler applies 
 (sampling.sample). A constrained request stops when its matcher does (the grammar is complete and
 accepts nothing more) or when it samples EOS, which the mask allows only where the grammar accepts.
 
+The worker that computes a step's masks needs the GIL for a few microseconds at its start and end (the
+mask itself is computed outside it). Under CPython's default 5 ms switch interval it got it only when the
+engine thread next blocked, so on the GPU masks ran after the host's own work instead of beside it
+(H200: the whole ~2.5 ms of each step's masks were waited for); the first grammar lowers the process's switch
+interval to `SWITCH_INTERVAL_S`, so the worker gets the GIL within that much.
+
 JSON comes out compact by default (llguidance's `whitespace_flexible` off: no whitespace between
 tokens), so that a model cannot wander into whitespace without end; a schema's own `x-guidance` object
 overrides llguidance's JSON options (e.g. `{"whitespace_flexible": true}`). Compiled grammars are
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import json
+import sys
 import threading
 from typing import Optional
 
@@ -28,6 +35,7 @@ from ..errors import InvalidRequest
 JSON_DEFAULTS = {"whitespace_flexible": False}
 ANY_OBJECT = json.dumps({"type": "object"})
 CACHED_GRAMMARS = 64
+SWITCH_INTERVAL_S = 0.0005
 
 
 def grammar_text(sampling) -> Optional[str]:
@@ -62,6 +70,7 @@ class Grammars:
 
             self._ll_tokenizer = self.tokenizer.guidance_tokenizer(self.n_vocab)
             self._executor = llguidance.LLExecutor()
+            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
 
     def matcher(self, sampling):
         """A fresh matcher for a request's SamplingParams, or None if it asks for no structure.
