@@ -60,6 +60,8 @@ class Cfg:
     mha, gqa = LLAMA7B, LLAMA3_8B
     batches, contexts, gqa_contexts = (32, 128), (512, 2048, 8192), (2048, 8192)
     prefill = ((512, 4, 0), (512, 4, 1536), (2048, 4, 0))  # (chunk, sequences, prefix)
+    # mixed steps as a saturated server runs them: (decode rows, their context, prompt chunks, chunk tokens)
+    mixed = ((256, 512, 2, 256), (384, 512, 4, 128))
     sweep_shapes = ((128, 2048, "mha"), (32, 2048, "gqa"))
     upstream_kw: dict = {}
     max_len = None  # clip correctness lengths (smoke)
@@ -71,6 +73,7 @@ class Cfg:
         cls.mha, cls.gqa = dict(hq=4, hkv=4, hd=16), dict(hq=8, hkv=2, hd=16)
         cls.batches, cls.contexts, cls.gqa_contexts = (2,), (64,), (64,)
         cls.prefill = ((16, 2, 0), (16, 2, 32), (32, 2, 0))
+        cls.mixed = ((4, 32, 1, 16),)
         cls.sweep_shapes = ((2, 64, "mha"), (2, 64, "gqa"))
         cls.upstream_kw = dict(interpret=True, k_splits=1)
         cls.max_len = 40
@@ -234,7 +237,7 @@ def _print(r):
 def time_decode(batch, ctx, heads, limits, device, upstream, *, tunables=(), with_baselines=True,
                 phase="decode", page_rows=16):
     """Rows for our kernel (default + each tunables dict), upstream and XLA at one shape."""
-    hq, hkv, hd = heads["hq"], heads["hkv"], heads["hd"]
+    hkv, hd = heads["hkv"], heads["hd"]
     q, pool, bt, n = decode_inputs(jax.random.PRNGKey(batch * 7 + ctx), batch, ctx, **heads,
                                    page_rows=page_rows)
     layer = jnp.int32(0)
@@ -308,6 +311,27 @@ def time_prefill(chunk, nseq, prefix, heads, limits, device, *, tunables=(), pha
     return _fill_speedups(rows)
 
 
+def time_mixed(decodes, ctx, nchunks, chunk, heads, limits, device):
+    """A mixed step (running decodes at `ctx` beside fresh prompt chunks) through the prefill op, its one-row
+    sequences through the decode kernel (the default) and through the prefill kernel: the same run's rows."""
+    hkv, hd = heads["hkv"], heads["hd"]
+    chunks, prefixes = [1] * decodes + [chunk] * nchunks, [ctx - 1] * decodes + [0] * nchunks
+    q, pool, bt, qs, kv = prefill_inputs(jax.random.PRNGKey(5), chunks, prefixes, **heads, page_rows=16,
+                                         pad=(-sum(chunks)) % 64)
+    kw = dict(page_rows=16, num_pages=pool.shape[1] // (2 * 16), scale=hd ** -0.5)
+    nbytes = 2 * int(np.asarray(kv).sum()) * hkv * hd * 2 + 2 * q.size * 2
+    rows = []
+    for single in (True, False):
+        s = common.time_loop(
+            lambda q, pool, layer, bt, qs, kv, single=single: attention.paged_attention_prefill(
+                q, pool, layer, bt, qs, kv, interpret=Cfg.interpret, decode_single_rows=single, **kw),
+            (q, pool, jnp.int32(0), bt, qs, kv), iters=10)
+        rows.append(_row("pallas" if single else "pallas:decode_single_rows=False", "mixed", decodes + nchunks,
+                         ctx, s, nbytes, limits, device, heads, tokens=decodes + nchunks * chunk,
+                         decode_rows=decodes, chunk=chunk))
+    return rows
+
+
 DECODE_SWEEP = [  # the defaults (block_kv 64, 4 warps, 2 stages, auto splits) are in (b)
     dict(block_kv=32, num_warps=4, num_stages=3),
     dict(block_kv=64, num_warps=4, num_stages=3),
@@ -337,6 +361,9 @@ def timings(run: common.KernelBenchRun) -> None:
             run.emit(time_decode(batch, ctx, Cfg.gqa, run.limits, run.device, upstream, phase="decode-gqa"))
     for chunk, nseq, prefix in Cfg.prefill:
         run.emit(time_prefill(chunk, nseq, prefix, Cfg.mha, run.limits, run.device))
+    for heads in (Cfg.mha, Cfg.gqa):
+        for shape in Cfg.mixed:
+            run.emit(time_mixed(*shape, heads, run.limits, run.device))
 
 
 def sweep(run: common.KernelBenchRun) -> None:

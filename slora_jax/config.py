@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .buckets import fill_down
 from .errors import ConfigError
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -152,15 +153,16 @@ class ModelConfig:
         return np.where(medium, smoothed, scaled)
 
 
-# The most sequences the default `max_running` lets run at once: its decode buckets (powers of two up to
+# The most sequences the default `max_running` lets run at once: its decode buckets (buckets.ladder up to
 # it) are compiled in warm-up, so the cap bounds warm-up time, not what a device's memory could hold.
 MAX_RUNNING_CAP = 512
 
 
 def default_max_running(num_pages: int, page_rows: int, seq_len: int, cap: int = MAX_RUNNING_CAP) -> int:
-    """How many sequences of `seq_len` tokens the KV pages hold at once, at least 1 and at most `cap`."""
+    """How many sequences of `seq_len` tokens the KV pages hold at once, at least 1 and at most `cap`; just a
+    batch bucket when that is close below (buckets.fill_down)."""
     pages_per_seq = max(1, math.ceil(seq_len / page_rows))
-    return max(1, min(cap, num_pages // pages_per_seq))
+    return fill_down(max(1, min(cap, num_pages // pages_per_seq)), 4)
 
 
 @dataclass(frozen=True)

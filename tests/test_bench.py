@@ -377,3 +377,18 @@ def test_a_max_rate_above_the_saturated_capacity_is_flagged():
     probe = {"setting": "S1", "max_sustainable_rate": 48, "rate_search": {"probe_s": 12.0}}
     assert "above the saturated capacity of 26.2 req/s" in _above_capacity(probe, {"S1": 26.2})
     assert _above_capacity(probe, {"S1": 50.0}) == "" and _above_capacity(probe, {}) == ""
+
+
+def test_bucket_ladder():
+    """Powers of two, and from 192 up the size halfway between: a step takes the smallest that holds it;
+    the default max_running fills its bucket when that costs at most an eighth of it."""
+    from slora_jax.buckets import bucket, fill_down, ladder
+    from slora_jax.config import default_max_running
+
+    assert ladder(4, 512) == [4, 8, 16, 32, 64, 128, 192, 256, 384, 512]
+    assert ladder(16, 3000) == [16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072]
+    for n in range(1, 5000):
+        b = bucket(n, 16)
+        assert b >= n and b in ladder(16, n) and not [s for s in ladder(16, n) if n <= s < b]
+    assert [fill_down(n, 4) for n in (80, 187, 199, 300, 385, 3)] == [80, 187, 192, 300, 384, 3]
+    assert default_max_running(385 * 32, 16, 512) == 384

@@ -330,6 +330,17 @@ def attention_section(rows: list) -> list[str]:
             out.append(f"| {r['kernel']} | {r['batch']} x {r.get('tokens', 0) // max(r['batch'], 1)} | {r['context']} "
                        f"| {r['time_us']:.0f} | {_fmt(r.get('tflops'), '.1f')} | {_fmt(r.get('flop_fraction'), '.2f')} "
                        f"| {_fmt(_fractions(r)[0], '.2f')} |")
+    mixed = [r for r in rows if r["phase"] == "mixed"]
+    if mixed:
+        out += ["", "Mixed steps through the prefill op (running decodes beside prompt chunks): its one-row sequences "
+                "through the decode kernel (the default) or through the prefill kernel, in the same run:", "",
+                "| model | decode rows x context | chunks x tokens | one-row sequences by | us | read roofline |",
+                "|---|---|---|---|---|---|"]
+        for r in mixed:
+            by = "the prefill kernel" if "decode_single_rows=False" in r["kernel"] else "the decode kernel"
+            chunks = r["batch"] - r["decode_rows"]
+            out.append(f"| {r.get('model', '-')} | {r['decode_rows']} x {r['context']} | {chunks} x {r['chunk']} | {by} "
+                       f"| {r['time_us']:.0f} | {_fmt(_fractions(r)[0], '.2f')} |")
     return out + [""]
 
 

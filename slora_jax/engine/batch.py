@@ -1,12 +1,13 @@
 """Ragged batch -> StepInput in a small fixed set of bucket shapes.
 
 Shapes are padded so that jit compiles a bounded number of programs: a decode
-step has B sequences (one token each) with B a power of two up to
-max_running; a prefill (mixed) step has T tokens, a power of two up to
+step has B sequences (one token each) with B a bucket size (slora_jax/buckets.py:
+powers of two and, from 192 up, the sizes halfway between) up to
+max_running; a prefill (mixed) step has T tokens, a bucket size up to
 max_batch_tokens, and min(T, B_max) sequence rows. Segments NS = B, rank
 R = max_rank and the page-table width M = pages of one max_model_len sequence
 are fixed (the kernels loop only over a sequence's real length, so a wide
-table costs nothing but its few bytes). So there are log2(max_running) decode
+table costs nothing but its few bytes). So there are about log2(max_running) decode
 and log2(max_batch_tokens) prefill shapes, each with and without LoRA, all
 compiled by `Engine.warmup()`. A step's sampled tokens come back padded to
 `max_b` rows, so the next step takes them as one fixed-shape input (`feed`
@@ -21,6 +22,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from ..buckets import bucket, ladder
 from ..memory.cache import PoolCache
 from ..memory.pages import PageTable
 from ..model.inputs import LoraInput, StepInput
@@ -40,13 +42,9 @@ jax.tree_util.register_dataclass(
     SamplingArrays, data_fields=["temperature", "top_p", "top_k", "seeds", "counters"], meta_fields=[])
 
 
-def pow2(n: int, lo: int) -> int:
-    return 1 << max(lo - 1, n - 1, 0).bit_length() if n > lo else lo
-
-
 def max_batch_rows(max_running: int) -> int:
     """Sequence rows of the largest bucket: the length of every step's sampled-token output."""
-    return pow2(max_running, 4)
+    return bucket(max_running, 4)
 
 
 class BatchBuilder:
@@ -54,20 +52,20 @@ class BatchBuilder:
         self.pages, self.cache = pages, cache
         self.width = pages.layout.pages_per_seq
         self.max_b = max_batch_rows(max_running)
-        self.max_t = pow2(max_batch_tokens, 16)
+        self.max_t = bucket(max_batch_tokens, 16)
 
     def decode_sizes(self) -> list:
-        return [1 << i for i in range(2, self.max_b.bit_length())]
+        return ladder(4, self.max_b)
 
     def prefill_sizes(self) -> list:
-        return [1 << i for i in range(4, self.max_t.bit_length())]
+        return ladder(16, self.max_t)
 
     def _bucket(self, decode: bool, n_seqs: int, n_tokens: int) -> tuple[int, int]:
         """(B, T) bucket of a step."""
         if decode:
-            b = pow2(n_seqs, 4)
+            b = bucket(n_seqs, 4)
             return b, b
-        t = pow2(n_tokens, 16)
+        t = bucket(n_tokens, 16)
         return min(t, self.max_b), t
 
     def build(self, step: ScheduledStep) -> tuple[StepInput, SamplingArrays, list]:
@@ -80,7 +78,7 @@ class BatchBuilder:
         nb = len(reqs)
         b, t = self._bucket(decode, nb, int(ntok.sum()))
         if nb > b:  # more sequences than sequence rows for this token count: use the next token bucket
-            b, t = self.max_b, pow2(max(int(ntok.sum()), self.max_b), 16)
+            b, t = self.max_b, bucket(max(int(ntok.sum()), self.max_b), 16)
 
         tokens = np.zeros(t, np.int32)
         positions = np.zeros(t, np.int32)
