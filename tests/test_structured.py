@@ -6,6 +6,7 @@ constrained rows as without them; and the masks of a step are computed while its
 from __future__ import annotations
 
 import json
+import sys
 import threading
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 
 from slora_jax import LLM, InvalidRequest, SamplingParams
 from slora_jax.cli import add_demo_adapters
+from slora_jax.engine import structured
 from tests.serving import serving
 
 SCHEMA = {
@@ -203,6 +205,8 @@ def test_masks_are_computed_while_the_forward_runs():
         assert main[i - 2: i + 2] == ["build", "sample", "forward", "read"], main[i - 2: i + 2]
     for k, i in enumerate(j for j, e in enumerate(log) if e == "sample"):  # each step's masks were done first
         assert log[:i].count("masks-done") == k + 1
+    # the worker gets the GIL to start and return within the lowered switch interval, not CPython's 5 ms
+    assert sys.getswitchinterval() <= structured.SWITCH_INTERVAL_S < 0.005
 
 
 def test_a_grammar_refusing_a_token_fails_only_its_request():
