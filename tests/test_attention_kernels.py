@@ -41,6 +41,16 @@ def make_tables(rng, needed, max_pages, num_pages, pad="garbage"):
     return jnp.asarray(bt)
 
 
+def paged_inputs(rng, lengths, page_rows, max_pages, hq, hkv, hd, rows, layers):
+    """(pool, block tables, q [rows, hq, hd], kernel geometry) for sequences of `lengths` tokens, f32."""
+    needed = [cdiv(int(n), page_rows) for n in lengths]
+    num_pages = sum(needed) + 1
+    pool = make_pool(rng, layers, num_pages, page_rows, hkv * hd, jnp.float32)
+    bt = make_tables(rng, needed, max_pages, num_pages)
+    q = jnp.asarray(rng.standard_normal((rows, hq, hd), dtype=np.float32))
+    return pool, bt, q, dict(page_rows=page_rows, num_pages=num_pages, scale=hd ** -0.5)
+
+
 def awkward_lengths(rng, batch, page_rows, max_len):
     """0, 1, a page, a page + 1, the maximum, then random (odd) lengths."""
     special = [0, 1, page_rows, page_rows + 1, max_len, max_len - 1]
@@ -133,12 +143,7 @@ def test_decode_traced_layer_under_jit():
     rng = np.random.default_rng(3)
     hq, hkv, hd, page_rows, batch, max_pages = 4, 4, 16, 4, 6, 5
     lengths = awkward_lengths(rng, batch, page_rows, max_pages * page_rows)
-    needed = [cdiv(int(n), page_rows) for n in lengths]
-    num_pages = sum(needed) + 1
-    pool = make_pool(rng, 3, num_pages, page_rows, hkv * hd, jnp.float32)
-    bt = make_tables(rng, needed, max_pages, num_pages)
-    q = jnp.asarray(rng.standard_normal((batch, hq, hd), dtype=np.float32))
-    kw = dict(page_rows=page_rows, num_pages=num_pages, scale=hd ** -0.5)
+    pool, bt, q, kw = paged_inputs(rng, lengths, page_rows, max_pages, hq, hkv, hd, batch, layers=3)
     f = jax.jit(lambda q, pool, layer, bt, n: attention.paged_attention_decode(
         q, pool, layer, bt, n, **kw))
     for layer in (0, 2):
@@ -216,12 +221,7 @@ def test_mixed_step_matches_reference(hq, hkv, decode_single_rows):
         kvs = np.array([int(rng.integers(max(n, 1), max_pages * page_rows + 1)) for n in sizes], np.int32)
         kvs[np.flatnonzero(sizes == 1)[0]] = 1
         q_starts = jnp.asarray(np.concatenate([[0], np.cumsum(sizes)]), jnp.int32)
-        needed = [cdiv(int(n), page_rows) for n in kvs]
-        num_pages = sum(needed) + 1
-        pool = make_pool(rng, 2, num_pages, page_rows, hkv * hd, jnp.float32)
-        bt = make_tables(rng, needed, max_pages, num_pages)
-        q = jnp.asarray(rng.standard_normal((tokens, hq, hd), dtype=np.float32))
-        kw = dict(page_rows=page_rows, num_pages=num_pages, scale=hd ** -0.5)
+        pool, bt, q, kw = paged_inputs(rng, kvs, page_rows, max_pages, hq, hkv, hd, tokens, layers=2)
         out = attention.paged_attention_prefill(q, pool, 1, bt, q_starts, jnp.asarray(kvs), **kw, block_q=16,
                                                 block_kv=16, decode_single_rows=decode_single_rows)
         ref = reference.paged_attention_prefill(q, pool, 1, bt, q_starts, jnp.asarray(kvs), **kw)
