@@ -19,7 +19,7 @@ def test_step_updates_pool_in_place():
     pool_bytes = eng.pool.nbytes
     for decode, lora in ((True, False), (False, True)):
         inp, samp = eng.builder.dummy(decode, 16, lora)
-        stats = eng.runner._step.lower(eng.runner.state, eng.pool.array, inp, samp,
+        stats = eng.runner._step.lower(eng.runner.params, eng.pool.array, inp, samp,
                                        eng.runner.no_tokens).compile().memory_analysis()
         # the pool comes back in the buffer it came in; the step's scratch is a small fraction of it
         assert stats.alias_size_in_bytes >= pool_bytes

@@ -73,6 +73,10 @@ class ModelRunner:
         placed on it: Engine does that before sizing the pool), adapters laid out as `lora_tp` (parallel.py).
         max_seqs: the rows of a step's sampled-token output (the largest batch bucket)."""
         self.graphdef, self.state = nnx.split(model)
+        # the programs take the params as a flat tuple: jit flattens a tuple in C++, while an nnx State
+        # calls back into Python for each of its ~300 Variables at every dispatch
+        self.params = tuple(jax.tree.leaves(self.state))
+        model_def = (self.graphdef, jax.tree.structure(self.state))
         self.mesh = mesh
         if mesh is not None:
             kernels = shard_kernels(kernels, mesh, lora_tp)
@@ -90,33 +94,34 @@ class ModelRunner:
         # (the LoRA tables, RoPE) next to each use: on the H200, ~190 extra launches per Llama-7B decode
         # step, for nothing, as buffer assignment updates the pool in place anyway (tests/test_pool.py).
         opts = {"xla_disable_hlo_passes": "rematerialization", **step_compiler_options()}
-        self._step = jax.jit(functools.partial(ModelRunner._step_fn, self.graphdef, kernels), donate_argnums=(1,),
+        self._step = jax.jit(functools.partial(ModelRunner._step_fn, model_def, kernels), donate_argnums=(1,),
                              compiler_options=opts)
-        self._logits = jax.jit(functools.partial(ModelRunner._logits_fn, self.graphdef, kernels),
+        self._logits = jax.jit(functools.partial(ModelRunner._logits_fn, model_def, kernels),
                                donate_argnums=(1,), compiler_options=opts)
         self._sample = jax.jit(sampling.finish, static_argnames=("k", "want_logprobs"))
         self._logprobs = jax.jit(sampling.logprobs)
 
     @staticmethod
-    def _forward(graphdef, kernels, state, pool, inp: StepInput):
+    def _forward(model_def, kernels, params, pool, inp: StepInput):
         # a float32 model means "exact": keep XLA from using TF32 for its float32 GEMMs on GPU
-        exact = jax.tree.leaves(state)[0].dtype == jnp.float32
+        exact = params[0].dtype == jnp.float32
+        graphdef, state_def = model_def
         with jax.default_matmul_precision("highest" if exact else "default"):
-            return nnx.merge(graphdef, state)(inp, pool, kernels)
+            return nnx.merge(graphdef, jax.tree.unflatten(state_def, params))(inp, pool, kernels)
 
     @classmethod
-    def _step_fn(cls, graphdef, kernels, state, pool, inp: StepInput, samp: SamplingArrays, prev):
+    def _step_fn(cls, model_def, kernels, params, pool, inp: StepInput, samp: SamplingArrays, prev):
         """-> (greedy tokens padded like `prev`, logits, pool). `samp` only keys the program by the batch's
         shapes: its values are read by the sampling program (`step`), which rows at random need."""
         del samp
         tokens = jnp.where(inp.feed >= 0, prev[jnp.maximum(inp.feed, 0)], inp.tokens)
-        logits, pool = cls._forward(graphdef, kernels, state, pool, dataclasses.replace(inp, tokens=tokens))
+        logits, pool = cls._forward(model_def, kernels, params, pool, dataclasses.replace(inp, tokens=tokens))
         best = sampling.greedy(logits)
         return jnp.zeros_like(prev).at[: best.shape[0]].set(best), logits, pool
 
     @classmethod
-    def _logits_fn(cls, graphdef, kernels, state, pool, inp: StepInput):
-        return cls._forward(graphdef, kernels, state, pool, inp)
+    def _logits_fn(cls, model_def, kernels, params, pool, inp: StepInput):
+        return cls._forward(model_def, kernels, params, pool, inp)
 
     def _place(self, tree):
         # on a mesh every device needs the whole step input: one explicit replicated transfer, so jit
@@ -131,7 +136,7 @@ class ModelRunner:
         k = sampling.plan(samp)  # read on the host, from the batch's own arrays, before they move
         inp, samp = self._place(inp), self._place(samp)
         exe = self._compiled.get(_signature(inp, samp))
-        tokens, logits, pool = (exe or self._step)(self.state, pool, inp, samp, prev)
+        tokens, logits, pool = (exe or self._step)(self.params, pool, inp, samp, prev)
         return Forward(tokens, logits, samp, k), pool
 
     def sample(self, fwd: Forward, mask: Optional[np.ndarray] = None, logprobs: bool = False) -> tuple:
@@ -195,10 +200,10 @@ class ModelRunner:
     def lower(self, pool, inp: StepInput, samp: SamplingArrays):
         """The step program for these input shapes, lowered (not compiled): `.compile()` it, or read it."""
         inp, samp = self._place(inp), self._place(samp)
-        return self._step.lower(self.state, pool, inp, samp, self.no_tokens)
+        return self._step.lower(self.params, pool, inp, samp, self.no_tokens)
 
     def logits(self, pool, inp: StepInput):
-        return self._logits(self.state, pool, self._place(inp))
+        return self._logits(self.params, pool, self._place(inp))
 
     def logprobs(self, logits, tokens: np.ndarray) -> tuple:
         """sampling.logprobs of `tokens` [B] (row i's) under `logits` [B, V], on the device."""
