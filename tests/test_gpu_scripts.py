@@ -178,3 +178,10 @@ def test_a_kernel_faster_than_the_read_probes_becomes_the_read_limit():
     assert rows[0]["read_roofline_fraction"] == 1.0064  # not changed in place
     below = [{"read_roofline_fraction": 0.9, "read_limit_tbps": 4.4}]
     assert common.rebase_read_limit(below) == below and "read_limit_source" not in below[0]
+
+
+def test_mask_gil_probe_runs(tmp_path):
+    """benchmarks/probe_mask_gil.py (why structured output lowers the switch interval) runs and reports both."""
+    proc = _run(["benchmarks/probe_mask_gil.py", "--rounds", "3", "--vocab", "1000"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "switch interval 5.0 ms" in proc.stdout and "switch interval 0.5 ms" in proc.stdout
