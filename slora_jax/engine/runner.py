@@ -74,7 +74,8 @@ class ModelRunner:
         max_seqs: the rows of a step's sampled-token output (the largest batch bucket)."""
         self.graphdef, self.state = nnx.split(model)
         # the programs take the params as a flat tuple: jit flattens a tuple in C++, while an nnx State
-        # calls back into Python for each of its ~300 Variables at every dispatch
+        # calls back into Python for each of its ~300 Variables at every dispatch (`state` holds the same
+        # arrays by name, for readers; the weights never change after start-up)
         self.params = tuple(jax.tree.leaves(self.state))
         model_def = (self.graphdef, jax.tree.structure(self.state))
         self.mesh = mesh
