@@ -32,7 +32,8 @@ Mixed steps (prefill chunks batched with sequences of one query row, the running
 the one-row sequences go through the decode kernel (their rows gathered into a [B, Hq, hd] batch, the
 other sequences given length 0) and the prefill work list skips them, so that a decode row does not
 fill a BQ-row query tile alone: a saturated S1 step on the H200 spent ~700 us a layer in the prefill
-kernel where the decode kernel takes ~470 us for the same rows. A `where` merges the two outputs.
+kernel where the decode kernel takes ~470 us for the same rows. The decode outputs are scattered into
+the prefill kernel's (their B rows only).
 
 Prefill: a static work list. The packed query axis is cut, per sequence, into
 blocks of ``BQ = block_q // R_g`` query tokens (``R_g = next_pow2(G)``; the
@@ -372,10 +373,8 @@ def _mixed(q, pool, layer, block_tables, q_starts, kv_lens, *, page_rows, num_pa
     pre = _prefill_pallas(q, pool, layer, block_tables, q_starts, kv_lens, page_rows=page_rows, num_pages=num_pages,
                           scale=scale, interpret=interpret, block_q=block_q, block_kv=block_kv, num_warps=num_warps,
                           num_stages=num_stages, skip_single=True)
-    rows = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(qs, rows, side="right") - 1, 0, single.shape[0] - 1)
-    take = single[seq] & (rows >= qs[0]) & (rows < qs[-1])
-    return jnp.where(take[:, None, None], dec[seq], pre)
+    # each one-row sequence's row, unwritten by the prefill kernel, takes its decode output (others dropped)
+    return pre.at[jnp.where(single, first, num_tokens)].set(dec, mode="drop")
 
 
 # --------------------------------------------------------------------------- wrappers
