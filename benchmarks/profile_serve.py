@@ -32,12 +32,16 @@ from slora_jax.bench.workload import adapter_name  # noqa: E402
 
 class Window:
     """An engine `on_step` callback: starts the profiler `lead_s` after the first step, stops it `seconds`
-    later, and keeps the engine's figures at both ends and the batch of every step between."""
+    later, and keeps the engine's figures at both ends and the batch of every step between. The figures
+    are taken from the first step after the profiler started to the last before it stops, so the window's
+    wall and host times hold neither call (starting it takes about a second, which the step that calls it
+    counts as host work)."""
 
     def __init__(self, engine, trace_dir: str, lead_s: float, seconds: float):
         self.engine, self.trace_dir = engine, trace_dir
         self.lead_s, self.seconds = lead_s, seconds
         self.t0 = self.start = self.end = None
+        self.tracing = False
         self.before = self.after = None
         self.running: list = []
 
@@ -47,16 +51,19 @@ class Window:
         now = time.monotonic()
         if self.t0 is None:
             self.t0 = now
-        if self.start is None and now - self.t0 >= self.lead_s:
+        if not self.tracing:
+            if now - self.t0 >= self.lead_s:
+                jax.profiler.start_trace(self.trace_dir, create_perfetto_trace=True,
+                                         profiler_options=common.device_only_profile())
+                self.tracing = True
+        elif self.start is None:  # the step that started the profiler has been counted by now
             self.before, self.start = self._figures(), time.monotonic()
-            jax.profiler.start_trace(self.trace_dir, create_perfetto_trace=True,
-                                     profiler_options=common.device_only_profile())
-        elif self.start is not None and self.end is None:
+        elif self.end is None:
             self.running.append(len(self.engine.scheduler.running))
             if now - self.start >= self.seconds:
-                self.engine.drain()  # the last step's device work inside the window
-                jax.profiler.stop_trace()
                 self.after, self.end = self._figures(), time.monotonic()
+                self.engine.drain()  # the last step's device work inside the trace
+                jax.profiler.stop_trace()
 
     @property
     def done(self) -> bool:

@@ -185,3 +185,32 @@ def test_mask_gil_probe_runs(tmp_path):
     proc = _run(["benchmarks/probe_mask_gil.py", "--rounds", "3", "--vocab", "1000"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "switch interval 5.0 ms" in proc.stdout and "switch interval 0.5 ms" in proc.stdout
+
+
+def test_profile_serve_window_leaves_out_the_profiler_calls(monkeypatch):
+    """profile_serve.Window's wall and host figures run from the first step after the profiler started to
+    the last before it stops: starting the profiler (slow) counts in neither."""
+    import time as time_mod
+    import types
+
+    import jax
+
+    from benchmarks.profile_serve import Window
+
+    keys = ("steps", "tokens_generated", "prompt_tokens", "host_s", "device_wait_s", "mask_wait_s",
+            "prefix_hit_tokens", "swaps_in")
+    figures = dict.fromkeys(keys, 0.0)
+    engine = types.SimpleNamespace(stats=lambda: dict(figures), drain=lambda: [],
+                                   scheduler=types.SimpleNamespace(running=[1, 2]))
+    monkeypatch.setattr(jax.profiler, "start_trace", lambda *a, **k: time_mod.sleep(0.3))
+    monkeypatch.setattr(jax.profiler, "stop_trace", lambda: time_mod.sleep(0.3))
+    win = Window(engine, "unused", lead_s=0.0, seconds=0.05)
+    while not win.done:  # the engine's step: its host time is counted after its callbacks return
+        t = time_mod.monotonic()
+        figures["steps"] += 1
+        win(())
+        time_mod.sleep(0.01)
+        figures["host_s"] += time_mod.monotonic() - t
+    wall = win.end - win.start
+    host = win.after["host_s"] - win.before["host_s"]
+    assert 0.04 <= wall < 0.2 and 0 < host < 0.2, (wall, host)
