@@ -5,7 +5,7 @@ bench_decode.py in a subprocess (default: off and on; Llama-3.1-8B, batch 32, no
 adapters). Rows go to <out>/decode_cmdbuf.json, each with its `command_buffers` setting and XLA_FLAGS;
 the table printed last compares each setting's step time with the first's.
 
-    python benchmarks/bench_cmdbuf.py --out $OUT [--models llama3-8b] [--batches 32] [--settings off,on,default]
+    python benchmarks/bench_cmdbuf.py --out $OUT [--models llama3-8b] [--batches 32] [--settings default,on,off]
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def main():
     ap.add_argument("--batches", default="32")
     ap.add_argument("--ranks", default="8")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--settings", default="off,on", help="of " + ", ".join(common.COMMAND_BUFFERS))
+    ap.add_argument("--settings", default="default,on", help="of " + ", ".join(common.COMMAND_BUFFERS))
     ap.add_argument("--timeout", type=int, default=240, help="seconds for each setting's process")
     ap.add_argument("--quick", action="store_true", help="tiny model on CPU: checks the script runs")
     args = ap.parse_args()
