@@ -1,8 +1,9 @@
 """Decode steps with and without XLA command buffers (CUDA graphs), each setting in its own process.
 
-XLA reads XLA_FLAGS once, when the backend starts, so each setting of common.COMMAND_BUFFERS runs
-bench_decode.py in a subprocess (default: off and on; Llama-3.1-8B, batch 32, no adapter / one / 32 distinct rank-8
-adapters). Rows go to <out>/decode_cmdbuf.json, each with its `command_buffers` setting and XLA_FLAGS;
+Each setting of EngineConfig.command_buffers (slora_jax.config.COMMAND_BUFFERS: XLA options of the step
+programs) runs bench_decode.py in a subprocess of its own, so that no setting inherits another's compiled
+programs or device state (default: default and on; Llama-3.1-8B, batch 32, no adapter / one / 32 distinct
+rank-8 adapters). Rows go to <out>/decode_cmdbuf.json, each with its `command_buffers` setting and XLA options;
 the table printed last compares each setting's step time with the first's.
 
     python benchmarks/bench_cmdbuf.py --out $OUT [--models llama3-8b] [--batches 32] [--settings default,on,off]
@@ -19,6 +20,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
+from slora_jax.config import COMMAND_BUFFERS  # noqa: E402
 
 
 def run_setting(setting: str, args) -> list:
@@ -45,7 +47,7 @@ def main():
     ap.add_argument("--batches", default="32")
     ap.add_argument("--ranks", default="8")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--settings", default="default,on", help="of " + ", ".join(common.COMMAND_BUFFERS))
+    ap.add_argument("--settings", default="default,on", help="of " + ", ".join(COMMAND_BUFFERS))
     ap.add_argument("--timeout", type=int, default=240, help="seconds for each setting's process")
     ap.add_argument("--quick", action="store_true", help="tiny model on CPU: checks the script runs")
     args = ap.parse_args()

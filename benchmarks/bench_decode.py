@@ -44,7 +44,9 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from slora_jax import LLM, SamplingParams  # noqa: E402
+from slora_jax.config import COMMAND_BUFFERS  # noqa: E402
 from slora_jax.engine.request import Request  # noqa: E402
+from slora_jax.engine.runner import step_compiler_options  # noqa: E402
 from slora_jax.engine.scheduler import ScheduledStep  # noqa: E402
 from slora_jax.memory import layout  # noqa: E402
 from slora_jax.memory.pages import OutOfPages  # noqa: E402
@@ -174,17 +176,17 @@ def decode_row(llm, batch, context, mode, rank, steps, limits, model):
         "host_build_ms": host * 1e3, "first_steps_s": first_s, **limits.fractions(moved, dt),
         "bytes_per_step": moved, **limits.row_fields(), "device": common.device_name(),
         "kernels": eng.runner.kernels.name, "git_commit": common.git_commit(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "xla_options": {**COMMAND_BUFFERS[eng.ecfg.command_buffers], **step_compiler_options()},
     }
 
 
-def build_llm(preset: str, rows_spec, ranks, quick: bool):
+def build_llm(preset: str, rows_spec, ranks, quick: bool, command_buffers: str = "default"):
     """The model with a pool sized for the batches of `rows_spec`; every decode bucket they use compiled."""
     max_b = max(b for b, _ in rows_spec)
     max_ctx = max(c for _, c in rows_spec)
     extra = {"num_pages": 256, "dtype": "float32"} if quick else {"mem_fraction": 0.90}
     llm = LLM(preset, max_rank=max(ranks), max_running=max_b, max_batch_tokens=max(max_b, 512),
-              max_model_len=max_ctx + 64, **extra)
+              max_model_len=max_ctx + 64, command_buffers=command_buffers, **extra)
     eng = llm.engine
     fill_pool_random(eng.pool)
     for rank in ranks:  # registered before the compiles: the adapters' target modules shape the LoRA programs
@@ -203,7 +205,7 @@ def bench_model(preset, args, limits, ranks) -> tuple[list, list]:
     if args.batches:
         keep = {int(b) for b in args.batches.split(",")}
         rows_spec = [(b, c) for b, c in rows_spec if b in keep]
-    llm = build_llm(preset, rows_spec, ranks, args.quick)
+    llm = build_llm(preset, rows_spec, ranks, args.quick, args.command_buffers)
     rows, skipped = [], []
     for batch, ctx in rows_spec:
         for mode, rank in modes(ranks):
@@ -262,10 +264,9 @@ def main():
     ap.add_argument("--ranks", default="8,64")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU: checks the script runs")
     ap.add_argument("--skip-peft", action="store_true")
-    ap.add_argument("--command-buffers", default="default", choices=sorted(common.COMMAND_BUFFERS),
-                    help="XLA command buffers (CUDA graphs) for the step programs (common.COMMAND_BUFFERS)")
+    ap.add_argument("--command-buffers", default="default", choices=sorted(COMMAND_BUFFERS),
+                    help="XLA command buffers (CUDA graphs) for the step programs (slora_jax.config.COMMAND_BUFFERS)")
     args = ap.parse_args()
-    common.use_command_buffers(args.command_buffers)  # before the backend starts
     os.makedirs(args.out, exist_ok=True)
     presets = args.models.split(",")
     if args.quick:

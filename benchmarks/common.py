@@ -139,25 +139,6 @@ def median_seconds(fn: Callable, *args, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-# -- XLA command buffers (CUDA graphs) ---------------------------------------------------------
-# XLA_FLAGS of each setting the command-buffer stage compares. "default": what this jax does unless told;
-# "off": no command buffers; "on": every kind of thunk XLA may capture in one, however short the sequence.
-COMMAND_BUFFERS = {
-    "default": "",
-    "off": "--xla_gpu_enable_command_buffer=",
-    "on": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=1",
-}
-
-
-def use_command_buffers(setting: str) -> str:
-    """Add `setting`'s flags to XLA_FLAGS (before the backend starts: call it before any device work).
-    Returns the resulting XLA_FLAGS."""
-    flags = COMMAND_BUFFERS[setting]
-    if flags:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
-    return os.environ.get("XLA_FLAGS", "")
-
-
 # -- the roofline: what the device can read, measured in the same process --------------------
 GIB = 1 << 30
 READ_GIB = 8.0  # the read measurements stream this much (less only where the device has not the room)

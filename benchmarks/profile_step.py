@@ -3,7 +3,8 @@
 Llama-2-7B shape (or `--model llama3-8b`, Llama-3.1-8B; random bf16 weights), one decode batch per
 `--batches` entry (bench_decode.decode_batch) with and without LoRA; `--steps` steps are traced after
 warm-up. `--command-buffers off|on` profiles the step with XLA command buffers (CUDA graphs) set so
-(common.COMMAND_BUFFERS); the HLO counts say whether the compiled step holds any. The Perfetto trace's device-side events are summed by
+(EngineConfig.command_buffers, slora_jax.config.COMMAND_BUFFERS); XLA captures them from its thunks,
+after the HLO passes, so the HLO counts do not show them: the launch gaps in the trace do. The Perfetto trace's device-side events are summed by
 name and by kind (GEMM, Pallas LoRA, attention, other fusions, copies), per step. The kernel counts
 say how many launches LoRA adds per layer; their times say what each costs.
 
@@ -32,6 +33,7 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.bench_decode import decode_batch, fill_pool_random, pipelined_step_s  # noqa: E402
 from slora_jax import LLM  # noqa: E402
+from slora_jax.config import COMMAND_BUFFERS  # noqa: E402
 from slora_jax.engine.runner import step_compiler_options  # noqa: E402
 
 # XLA's GPU trace names a psum's all-reduce after the op ("psum_917_0_fusion_1")
@@ -107,17 +109,17 @@ def main():
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (that many devices)")
-    ap.add_argument("--command-buffers", default="default", choices=sorted(common.COMMAND_BUFFERS))
+    ap.add_argument("--command-buffers", default="default", choices=sorted(COMMAND_BUFFERS))
     ap.add_argument("--quick", action="store_true", help="tiny model on CPU: checks the script runs")
     args = ap.parse_args()
-    xla_flags = common.use_command_buffers(args.command_buffers)  # before the backend starts
     extra = {"num_pages": 256, "dtype": "float32"} if args.quick else {"mem_fraction": 0.5}
     preset = args.model
     if args.quick:
         args.model, args.batches, args.context, args.rank = "tiny", "4", 32, 4
     batches = [int(b) for b in args.batches.split(",")]
     llm = LLM(args.model, max_rank=args.rank, max_running=max(batches), max_batch_tokens=max(max(batches), 256),
-              max_model_len=args.context + 64, tp=args.tp, **extra)
+              max_model_len=args.context + 64, tp=args.tp,
+              command_buffers=args.command_buffers, **extra)
     fill_pool_random(llm.engine.pool)
     rows = [profile(llm, batch, args.context, mode, args.rank, args.steps)
             for batch in batches for mode in ("none", args.mode)]
@@ -128,7 +130,7 @@ def main():
                       for k, v in step_compiler_options().items()) + ".json")
     common.write_json(os.path.join(args.out, name), {
         "device": common.device_name(), "model": llm.model_cfg.name, "tp": args.tp,
-        "command_buffers": args.command_buffers, "xla_flags": xla_flags, "git_commit": common.git_commit(),
+        "command_buffers": args.command_buffers, "xla_options": COMMAND_BUFFERS[args.command_buffers], "git_commit": common.git_commit(),
         "step_compiler_options": step_compiler_options(),
         "rows": rows})
     print(f"wrote {name}")

@@ -26,6 +26,17 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # How adapters are laid out over tensor-parallel devices (EngineConfig.lora_tp; slora_jax/parallel.py).
 LORA_TP = ("replicated", "sharded")
 
+# XLA command buffers (CUDA graphs) for the step programs, by EngineConfig.command_buffers. "default": what
+# this jax and XLA do unless told; "off": none; "on": every command type XLA can capture, the Pallas kernels'
+# custom calls included, however short the run of them: a step then launches as a few graphs instead of
+# one host launch per kernel (~1,000 for a Llama step), which the device otherwise waits for when kernels
+# are short (small batches, the LoRA kernels). Options of the step programs only; no XLA_FLAGS needed.
+COMMAND_BUFFERS = {
+    "default": {},
+    "off": {"xla_gpu_enable_command_buffer": ""},
+    "on": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN", "xla_gpu_graph_min_graph_size": 1},
+}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -198,6 +209,8 @@ class EngineConfig:
     async_steps: bool = True
     # keep full KV pages as cached prefix blocks and reuse them for requests that start alike (memory/cache.py)
     prefix_cache: bool = True
+    # XLA command buffers (CUDA graphs) for the step programs: default | on | off (COMMAND_BUFFERS above)
+    command_buffers: str = "default"
 
     def with_pages(self, num_pages: int) -> "EngineConfig":
         """This config once the pool is sized: `num_pages` set, and `max_running` (if None) resolved to the
@@ -212,6 +225,9 @@ class EngineConfig:
     def __post_init__(self):
         if self.lora_tp not in LORA_TP:
             raise ConfigError(f"lora_tp must be one of {list(LORA_TP)}, got {self.lora_tp!r}")
+        if self.command_buffers not in COMMAND_BUFFERS:
+            raise ConfigError(f"command_buffers must be one of {list(COMMAND_BUFFERS)}, "
+                              f"got {self.command_buffers!r}")
 
     def replace(self, **kw: Any) -> "EngineConfig":
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}

@@ -6,7 +6,7 @@ import pytest
 
 from slora_jax import LLM, AdapterError, RequestError, SamplingParams
 from slora_jax.adapters.lora import from_pytree
-from slora_jax.config import LORA_MODULES
+from slora_jax.config import LORA_MODULES, ConfigError
 from tests import dense_reference as ref
 
 TARGET_SETS = [("q_proj", "v_proj"), LORA_MODULES, ("o_proj", "down_proj"), ("k_proj", "gate_proj", "up_proj")]
@@ -213,6 +213,21 @@ def test_cli_engine_flags_reach_the_engine_config():
     assert _engine_kw(p.parse_args([])) == {}
     llm = LLM("tiny", kernels="xla", dtype="float32", **kw)
     assert (llm.engine_cfg.num_pages, llm.engine_cfg.early_abort_s, llm.engine_cfg.async_steps) == (300, 2.5, False)
+
+
+def test_command_buffer_settings_reach_the_step_programs():
+    """EngineConfig.command_buffers becomes XLA options of the step programs (ignored off a GPU, where the
+    tokens must not change), and an unknown setting is refused before anything is built."""
+    prompts, _ = workload(6, 1)
+    sp = SamplingParams(max_tokens=6, ignore_eos=True)
+    default = make_llm(num_pages=64)
+    on = make_llm(num_pages=64, command_buffers="on")
+    assert "xla_gpu_enable_command_buffer" not in default.engine.runner.compiler_options
+    assert on.engine.runner.compiler_options["xla_gpu_enable_command_buffer"].startswith("FUSION")
+    assert [o.token_ids for o in on.generate(prompts, sampling=sp)] == \
+        [o.token_ids for o in default.generate(prompts, sampling=sp)]
+    with pytest.raises(ConfigError, match="command_buffers must be one of"):
+        make_llm(command_buffers="always")
 
 
 def test_add_request_does_not_wait_for_the_engine_lock():

@@ -415,7 +415,7 @@ def cmdbuf_section(rows: list) -> list[str]:
     """decode_cmdbuf.json: the same decode rows under each XLA command-buffer setting."""
     ok = [r for r in rows if "step_ms" in r]
     out = ["### XLA command buffers (CUDA graphs) for the decode step (bench_cmdbuf.py)", "",
-           f"{_meta(ok)}. Each setting ran in its own process (XLA reads its flags once).", "",
+           f"{_meta(ok)}. Each setting ran in its own process.", "",
            f"| setting | model | batch | adapters | rank | step ms | speed-up over `{ok[0]['command_buffers'] if ok else '-'}` "
            "| read roofline |",
            "|---|---|---|---|---|---|---|---|"]
@@ -429,8 +429,9 @@ def cmdbuf_section(rows: list) -> list[str]:
         out.append(f"| {r['command_buffers']} | {r['model']} | {r['batch']} | {r['adapters']} | {r['rank']} | "
                    f"{r['step_ms']:.2f} | {_fmt(ref / r['step_ms'] if ref else None, '.3f')}x | "
                    f"{_fmt(r.get('read_roofline_fraction'), '.2f')} |")
-    flags = sorted({(r["command_buffers"], r.get("xla_flags", "")) for r in ok})
-    out += [""] + [f"- `{s}`: XLA_FLAGS `{f or '(none)'}`" for s, f in flags] + [""]
+    # rows before the engine option (EngineConfig.command_buffers) set XLA_FLAGS instead
+    flags = sorted({(r["command_buffers"], str(r.get("xla_options", r.get("xla_flags", "")))) for r in ok})
+    out += [""] + [f"- `{s}`: XLA options `{f or '(none)'}`" for s, f in flags] + [""]
     return out
 
 

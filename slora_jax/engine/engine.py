@@ -123,7 +123,7 @@ class Engine:
             nnx.update(model, parallel.place_params(nnx.state(model), mesh))
         self.ecfg = ecfg = ecfg.with_pages(choose_num_pages(cfg, ecfg, dtype))
         self.runner = ModelRunner(model, kernel_set(ecfg.kernels), max_batch_rows(ecfg.max_running), self.mesh,
-                                  ecfg.lora_tp)
+                                  ecfg.lora_tp, ecfg.command_buffers)
         self.layout = lay = layout.PoolLayout.create(cfg, ecfg, ecfg.num_pages)
         if lay.num_pages < lay.pages_per_seq + 1:
             raise ValueError(f"num_pages={lay.num_pages} cannot hold one max_model_len={ecfg.max_model_len} "

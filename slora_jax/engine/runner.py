@@ -30,6 +30,7 @@ from flax import nnx
 from pallas_kernels import KernelSet
 
 from .. import parallel
+from ..config import COMMAND_BUFFERS
 from ..model.inputs import StepInput
 from ..model.tp_kernels import shard_kernels
 from . import sampling
@@ -68,10 +69,12 @@ def step_compiler_options() -> dict:
 class ModelRunner:
     """Owns the device side: params, the compiled steps. The pool array is passed in and donated."""
 
-    def __init__(self, model, kernels: KernelSet, max_seqs: int, mesh=None, lora_tp: str = "replicated"):
+    def __init__(self, model, kernels: KernelSet, max_seqs: int, mesh=None, lora_tp: str = "replicated",
+                 command_buffers: str = "default"):
         """mesh: tensor parallelism over its `tp` axis (kernels per shard; the model's params must already be
         placed on it: Engine does that before sizing the pool), adapters laid out as `lora_tp` (parallel.py).
-        max_seqs: the rows of a step's sampled-token output (the largest batch bucket)."""
+        max_seqs: the rows of a step's sampled-token output (the largest batch bucket). command_buffers: a
+        key of COMMAND_BUFFERS."""
         self.graphdef, self.state = nnx.split(model)
         # the programs take the params as a flat tuple: jit flattens a tuple in C++, while an nnx State
         # calls back into Python for each of its ~300 Variables at every dispatch (`state` holds the same
@@ -94,7 +97,8 @@ class ModelRunner:
         # pools: "can't reduce memory use below ...") and, failing to fit that, recomputes small values
         # (the LoRA tables, RoPE) next to each use: on the H200, ~190 extra launches per Llama-7B decode
         # step, for nothing, as buffer assignment updates the pool in place anyway (tests/test_pool.py).
-        opts = {"xla_disable_hlo_passes": "rematerialization", **step_compiler_options()}
+        self.compiler_options = opts = {"xla_disable_hlo_passes": "rematerialization",
+                                        **COMMAND_BUFFERS[command_buffers], **step_compiler_options()}
         self._step = jax.jit(functools.partial(ModelRunner._step_fn, model_def, kernels), donate_argnums=(1,),
                              compiler_options=opts)
         self._logits = jax.jit(functools.partial(ModelRunner._logits_fn, model_def, kernels),
