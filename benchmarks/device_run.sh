@@ -26,19 +26,22 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/slora-jax-cache}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-1}
 export GIT_COMMIT=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+# extra `--set KEY=VALUE` options for every `slora-jax bench` and profile_serve stage (e.g.
+# EXTRA_SET="--set engine.command_buffers=on")
+EXTRA_SET=${EXTRA_SET:-}
 WORK=${WORK:-/tmp/slora-device-run}
 R=$WORK/r
 mkdir -p "$R"
 
 # stage -> "usual seconds|command" (the bench settings also cut themselves at time_budget_s)
-BENCH="python3 -m slora_jax.cli bench --out $R --set time_budget_s=${BENCH_BUDGET_S:-480} --config configs"
+BENCH="python3 -m slora_jax.cli bench --out $R $EXTRA_SET --set time_budget_s=${BENCH_BUDGET_S:-480} --config configs"
 # saturated: n = 5 and 2,000 on the same 1,000 requests offered at once, base-only beside them (every step
 # program compiled first; base-only runs first, then n = 5, then n = 2,000)
-SAT="python3 -m slora_jax.cli bench --out $R --set saturate=true --set n_adapters=[5,2000] --set time_budget_s=230 --config configs"
+SAT="python3 -m slora_jax.cli bench --out $R $EXTRA_SET --set saturate=true --set n_adapters=[5,2000] --set time_budget_s=230 --config configs"
 # the max-rate search alone at n = 2,000 (no base-only or PEFT runs; a 10 s main run at the offered 10 req/s):
 # the capacity first (500 requests offered at once), then rates in rising order up to the first failing one
 # or the capacity, at most 64 req/s
-RATE="python3 -m slora_jax.cli bench --out $R --set time_budget_s=200 --set rate_search.capacity_requests=500 --set n_adapters=[2000] --set duration_s=10 --set peft.enabled=false --set base_only=false --set rate_search.max_probes=12 --config configs"
+RATE="python3 -m slora_jax.cli bench --out $R $EXTRA_SET --set time_budget_s=200 --set rate_search.capacity_requests=500 --set n_adapters=[2000] --set duration_s=10 --set peft.enabled=false --set base_only=false --set rate_search.max_probes=12 --config configs"
 declare -A STAGES=(
     [check]="150|python3 benchmarks/gpu_engine_check.py"
     [lora]="450|python3 benchmarks/bench_lora.py --out $R"
@@ -68,12 +71,12 @@ declare -A STAGES=(
     [rate-s1-8b]="220|$RATE/bench-S1-8B.json"
     # prefix cache on / off (issue #18): 1,000 adapters with a 1,024-token system prompt each, the same requests
     # at 8 req/s for 20 s (first-token latency) and 400 at once (throughput), each way; writes chat-prefix.json
-    [chat]="280|python3 -m slora_jax.cli bench --out $R --set time_budget_s=250 --config configs/bench-chat.json"
+    [chat]="280|python3 -m slora_jax.cli bench --out $R $EXTRA_SET --set time_budget_s=250 --config configs/bench-chat.json"
     # a few seconds of a setting's traffic traced: host work and device waits, device busy / idle and kernels per
     # step (the chat setting at its offered rate, prefix cache on; S1 and S1-8B saturated)
-    [profile-chat]="130|python3 benchmarks/profile_serve.py --out $R --config configs/bench-chat.json --lead-s 4"
-    [profile-s1-sat]="120|python3 benchmarks/profile_serve.py --out $R --config configs/bench-S1.json --saturate --set n_adapters=[2000]"
-    [profile-s1-8b-sat]="120|python3 benchmarks/profile_serve.py --out $R --config configs/bench-S1-8B.json --saturate --set n_adapters=[2000]"
+    [profile-chat]="130|python3 benchmarks/profile_serve.py --out $R $EXTRA_SET --config configs/bench-chat.json --lead-s 4"
+    [profile-s1-sat]="120|python3 benchmarks/profile_serve.py --out $R $EXTRA_SET --config configs/bench-S1.json --saturate --set n_adapters=[2000]"
+    [profile-s1-8b-sat]="120|python3 benchmarks/profile_serve.py --out $R $EXTRA_SET --config configs/bench-S1-8B.json --saturate --set n_adapters=[2000]"
     [tp]="200|python3 benchmarks/gpu_tp_check.py --out $R"
     [profile-tp]="120|python3 benchmarks/profile_step.py --out $R --tp 2"
 )
