@@ -134,9 +134,18 @@ def find_chat_template(model_dir: str, tokenizer_config: dict) -> tuple[Optional
 
 
 # -- tokenizers -------------------------------------------------------------------------------------------
+class _NotAByte:
+    """Every id but 0-255: the ids ByteTokenizer.decode skips, as a set."""
+
+    def __contains__(self, i) -> bool:
+        return not 0 <= i < 256
+
+
 class ByteTokenizer:
     """Bytes as ids (the tiny default model). Its chat format is `plain_chat_text` encoded with BOS,
-    unless a chat template is given."""
+    unless a chat template is given. Every id past the bytes is special: decode skips it."""
+
+    special_ids = _NotAByte()
 
     def __init__(self, bos_id: Optional[int] = 256, eos_ids: Sequence[int] = (257,), chat_template: Optional[str] = None):
         self.bos_id, self.eos_ids = bos_id, tuple(eos_ids)
@@ -256,6 +265,10 @@ class IncrementalDecoder:
     Byte-fallback decoders turn a whole run of `<0xXX>` tokens into U+FFFDs if any byte of it is
     invalid, so a later byte can change the text of earlier ones: the text of a trailing run of byte
     tokens (special tokens, skipped in decoding, do not end a run) waits until a token ends the run.
+
+    Special tokens never enter the window: decode skips them, so the text is the same without them, and
+    a window that emits no text does not move on (a run of them would make every push decode it all
+    again, which random-weight benchmarks, whose ids are mostly special to a byte tokenizer, did).
     """
 
     PROMPT_CONTEXT = 5  # prompt tokens decoded before the first generated one (as vLLM)
@@ -263,13 +276,17 @@ class IncrementalDecoder:
     def __init__(self, tokenizer, prompt_ids: Sequence[int] = ()):
         self.tok = tokenizer
         byte_ids = getattr(tokenizer, "byte_fallback_ids", frozenset())
-        self._run_ids = byte_ids | getattr(tokenizer, "special_ids", frozenset()) if byte_ids else frozenset()
+        self._special = getattr(tokenizer, "special_ids", frozenset())
+        self._run_ids = byte_ids | self._special if byte_ids else frozenset()
         self.ids = list(prompt_ids[-self.PROMPT_CONTEXT:])
         self.prefix_offset, self.read_offset = 0, len(self.ids)  # window start; end of the emitted part
         self._prefix_text = tokenizer.decode(self.ids)  # decode(ids[prefix_offset:read_offset])
 
     def push(self, new_ids: Sequence[int]) -> str:
-        self.ids.extend(new_ids)
+        new = [i for i in new_ids if i not in self._special]
+        if not new:
+            return ""  # the window and its text are unchanged
+        self.ids.extend(new)
         return self._advance(hold_incomplete=True)
 
     def flush(self) -> str:

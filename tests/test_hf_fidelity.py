@@ -12,6 +12,7 @@ answer is compared with transformers (greedy tokens, where they stop, prompt tok
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import random
 
@@ -23,7 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from server import create_app
 from slora_jax import LLM, RequestTooLong, SamplingParams
-from slora_jax.tokenizer import HFTokenizer, IncrementalDecoder
+from slora_jax.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDecoder
 from tests.serving import on_loopback
 from tests import hf_fixtures
 
@@ -281,6 +282,36 @@ def test_chat_without_a_template_is_a_clear_400(sp):
         client.chat.completions.create(model="base", messages=MESSAGES, max_tokens=4)
     assert "no chat template" in e.value.message and "--chat-template" in e.value.message
     assert e.value.param == "messages"
+
+
+@pytest.mark.parametrize("which", ["bytes", "bpe", "sp"])
+def test_special_tokens_keep_the_decoding_window_short(which, tmp_path):
+    """Long runs of special tokens (ids decode() skips: most of a random-weight model's ids under the byte
+    tokenizer) between text tokens: the deltas stay exact, and the window a push decodes stays a few
+    tokens long instead of growing with every special token."""
+    if which == "bytes":
+        ours = ByteTokenizer()
+        whole = ours.decode
+        specials, texts = list(range(256, 32000)), list(range(32, 127))
+    else:
+        tok = byte_level_bpe() if which == "bpe" else sentencepiece_style()
+        save_tokenizer(tok, tmp_path, bos_token="<s>", eos_token="</s>")
+        ours, theirs = HFTokenizer(str(tmp_path), 1, (2,)), hf_tokenizer(str(tmp_path))
+        whole = functools.partial(theirs.decode, skip_special_tokens=True)
+        specials = sorted(ours.special_ids)
+        texts = [i for i in range(tok.get_vocab_size()) if i not in ours.special_ids and i not in ours.byte_fallback_ids]
+    rng = random.Random(1)
+    prompt = [rng.choice(texts) for _ in range(4)]
+    out = [rng.choice(specials) if rng.random() < 0.9 else rng.choice(texts) for _ in range(600)]
+    dec = IncrementalDecoder(ours, prompt)
+    widest = 0
+    deltas = []
+    for t in out:
+        deltas.append(dec.push([t]))
+        widest = max(widest, len(dec.ids) - dec.prefix_offset)
+    head = whole(prompt)
+    assert "".join(deltas) + dec.flush() == whole(prompt + out)[len(head):]
+    assert widest <= 8, widest
 
 
 @pytest.mark.parametrize("which", ["bpe", "sp"])
