@@ -80,7 +80,7 @@ def test_device_run_stages_smoke(tmp_path):
     assert "| S1 | 2000 |" in head and "Not measured yet" not in head.split("Read-roofline")[0]
     assert "decode, tiny, distinct" not in head  # rank 8 rows only: the tiny smoke used rank 4
     assert "### S1: Llama-7B, rank 8: saturated" in text and "### S1: Llama-7B, rank 8: offered load" in text
-    assert "| off | tiny |" in text  # the command-buffer table
+    assert "| default | tiny |" in text  # the command-buffer table
     assert (tmp_path / "plots" / "saturated.png").stat().st_size > 0
 
 
