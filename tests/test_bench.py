@@ -370,6 +370,24 @@ def test_report_writes_table_and_plots(tiny_results, tiny_saturated, tmp_path):
     assert md.read_text() == text
 
 
+def test_saturated_runs_of_two_devices_are_compared_within_their_own_run():
+    """Two GPUs' saturated runs of one setting: each row's "vs n" divides by its own device's smallest n, the
+    table names the device, and the notes shared by the runs appear once."""
+    from slora_jax.bench.report import _runs_and_notes, _saturated_table
+
+    def run(n, req_s, device):
+        return {"setting": "S1", "n_adapters": n, "requests": 10, "throughput_req_s": req_s,
+                "device": device, "git_commit": "abc", "notes": ["offered at once"]}
+
+    rows = [run(5, 20.0, "gpu:H200"), run(5, 10.0, "gpu:H100"), run(2000, 19.0, "gpu:H200"),
+            run(2000, 9.0, "gpu:H100")]
+    table = "\n".join(_saturated_table(rows))
+    assert "| 2000 | 10 | **19.00** |" in table and "| 0.950 |" in table  # 19 / 20, the H200's n = 5
+    assert "| 0.900 |" in table and "| 0.450 |" not in table  # 9 / 10, never 9 / 20
+    assert "H100, `abc` |" in table
+    assert "\n".join(_runs_and_notes(rows)).count("n=5: offered at once") == 1
+
+
 def test_a_max_rate_above_the_saturated_capacity_is_flagged():
     """A short probe can pass above capacity (max_running admits a burst): the headline says so."""
     from slora_jax.bench.report import _above_capacity

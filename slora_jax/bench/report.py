@@ -559,15 +559,22 @@ def _offered_table(rows: list) -> list[str]:
 
 def _saturated_table(rows: list) -> list[str]:
     lines = ["| n adapters | requests | req/s | tokens/s | base only req/s | LoRA / base | vs n = "
-             f"{rows[0]['n_adapters']} | avg latency s | max_running | unfinished |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    first = rows[0]["throughput_req_s"]
+             f"{rows[0]['n_adapters']} | avg latency s | max_running | unfinished | device, commit |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    # each run against the smallest n of its own device and commit: figures of two GPUs never divide
+    run_of = lambda d: (d.get("device"), d.get("git_commit"))  # noqa: E731
+    smallest = {}
+    for d in sorted(rows, key=lambda d: int(d["n_adapters"])):
+        smallest.setdefault(run_of(d), d)
     for d in rows:
+        base = smallest[run_of(d)]
+        first = base["throughput_req_s"] if base["n_adapters"] == rows[0]["n_adapters"] else None
         lines.append(f"| {d['n_adapters']} | {d['requests']} | **{_f(d['throughput_req_s'])}** | "
                      f"{_f(d.get('tokens_per_s'), '{:.0f}')} | {_f(d.get('base_only_throughput_req_s'))} | "
                      f"{_f(d.get('lora_vs_base'), '{:.3f}')} | {_f(d['throughput_req_s'] / first if first else None, '{:.3f}')} "
                      f"| {_f(d.get('avg_latency_s'))} | {d.get('max_running', '-')} | "
-                     f"{(d.get('run') or {}).get('unfinished', '-')} |")
+                     f"{(d.get('run') or {}).get('unfinished', '-')} | {_short_device(d.get('device'))}, "
+                     f"`{d.get('git_commit', '?')}` |")
     return lines
 
 
@@ -584,7 +591,7 @@ def _runs_and_notes(rows: list) -> list[str]:
                      d.get("command", "?")) for d in rows})
     for date, dev, jv, commit, cmd in metas:
         lines.append(f"- {date}, device `{dev}`, jax {jv}, commit `{commit}`: `{cmd}`")
-    notes = [f"- n={d['n_adapters']}: {note}" for d in rows for note in d.get("notes", [])]
+    notes = list(dict.fromkeys(f"- n={d['n_adapters']}: {note}" for d in rows for note in d.get("notes", [])))
     if notes:
         lines += ["", "<details><summary>notes</summary>", ""] + notes + ["", "</details>"]
     return lines + [""]
@@ -713,11 +720,17 @@ def plot_workload(sat: dict, offered: dict, plots_dir: str) -> dict:
     if sat:
         fig, axes = plt.subplots(1, len(sat), figsize=(5 * len(sat), 4), squeeze=False)
         for ax, (setting, rows) in zip(axes[0], sat.items()):
-            ns = [int(d["n_adapters"]) for d in rows]
-            ax.plot(ns, [d["throughput_req_s"] for d in rows], "o-", label="LoRA")
-            base = [(n, d["base_only_throughput_req_s"]) for n, d in zip(ns, rows) if d.get("base_only_throughput_req_s")]
-            if base:
-                ax.plot(*zip(*base), "s--", label="base model only (same run)")
+            runs: dict = {}  # one line per device and commit
+            for d in rows:
+                runs.setdefault((_short_device(d.get("device")), d.get("git_commit")), []).append(d)
+            for (dev, commit), run in runs.items():
+                tag = f" ({dev}, {commit})" if len(runs) > 1 else ""
+                ns = [int(d["n_adapters"]) for d in run]
+                line, = ax.plot(ns, [d["throughput_req_s"] for d in run], "o-", label="LoRA" + tag)
+                base = [(n, d["base_only_throughput_req_s"]) for n, d in zip(ns, run)
+                        if d.get("base_only_throughput_req_s")]
+                if base:
+                    ax.plot(*zip(*base), "s--", color=line.get_color(), label="base model only (same run)" + tag)
             ax.set_xscale("log")
             ax.set_ylim(bottom=0)
             _label(ax, setting, "number of adapters", "throughput (req/s), saturated")
