@@ -28,9 +28,9 @@ LORA_TP = ("replicated", "sharded")
 
 # XLA command buffers (CUDA graphs) for the step programs, by EngineConfig.command_buffers. "default": what
 # this jax and XLA do unless told; "off": none; "on": every command type XLA can capture, the Pallas kernels'
-# custom calls included, however short the run of them: a step then launches as a few graphs instead of
-# one host launch per kernel (~1,000 for a Llama step), which the device otherwise waits for when kernels
-# are short (small batches, the LoRA kernels). Options of the step programs only; no XLA_FLAGS needed.
+# custom calls included, however short the run of them (options of the step programs; no XLA_FLAGS needed).
+# On an H100, "on" changed a Llama-3.1-8B decode step at batch 32 by under 1 % (BENCHMARKS.md), so the
+# default stays; the option is there for devices and XLA versions where launches do cost the device.
 COMMAND_BUFFERS = {
     "default": {},
     "off": {"xla_gpu_enable_command_buffer": ""},
