@@ -46,7 +46,6 @@ from benchmarks import common  # noqa: E402
 from slora_jax import LLM, SamplingParams  # noqa: E402
 from slora_jax.config import COMMAND_BUFFERS  # noqa: E402
 from slora_jax.engine.request import Request  # noqa: E402
-from slora_jax.engine.runner import step_compiler_options  # noqa: E402
 from slora_jax.engine.scheduler import ScheduledStep  # noqa: E402
 from slora_jax.memory import layout  # noqa: E402
 from slora_jax.memory.pages import OutOfPages  # noqa: E402
@@ -176,7 +175,7 @@ def decode_row(llm, batch, context, mode, rank, steps, limits, model):
         "host_build_ms": host * 1e3, "first_steps_s": first_s, **limits.fractions(moved, dt),
         "bytes_per_step": moved, **limits.row_fields(), "device": common.device_name(),
         "kernels": eng.runner.kernels.name, "git_commit": common.git_commit(),
-        "xla_options": {**COMMAND_BUFFERS[eng.ecfg.command_buffers], **step_compiler_options()},
+        "xla_options": eng.runner.compiler_options,
     }
 
 

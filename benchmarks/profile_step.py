@@ -130,7 +130,8 @@ def main():
                       for k, v in step_compiler_options().items()) + ".json")
     common.write_json(os.path.join(args.out, name), {
         "device": common.device_name(), "model": llm.model_cfg.name, "tp": args.tp,
-        "command_buffers": args.command_buffers, "xla_options": COMMAND_BUFFERS[args.command_buffers], "git_commit": common.git_commit(),
+        "command_buffers": args.command_buffers, "xla_options": llm.engine.runner.compiler_options,
+        "git_commit": common.git_commit(),
         "step_compiler_options": step_compiler_options(),
         "rows": rows})
     print(f"wrote {name}")

@@ -557,18 +557,20 @@ def _offered_table(rows: list) -> list[str]:
     return lines
 
 
+def _run_key(d: dict) -> tuple:
+    """The run a result belongs to: its device and commit."""
+    return d.get("device"), d.get("git_commit")
+
+
 def _saturated_table(rows: list) -> list[str]:
     lines = ["| n adapters | requests | req/s | tokens/s | base only req/s | LoRA / base | vs n = "
              f"{rows[0]['n_adapters']} | avg latency s | max_running | unfinished | device, commit |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    # each run against the smallest n of its own device and commit: figures of two GPUs never divide
-    run_of = lambda d: (d.get("device"), d.get("git_commit"))  # noqa: E731
-    smallest = {}
-    for d in sorted(rows, key=lambda d: int(d["n_adapters"])):
-        smallest.setdefault(run_of(d), d)
+    # each run against the first n of its own device and commit: figures of two GPUs never divide
+    ref_n = rows[0]["n_adapters"]
+    ref = {_run_key(d): d["throughput_req_s"] for d in rows if d["n_adapters"] == ref_n}
     for d in rows:
-        base = smallest[run_of(d)]
-        first = base["throughput_req_s"] if base["n_adapters"] == rows[0]["n_adapters"] else None
+        first = ref.get(_run_key(d))
         lines.append(f"| {d['n_adapters']} | {d['requests']} | **{_f(d['throughput_req_s'])}** | "
                      f"{_f(d.get('tokens_per_s'), '{:.0f}')} | {_f(d.get('base_only_throughput_req_s'))} | "
                      f"{_f(d.get('lora_vs_base'), '{:.3f}')} | {_f(d['throughput_req_s'] / first if first else None, '{:.3f}')} "
@@ -722,9 +724,9 @@ def plot_workload(sat: dict, offered: dict, plots_dir: str) -> dict:
         for ax, (setting, rows) in zip(axes[0], sat.items()):
             runs: dict = {}  # one line per device and commit
             for d in rows:
-                runs.setdefault((_short_device(d.get("device")), d.get("git_commit")), []).append(d)
+                runs.setdefault(_run_key(d), []).append(d)
             for (dev, commit), run in runs.items():
-                tag = f" ({dev}, {commit})" if len(runs) > 1 else ""
+                tag = f" ({_short_device(dev)}, {commit})" if len(runs) > 1 else ""
                 ns = [int(d["n_adapters"]) for d in run]
                 line, = ax.plot(ns, [d["throughput_req_s"] for d in run], "o-", label="LoRA" + tag)
                 base = [(n, d["base_only_throughput_req_s"]) for n, d in zip(ns, run)
