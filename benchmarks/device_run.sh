@@ -76,6 +76,8 @@ declare -A STAGES=(
     # step (the chat setting at its offered rate, prefix cache on; S1 and S1-8B saturated)
     [profile-chat]="130|python3 benchmarks/profile_serve.py --out $R $EXTRA_SET --config configs/bench-chat.json --lead-s 4"
     [profile-s1-sat]="120|python3 benchmarks/profile_serve.py --out $R $EXTRA_SET --config configs/bench-S1.json --saturate --set n_adapters=[2000]"
+    # the same S1 traffic through the base model alone: beside profile-s1-sat, where LoRA's cost goes
+    [profile-s1-sat-base]="110|python3 benchmarks/profile_serve.py --out $R $EXTRA_SET --config configs/bench-S1.json --saturate --set n_adapters=[2000] --base-only"
     [profile-s1-8b-sat]="120|python3 benchmarks/profile_serve.py --out $R $EXTRA_SET --config configs/bench-S1-8B.json --saturate --set n_adapters=[2000]"
     [tp]="200|python3 benchmarks/gpu_tp_check.py --out $R"
     [profile-tp]="120|python3 benchmarks/profile_step.py --out $R --tp 2"
@@ -92,7 +94,7 @@ smoke_args() {
     case "$1" in
         *bench_lora.py*|*bench_attention.py*|*bench_structured.py*) echo "--smoke" ;;
         *bench_decode.py*|*bench_cmdbuf.py*|*profile_step.py*|*bench_swap.py*) echo "--quick" ;;
-        *profile_serve.py*) echo "$TINY_BENCH --set system_prompt_len=16 --set rate=20 --lead-s 0.3 --seconds 0.3" ;;
+        *profile_serve.py*) echo "$TINY_BENCH --set system_prompt_len=16 --set rate=20 --set saturate_requests=2000 --lead-s 0.3 --seconds 0.3" ;;
         # the chat setting's system prompts shrink with max_model_len: one 16-token page of each is shared
         *bench-chat.json*) echo "$TINY_BENCH --set system_prompt_len=16 --set prefix_warm_s=1 --set prefix_more_rates=[8]" ;;
         *"slora_jax.cli bench"*) echo "$TINY_BENCH" ;;

@@ -9,9 +9,10 @@ is ~0 while the device idles is host-bound; one whose device is busy throughout 
 kernel table says on what.
 
     python benchmarks/profile_serve.py --config configs/bench-chat.json --out DIR [--saturate]
-        [--prefix-cache on|off] [--lead-s 3] [--seconds 3] [--set KEY=VALUE ...]
+        [--prefix-cache on|off] [--base-only] [--lead-s 3] [--seconds 3] [--set KEY=VALUE ...]
 
-Writes <out>/profile_serve_<setting>[_sat][_nocache].json.
+Writes <out>/profile_serve_<setting>[_sat][_nocache][_base].json. `--base-only` sends the same requests to the
+base model (no adapter): beside the same setting's LoRA profile it says where LoRA's cost goes.
 """
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--saturate", action="store_true", help="the setting's saturate_requests offered at once")
     ap.add_argument("--prefix-cache", default="on", choices=("on", "off"))
+    ap.add_argument("--base-only", action="store_true", help="the same requests without their adapters")
     ap.add_argument("--lead-s", type=float, default=3.0, help="seconds of serving before the traced window")
     ap.add_argument("--seconds", type=float, default=3.0, help="seconds traced")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -117,7 +119,8 @@ def main():
     trace = plan.traces[n]
     win = Window(engine, tempfile.mkdtemp(), args.lead_s, args.seconds)
     engine.on_step.append(win)
-    rep = bench.replay(engine, trace, lambda i: adapter_name(int(trace.adapter[i])), plan.prompts[n], plan.slo,
+    adapter_of = (lambda i: None) if args.base_only else (lambda i: adapter_name(int(trace.adapter[i])))
+    rep = bench.replay(engine, trace, adapter_of, plan.prompts[n], plan.slo,
                        max_drain_s=args.lead_s + args.seconds + 5.0,
                        deadline=time.monotonic() + args.lead_s + args.seconds + 1.0, progress=False)
     engine.on_step.remove(win)
@@ -126,10 +129,10 @@ def main():
                          "lower --lead-s / --seconds or offer more requests")
     res = {"setting": plan.cfg["setting"], "model": plan.model_cfg.name, "n_adapters": n,
            "saturate": plan.saturate, "rate": None if plan.saturate else float(plan.cfg["rate"]),
-           "prefix_cache": args.prefix_cache, "lead_s": args.lead_s, "max_running": engine.scheduler.max_running,
+           "prefix_cache": args.prefix_cache, "base_only": args.base_only, "lead_s": args.lead_s, "max_running": engine.scheduler.max_running,
            "device": common.device_name(), "git_commit": common.git_commit(), **summarize(win)}
     name = (f"profile_serve_{plan.cfg['setting']}" + ("_sat" if plan.saturate else "")
-            + ("" if args.prefix_cache == "on" else "_nocache") + ".json")
+            + ("" if args.prefix_cache == "on" else "_nocache") + ("_base" if args.base_only else "") + ".json")
     common.write_json(os.path.join(args.out, name), res)
     print(f"wrote {name}: {res['steps']} steps in {res['window_s']:.2f} s, {res['wall_ms_per_step']:.2f} ms a step "
           f"(host {res['host_ms_per_step']:.2f}, device wait {res['device_wait_ms_per_step']:.2f}; device busy "
