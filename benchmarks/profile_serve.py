@@ -9,14 +9,18 @@ is ~0 while the device idles is host-bound; one whose device is busy throughout 
 kernel table says on what.
 
     python benchmarks/profile_serve.py --config configs/bench-chat.json --out DIR [--saturate]
-        [--prefix-cache on|off] [--base-only] [--lead-s 3] [--seconds 3] [--set KEY=VALUE ...]
+        [--prefix-cache on|off] [--base-only] [--host-profile] [--lead-s 3] [--seconds 3] [--set KEY=VALUE ...]
 
 Writes <out>/profile_serve_<setting>[_sat][_nocache][_base].json. `--base-only` sends the same requests to the
 base model (no adapter): beside the same setting's LoRA profile it says where LoRA's cost goes.
+`--host-profile` also runs cProfile on the engine's thread over the window and lists the host functions
+that take its time (`host_functions`: milliseconds a step, own and with callees). cProfile slows Python
+code, so that run's wall and host times a step are inflated; its device figures still hold.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import logging
 import os
 import sys
@@ -38,8 +42,9 @@ class Window:
     wall and host times hold neither call (starting it takes about a second, which the step that calls it
     counts as host work)."""
 
-    def __init__(self, engine, trace_dir: str, lead_s: float, seconds: float):
+    def __init__(self, engine, trace_dir: str, lead_s: float, seconds: float, host_profile: bool = False):
         self.engine, self.trace_dir = engine, trace_dir
+        self.host = cProfile.Profile() if host_profile else None
         self.lead_s, self.seconds = lead_s, seconds
         self.t0 = self.start = self.end = None
         self.tracing = False
@@ -59,9 +64,13 @@ class Window:
                 self.tracing = True
         elif self.start is None:  # the step that started the profiler has been counted by now
             self.before, self.start = self._figures(), time.monotonic()
+            if self.host is not None:
+                self.host.enable()  # the thread that steps the engine (callbacks run on it)
         elif self.end is None:
             self.running.append(len(self.engine.scheduler.running))
             if now - self.start >= self.seconds:
+                if self.host is not None:
+                    self.host.disable()
                 self.after, self.end = self._figures(), time.monotonic()
                 self.engine.drain()  # the last step's device work inside the trace
                 jax.profiler.stop_trace()
@@ -74,6 +83,17 @@ class Window:
         st = self.engine.stats()
         return {k: st[k] for k in ("steps", "tokens_generated", "prompt_tokens", "host_s", "device_wait_s",
                                    "mask_wait_s", "prefix_hit_tokens", "swaps_in")}
+
+
+def host_functions(prof: cProfile.Profile, steps: int, top: int = 30) -> list:
+    """The `top` host functions by their own time: milliseconds a step, own and with what they call."""
+    import pstats
+
+    rows = pstats.Stats(prof).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
+    ranked = sorted(rows.items(), key=lambda kv: -kv[1][2])[:top]
+    return [{"function": f"{os.path.basename(f)}:{line}({name})", "calls_per_step": calls / steps,
+             "own_ms_per_step": own / steps * 1e3, "cumulative_ms_per_step": cum / steps * 1e3}
+            for (f, line, name), (_, calls, own, cum, _) in ranked]
 
 
 def summarize(win: Window) -> dict:
@@ -92,6 +112,7 @@ def summarize(win: Window) -> dict:
         "running_mean": sum(win.running) / max(len(win.running), 1),
         "tokens_generated_per_step": per(d["tokens_generated"]), "prompt_tokens_admitted": d["prompt_tokens"],
         "prefix_hit_tokens": d["prefix_hit_tokens"], "swaps_in": d["swaps_in"], **kernel_table(events, steps, 25),
+        **({} if win.host is None else {"host_functions": host_functions(win.host, steps)}),
     }
 
 
@@ -102,6 +123,7 @@ def main():
     ap.add_argument("--saturate", action="store_true", help="the setting's saturate_requests offered at once")
     ap.add_argument("--prefix-cache", default="on", choices=("on", "off"))
     ap.add_argument("--base-only", action="store_true", help="the same requests without their adapters")
+    ap.add_argument("--host-profile", action="store_true", help="cProfile the engine's thread over the window")
     ap.add_argument("--lead-s", type=float, default=3.0, help="seconds of serving before the traced window")
     ap.add_argument("--seconds", type=float, default=3.0, help="seconds traced")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -117,7 +139,7 @@ def main():
     llm.clear_cache()
     n = plan.ns[-1]
     trace = plan.traces[n]
-    win = Window(engine, tempfile.mkdtemp(), args.lead_s, args.seconds)
+    win = Window(engine, tempfile.mkdtemp(), args.lead_s, args.seconds, args.host_profile)
     engine.on_step.append(win)
     adapter_of = (lambda i: None) if args.base_only else (lambda i: adapter_name(int(trace.adapter[i])))
     rep = bench.replay(engine, trace, adapter_of, plan.prompts[n], plan.slo,
@@ -129,16 +151,21 @@ def main():
                          "lower --lead-s / --seconds or offer more requests")
     res = {"setting": plan.cfg["setting"], "model": plan.model_cfg.name, "n_adapters": n,
            "saturate": plan.saturate, "rate": None if plan.saturate else float(plan.cfg["rate"]),
-           "prefix_cache": args.prefix_cache, "base_only": args.base_only, "lead_s": args.lead_s, "max_running": engine.scheduler.max_running,
+           "prefix_cache": args.prefix_cache, "base_only": args.base_only, "host_profile": args.host_profile,
+           "lead_s": args.lead_s, "max_running": engine.scheduler.max_running,
            "device": common.device_name(), "git_commit": common.git_commit(), **summarize(win)}
     name = (f"profile_serve_{plan.cfg['setting']}" + ("_sat" if plan.saturate else "")
-            + ("" if args.prefix_cache == "on" else "_nocache") + ("_base" if args.base_only else "") + ".json")
+            + ("" if args.prefix_cache == "on" else "_nocache") + ("_base" if args.base_only else "")
+            + ("_host" if args.host_profile else "") + ".json")
     common.write_json(os.path.join(args.out, name), res)
     print(f"wrote {name}: {res['steps']} steps in {res['window_s']:.2f} s, {res['wall_ms_per_step']:.2f} ms a step "
           f"(host {res['host_ms_per_step']:.2f}, device wait {res['device_wait_ms_per_step']:.2f}; device busy "
           f"{res['device_busy_ms_per_step']:.2f}, idle {res['device_idle_ms_per_step']:.2f}); "
           f"{res['running_mean']:.1f} running, {res['tokens_generated_per_step']:.1f} tokens a step")
     print_kernels(res, 15)
+    for f in res.get("host_functions", [])[:15]:
+        print(f"  host {f['own_ms_per_step']:7.3f} ms own {f['cumulative_ms_per_step']:7.3f} ms with callees "
+              f"x {f['calls_per_step']:6.1f}  {f['function']}")
 
 
 if __name__ == "__main__":

@@ -135,7 +135,8 @@ def test_chat_stage_smoke(tmp_path):
     """device_run.sh's `chat` and `s1-prefix` stages (the prefix cache on / off, issue #18) on the tiny model:
     the chat's system prompts scaled to the smoke's max_model_len, chat-prefix.json and S1-prefix.json
     written, and the report's tables from them."""
-    proc, summary, out, work = _device_run_smoke(tmp_path, ["chat", "s1-prefix", "profile-chat", "profile-s1-sat-base"])
+    proc, summary, out, work = _device_run_smoke(tmp_path, ["chat", "s1-prefix", "profile-chat", "profile-s1-sat-base",
+                                                              "profile-s1-sat-host"])
     assert proc.returncode == 0 and "== chat rc=0" in summary and "== s1-prefix rc=0" in summary, \
         summary + proc.stderr[-2000:]
     # the chat traffic traced for a moment: its steps, split into host work and device waits
@@ -146,6 +147,9 @@ def test_chat_stage_smoke(tmp_path):
     assert "== profile-s1-sat-base rc=0" in summary, summary
     base = json.loads((work / "r" / "profile_serve_S1_sat_base.json").read_text())
     assert base["base_only"] and base["steps"] > 0 and "lora" not in base["kinds"], base["kinds"]
+    # and with the engine thread's Python profiled: the step's own functions are among the top
+    host = json.loads((work / "r" / "profile_serve_S1_sat_host.json").read_text())
+    assert any("engine.py" in f["function"] for f in host["host_functions"]), host["host_functions"]
     d = json.loads((work / "r" / "chat-prefix.json").read_text())
     assert d["git_commit"] == "test-commit" and d["n_adapters"] == 1000 and d["system_prompt_len"] == 16
     for mode in ("on", "off"):
