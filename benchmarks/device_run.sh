@@ -78,6 +78,8 @@ declare -A STAGES=(
     [profile-s1-sat]="120|python3 benchmarks/profile_serve.py --out $R $EXTRA_SET --config configs/bench-S1.json --saturate --set n_adapters=[2000]"
     # the same S1 traffic through the base model alone: beside profile-s1-sat, where LoRA's cost goes
     [profile-s1-sat-base]="110|python3 benchmarks/profile_serve.py --out $R $EXTRA_SET --config configs/bench-S1.json --saturate --set n_adapters=[2000] --base-only"
+    # the chat setting at its offered rate with the engine thread's Python profiled (first-token latency is host-bound)
+    [profile-chat-host]="130|python3 benchmarks/profile_serve.py --out $R $EXTRA_SET --config configs/bench-chat.json --lead-s 4 --host-profile"
     # S1 saturated with the engine thread's Python profiled: which host functions take its time (slowed by cProfile)
     [profile-s1-sat-host]="110|python3 benchmarks/profile_serve.py --out $R $EXTRA_SET --config configs/bench-S1.json --saturate --set n_adapters=[2000] --host-profile"
     [profile-s1-8b-sat]="120|python3 benchmarks/profile_serve.py --out $R $EXTRA_SET --config configs/bench-S1-8B.json --saturate --set n_adapters=[2000]"
