@@ -410,3 +410,19 @@ def test_bucket_ladder():
         assert b >= n and b in ladder(16, n) and not [s for s in ladder(16, n) if n <= s < b]
     assert [fill_down(n, 4) for n in (80, 187, 199, 300, 385, 3)] == [80, 187, 192, 300, 384, 3]
     assert default_max_running(385 * 32, 16, 512) == 384
+
+
+def test_occupancy_shows_when_the_pool_not_max_running_bounds_the_batch():
+    """benchmarks/occupancy.py: on a pool that holds about 3 of the setting's sequences, raising max_running
+    from 2 to 8 adds running sequences only up to what the pages hold (the page accounting is the scheduler's)."""
+    spec = importlib.util.spec_from_file_location("occupancy", os.path.join(ROOT, "benchmarks", "occupancy.py"))
+    occ = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(occ)
+    ov = {"engine.max_batch_tokens": "64", "engine.max_model_len": "64", "engine.page_rows": "16",
+          "input_range": "[20,40]", "output_range": "[8,16]", "saturate_requests": "12", "n_adapters": "[4]"}
+    few, many = (occ.occupancy(os.path.join(ROOT, "configs", "bench-S1.json"), 12, m, ov) for m in (2, 8))
+    for r in (few, many):
+        assert r["tokens_generated"] > 0 and r["steps"] > 0 and r["min_free_pages"] >= 0
+    assert few["max_running"] == 2 and max(few["mean_running_by_tenth"]) <= 2
+    # 12 pages of 16 rows: about three sequences of up to 56 tokens (and their adapters) at once, not eight
+    assert many["max_running"] == 8 and few["mean_running"] < many["mean_running"] < 4
