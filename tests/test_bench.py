@@ -426,3 +426,30 @@ def test_occupancy_shows_when_the_pool_not_max_running_bounds_the_batch():
     assert few["max_running"] == 2 and max(few["mean_running_by_tenth"]) <= 2
     # 12 pages of 16 rows: about three sequences of up to 56 tokens (and their adapters) at once, not eight
     assert many["max_running"] == 8 and few["mean_running"] < many["mean_running"] < 4
+
+
+def test_each_timed_run_starts_from_a_cold_pool(tmp_path):
+    """The base-only run and each n's run replay the same prompts: KV one run leaves in the prefix cache (the
+    synthetic adapters of a shared host buffer are one identity) must not serve the next, or a later run is
+    measured on cached prompts. Prompts of two pages and a pool that keeps every block between runs."""
+    from slora_jax.bench.run import run_from_config
+
+    ov = {"saturate": "true", "saturate_requests": "6", "n_adapters": "[2,3]", "adapter_host_memory": "shared",
+          "input_range": "[33,40]", "output_range": "[2,4]", "engine.max_model_len": "48",
+          "engine.max_batch_tokens": "64", "engine.num_pages": "128", "warmup.duration_s": "0"}
+    results = run_from_config(TINY, str(tmp_path), ov)
+    assert [r["n_adapters"] for r in results] == [2, 3]
+    for r in results:
+        assert r["run"]["finished"] == 6 and r["base_only"]["finished"] == 6
+        assert r["run"]["engine"]["prefix_hit_tokens"] == 0 and r["base_only"]["engine"]["prefix_hit_tokens"] == 0
+        assert r["run"]["engine"]["prefix_query_tokens"] > 0  # the cache was on, and looked
+    # a result from before the cold start (its prompts hit an earlier run's blocks) is struck out in the report
+    from slora_jax.bench.report import headline_section, slora_section
+
+    stale = json.loads(json.dumps(results[1]))
+    stale["run"]["engine"]["prefix_hit_tokens"] = stale["run"]["engine"]["prefix_query_tokens"] // 2
+    (tmp_path / "tiny-sat-3.json").write_text(json.dumps(stale))
+    text = "\n".join(headline_section(str(tmp_path)) + slora_section(str(tmp_path), None))
+    assert f"~~**{stale['throughput_req_s']:.2f}**~~ †" in text
+    assert "† tiny n = 3 (" in text and "50% of its prompt tokens were served from blocks" in text
+    assert f"**{results[0]['throughput_req_s']:.2f}** |" in text  # the clean result stands as it is

@@ -84,6 +84,29 @@ def load_results(results_dir: str, saturated: Optional[bool] = None) -> list[dic
     return sorted(out, key=lambda d: (str(d["setting"]), int(d["n_adapters"])))
 
 
+def _stale(d: dict) -> Optional[str]:
+    """Why a saturated result does not measure its setting, or None: its prompts, which share nothing, found KV
+    blocks that an earlier run of the same process left in the prefix cache (results from before each timed
+    run started from a cold pool, `run.start_cold`)."""
+    e = (d.get("run") or {}).get("engine") or {}
+    hit, asked = e.get("prefix_hit_tokens") or 0, e.get("prefix_query_tokens") or 0
+    if d.get("saturated") and hit and asked:
+        return (f"{d['setting']} n = {d['n_adapters']} ({_short_device(d.get('device'))}, `{d.get('git_commit', '?')}`): "
+                f"{hit / asked:.0%} of its prompt tokens were served from blocks an earlier run had left cached, so "
+                "its req/s and LoRA / base are not the setting's")
+    return None
+
+
+def _struck(d: dict, value: str) -> str:
+    """A figure of a stale result (`_stale`), struck through and marked."""
+    return f"~~{value}~~ †" if _stale(d) else value
+
+
+def _stale_notes(rows: list) -> list[str]:
+    notes = [n for n in map(_stale, rows) if n]
+    return ["", *(f"† {n}." for n in notes)] if notes else []
+
+
 def _model(row: dict) -> str:
     return row.get("model") or LEGACY_MODEL
 
@@ -148,9 +171,11 @@ def headline_section(results_dir: str) -> list[str]:
         out += ["| setting | n adapters | req/s | tokens/s | base only req/s | LoRA / base | max_running | device, commit |",
                 "|---|---:|---:|---:|---:|---:|---:|---|"]
         for d in sat:
-            out.append(f"| {d['setting']} | {d['n_adapters']} | **{_f(d['throughput_req_s'])}** | "
+            out.append(f"| {d['setting']} | {d['n_adapters']} | {_struck(d, '**' + _f(d['throughput_req_s']) + '**')} | "
                        f"{_f(d.get('tokens_per_s'), '{:.0f}')} | {_f(d.get('base_only_throughput_req_s'))} | "
-                       f"{_f(d.get('lora_vs_base'), '{:.3f}')} | {d.get('max_running', '-')} | {_meta([d])} |")
+                       f"{_struck(d, _f(d.get('lora_vs_base'), '{:.3f}'))} | {d.get('max_running', '-')} | "
+                       f"{_meta([d])} |")
+        out += _stale_notes(sat)
     else:
         out.append("Not measured yet: `bash benchmarks/device_run.sh s1-sat s1-8b-sat s2-sat` writes "
                    "`<setting>-sat-<n>.json`.")
@@ -571,13 +596,14 @@ def _saturated_table(rows: list) -> list[str]:
     ref = {_run_key(d): d["throughput_req_s"] for d in rows if d["n_adapters"] == ref_n}
     for d in rows:
         first = ref.get(_run_key(d))
-        lines.append(f"| {d['n_adapters']} | {d['requests']} | **{_f(d['throughput_req_s'])}** | "
+        lines.append(f"| {d['n_adapters']} | {d['requests']} | {_struck(d, '**' + _f(d['throughput_req_s']) + '**')} | "
                      f"{_f(d.get('tokens_per_s'), '{:.0f}')} | {_f(d.get('base_only_throughput_req_s'))} | "
-                     f"{_f(d.get('lora_vs_base'), '{:.3f}')} | {_f(d['throughput_req_s'] / first if first else None, '{:.3f}')} "
+                     f"{_struck(d, _f(d.get('lora_vs_base'), '{:.3f}'))} | "
+                     f"{_struck(d, _f(d['throughput_req_s'] / first if first else None, '{:.3f}'))} "
                      f"| {_f(d.get('avg_latency_s'))} | {d.get('max_running', '-')} | "
                      f"{(d.get('run') or {}).get('unfinished', '-')} | {_short_device(d.get('device'))}, "
                      f"`{d.get('git_commit', '?')}` |")
-    return lines
+    return lines + _stale_notes(rows)
 
 
 def _by_setting(results: list) -> dict:
@@ -722,9 +748,10 @@ def plot_workload(sat: dict, offered: dict, plots_dir: str) -> dict:
     if sat:
         fig, axes = plt.subplots(1, len(sat), figsize=(5 * len(sat), 4), squeeze=False)
         for ax, (setting, rows) in zip(axes[0], sat.items()):
-            runs: dict = {}  # one line per device and commit
+            runs: dict = {}  # one line per device and commit; stale results (`_stale`) are not drawn
             for d in rows:
-                runs.setdefault(_run_key(d), []).append(d)
+                if not _stale(d):
+                    runs.setdefault(_run_key(d), []).append(d)
             for (dev, commit), run in runs.items():
                 tag = f" ({_short_device(dev)}, {commit})" if len(runs) > 1 else ""
                 ns = [int(d["n_adapters"]) for d in run]

@@ -446,10 +446,20 @@ def warm_up(plan: Plan, served: Served) -> None:
     served.programs_after_warmup = served.programs()
 
 
+def start_cold(served: Served) -> None:
+    """The pool as after start-up: no cached prefix block, no resident adapter. Runs replay the same prompts
+    (base-only, each n, the probes of one seed), so blocks one run leaves cached would serve the next one's
+    prompts (the synthetic adapters of a shared buffer are one identity) and measure it on cached KV."""
+    served.engine.drain()  # a step a deadline left in flight
+    served.llm.clear_cache()
+
+
 def timed_run(plan: Plan, served: Served, trace: Trace, prompts: list, adapter_of, desc: str,
-              records: Optional[list] = None) -> dict:
+              records: Optional[list] = None, cold: bool = True) -> dict:
     """One replay of `trace`, summarized; cut at the hard deadline. `records`: a list that receives its
-    RequestRecords."""
+    RequestRecords. `cold`: from the pool as after start-up (`start_cold`); else as the last run left it."""
+    if cold:
+        start_cold(served)
     before, p0 = served.stats(), served.programs()
     drain = float(plan.cfg["saturate_max_s"] if plan.saturate else plan.cfg["max_drain_s"])
     rep = replay(served.engine, trace, adapter_of, prompts, plan.slo, max_drain_s=drain,
@@ -465,10 +475,11 @@ def timed_run(plan: Plan, served: Served, trace: Trace, prompts: list, adapter_o
     return s
 
 
-def lora_run(plan: Plan, served: Served, n: int, desc: str = "", records: Optional[list] = None) -> dict:
+def lora_run(plan: Plan, served: Served, n: int, desc: str = "", records: Optional[list] = None,
+             cold: bool = True) -> dict:
     tr = plan.traces[n]
     return timed_run(plan, served, tr, plan.prompts[n], lambda i: adapter_name(int(tr.adapter[i])),
-                     f"{plan.cfg['setting']} n={n}{desc}", records)
+                     f"{plan.cfg['setting']} n={n}{desc}", records, cold)
 
 
 def base_only_run(plan: Plan, served: Served) -> Optional[dict]:
@@ -503,6 +514,7 @@ def search_rate(plan: Plan, served: Served, n: int, known: dict, budget_s: float
             out_of_time.append(rate)
             return None
         tr = plan.trace(n, rate, float(rs["probe_s"]), seed)
+        start_cold(served)
         rep = replay(served.engine, tr, lambda i: adapter_name(int(tr.adapter[i])),
                      make_prompts(tr, plan.model_cfg.vocab_size, seed), plan.slo, max_drain_s=plan.slo + 1.0,
                      stop_when_slo_known=True, deadline=min(time.monotonic() + 2 * probe_cost, plan.hard_deadline),
@@ -844,19 +856,19 @@ def run_prefix_compare(plan: Plan, served: Served) -> dict:
             if time.monotonic() > plan.hard_deadline - 5:
                 log.error("time budget used up: no %s run with the prefix cache %s", which, mode)
                 continue
+            start_cold(served)
             served.llm.set_prefix_cache(mode == "on")
-            served.llm.clear_cache()
             if saturate:
-                runs[mode][which] = lora_run(p, served, n, f", {which}, prefix cache {mode}")
+                runs[mode][which] = lora_run(p, served, n, f", {which}, prefix cache {mode}", cold=False)
                 continue
             _serve_before(plan, served, n, mode)
             runs[mode][which] = lora_run(p, served, n, f", {which}, prefix cache {mode}",
-                                         offered[float(plan.cfg["rate"])][mode])
+                                         offered[float(plan.cfg["rate"])][mode], cold=False)
             for rate in more:  # on the cache as the main rate's run left it
                 if time.monotonic() < plan.hard_deadline - 5:
                     at = dataclasses.replace(plan, cfg={**plan.cfg, "rate": rate}).requests(False)
                     more_runs[rate][mode] = lora_run(at, served, n, f", {which} at {rate:g} req/s, prefix cache "
-                                                     f"{mode}", offered[rate][mode])
+                                                     f"{mode}", offered[rate][mode], cold=False)
     res = prefix_result(plan, served, n, runs)
     res["cached_requests"] = cached_requests_ttft(*offered[float(plan.cfg["rate"])].values())
     res["more_rates"] = [{"rate": rate, "on": _prefix_mode({"offered": r["on"]}) if r["on"] else {},
