@@ -59,6 +59,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
+    commit = common.git_commit()  # the code this process runs (a long run may outlast a commit)
     overrides = dict(kv.split("=", 1) for kv in args.set)
     rows = [occupancy(args.config, args.pages, int(m), overrides) for m in args.max_running.split(",")]
     setting = bench.load_config(args.config, overrides)["setting"]
@@ -68,7 +69,7 @@ def main():
               f"{', '.join(f'{x:.0f}' for x in r['mean_running_by_tenth'])}), fewest free pages "
               f"{r['min_free_pages']}, {r['preemptions']} preemptions")
     common.write_json(os.path.join(args.out, f"occupancy_{setting}.json"),
-                      {"setting": setting, "pages": args.pages, "git_commit": common.git_commit(),
+                      {"setting": setting, "pages": args.pages, "git_commit": commit,
                        "command": "python benchmarks/occupancy.py " + " ".join(sys.argv[1:]), "runs": rows})
 
 
