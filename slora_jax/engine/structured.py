@@ -10,10 +10,10 @@ threads outside the GIL; the other rows keep every bit set. The sampler applies 
 accepts nothing more) or when it samples EOS, which the mask allows only where the grammar accepts.
 
 The worker that computes a step's masks needs the GIL for a few microseconds at its start and end (the
-mask itself is computed outside it). Under CPython's default 5 ms switch interval it got it only when the
-engine thread next blocked, so on the GPU masks ran after the host's own work instead of beside it
-(H200: the whole ~2.5 ms of each step's masks were waited for); the first grammar lowers the process's switch
-interval to `SWITCH_INTERVAL_S`, so the worker gets the GIL within that much.
+mask itself is computed outside it). Under CPython's default 5 ms switch interval it would get it only when
+the engine thread next blocks, so masks would run after the host's own work instead of beside it; the first
+grammar lowers the process's switch interval to `SWITCH_INTERVAL_S`, so the worker gets the GIL within that
+much.
 
 JSON comes out compact by default (llguidance's `whitespace_flexible` off: no whitespace between
 tokens), so that a model cannot wander into whitespace without end; a schema's own `x-guidance` object
