@@ -15,7 +15,9 @@
     the Llama-3.1-8B pool (W = 1024: each 4096-wide matrix row spans 4 pool rows) at decode
     batch 128/512, ranks 8/16/64;
 (c) sweeps a few tunables of each kernel (each variant with the other kernel's defaults),
-    within the time budget; the defaults and the one-token mode (block_t = 1) among them.
+    within the time budget; the defaults and the one-token mode (block_t = 1) among them; first a
+    mixed step (256 one-token segments beside two 256-token chunks), one token a program against
+    token blocks.
 
 Rows {kernel, phase, model, batch, rank, context (0), time_us, gbps, read_roofline_fraction,
 copy_roofline_fraction, speedup_vs_xla, device, ...} go to <out>/kernels_lora.json (the sweep's
@@ -66,6 +68,10 @@ class Cfg:
     sweep_decode = ((32, 16), (512, 8), (128, 16), (32, 64), (512, 16), (128, 64), (32, 8), (128, 8),
                     (512, 64))  # most telling first
     sweep_prefill_rank = 16
+    # a mixed step as S1 runs them saturated: one-token decode segments beside prompt chunks of one adapter
+    # each, (decodes, chunks, chunk tokens, rank); its defaults (one token a program, as `decode_like` judges
+    # by the token count) against token blocks
+    sweep_mixed = ((256, 2, 256, 8),)
     budget_s = 330.0  # the sweep starts no new shape past this
     big = True  # correctness shapes at Llama sizes
     max_sets = 20  # rotated input sets per timing (lora_inputs)
@@ -79,6 +85,7 @@ class Cfg:
         cls.prefill = (2, 40)
         cls.sweep_decode = ((9, 16),)
         cls.sweep_prefill_rank = 8
+        cls.sweep_mixed = ((6, 1, 20, 8),)
         cls.big = False
         cls.max_sets = 3
 
@@ -349,6 +356,8 @@ SHRINK_SWEEP_PREFILL = [
     {}, dict(k_splits=1), dict(k_splits=2), dict(k_splits=4), dict(k_splits=8),
     dict(block_t=32), dict(block_t=128, num_warps=8), dict(block_d=64), dict(block_d=256),
 ]
+SHRINK_SWEEP_MIXED = [{}, dict(block_t=16), dict(block_t=32), dict(block_t=64)]
+EXPAND_SWEEP_MIXED = [{}, dict(block_t=16), dict(block_t=32), dict(block_t=64)]
 EXPAND_SWEEP_PREFILL = [
     {}, dict(block_t=32), dict(block_t=128), dict(block_d=256), dict(num_warps=8), dict(block_r=16),
 ]
@@ -375,8 +384,10 @@ def sweep(run: common.KernelBenchRun) -> None:
     """(c): each kernel's tunables at the sweep shapes, most telling first, until the time budget is spent."""
     print("== (c) tunables sweep (each kernel's variants with the other's defaults; device time per kernel)")
     nseq, chunk = Cfg.prefill
-    shapes = [("decode", [1] * b, r, b, SHRINK_SWEEP_DECODE, EXPAND_SWEEP_DECODE)
-              for b, r in Cfg.sweep_decode]
+    shapes = [("mixed", [1] * nd + [tokens] * nc, r, nd + nc, SHRINK_SWEEP_MIXED, EXPAND_SWEEP_MIXED)
+              for nd, nc, tokens, r in Cfg.sweep_mixed]
+    shapes += [("decode", [1] * b, r, b, SHRINK_SWEEP_DECODE, EXPAND_SWEEP_DECODE)
+               for b, r in Cfg.sweep_decode]
     shapes.append(("prefill", [chunk] * nseq, Cfg.sweep_prefill_rank, nseq, SHRINK_SWEEP_PREFILL,
                    EXPAND_SWEEP_PREFILL))
     for phase, lens, rank, batch, ss, es in shapes:
