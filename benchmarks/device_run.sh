@@ -9,6 +9,8 @@
 #   call 2: decode-8b cmdbuf s1-8b-sat profile-8b           (~520 s; cmdbuf and profile-8b are diagnoses)
 #   call 3: s1-sat s2-sat rate-s1                           (~590 s)
 # Issue #18's prefix cache on / off: chat                   (~280 s)
+# Where a saturated step's time goes (LoRA against base, and the host's Python), and the first-token path:
+#   profile-s1-sat profile-s1-sat-base profile-s1-sat-host profile-chat-host   (~470 s)
 # A stage starts only if its usual duration fits in what is left of BUDGET_S (default 565 s, under the
 # 600 s limit of one call) and is stopped when the budget runs out. Everything a stage writes (its log,
 # its JSON results) goes to $WORK (logs) and $WORK/r (results), packed after every stage into
