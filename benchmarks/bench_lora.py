@@ -16,8 +16,8 @@
     batch 128/512, ranks 8/16/64;
 (c) sweeps a few tunables of each kernel (each variant with the other kernel's defaults),
     within the time budget; the defaults and the one-token mode (block_t = 1) among them; first a
-    mixed step (256 one-token segments beside two 256-token chunks), one token a program against
-    token blocks.
+    mixed and a prefill step with the segment tables the engine gives them (`Cfg.sweep_steps`), one
+    token a program (the default there) against token blocks.
 
 Rows {kernel, phase, model, batch, rank, context (0), time_us, gbps, read_roofline_fraction,
 copy_roofline_fraction, speedup_vs_xla, device, ...} go to <out>/kernels_lora.json (the sweep's
@@ -68,10 +68,12 @@ class Cfg:
     sweep_decode = ((32, 16), (512, 8), (128, 16), (32, 64), (512, 16), (128, 64), (32, 8), (128, 8),
                     (512, 64))  # most telling first
     sweep_prefill_rank = 16
-    # a mixed step as S1 runs them saturated: one-token decode segments beside prompt chunks of one adapter
-    # each, (decodes, chunks, chunk tokens, rank); its defaults (one token a program, as `decode_like` judges
-    # by the token count) against token blocks
-    sweep_mixed = ((256, 2, 256, 8),)
+    # steps as the engine builds them with max_running 384 (S1 on the H200): a prefill or mixed step's tables
+    # have a segment per sequence row of its bucket, B = min(T, 384), unused ones empty, so `decode_like`
+    # (T <= 8 B) picks one token a program for every step up to 3,072 tokens, prompt chunks included. Each
+    # shape: (phase, one-token segments, chunks, chunk tokens, segment rows, rank), its defaults against
+    # token blocks
+    sweep_steps = (("mixed", 256, 2, 256, 384, 8), ("prefill-rows", 0, 4, 512, 384, 8))
     budget_s = 330.0  # the sweep starts no new shape past this
     big = True  # correctness shapes at Llama sizes
     max_sets = 20  # rotated input sets per timing (lora_inputs)
@@ -85,7 +87,7 @@ class Cfg:
         cls.prefill = (2, 40)
         cls.sweep_decode = ((9, 16),)
         cls.sweep_prefill_rank = 8
-        cls.sweep_mixed = ((6, 1, 20, 8),)
+        cls.sweep_steps = (("mixed", 6, 1, 20, 12, 8), ("prefill-rows", 0, 2, 40, 12, 8))
         cls.big = False
         cls.max_sets = 3
 
@@ -246,14 +248,16 @@ def lora_inputs(seed, seg_lens, rank, d, w=None):
     perm = np.random.default_rng(seed).permutation(total)[: n_sets * n_rows].astype(np.int32)
     y = jax.random.normal(k2, (t, d), jnp.bfloat16)
     starts = jnp.asarray(np.concatenate([[0], np.cumsum(seg_lens)]).astype(np.int32))
-    ranks = jnp.full((1, ns), rank, jnp.int32)
+    # empty segments (a step's unused sequence rows, as the engine pads its tables) have rank 0, as there
+    used = int(np.count_nonzero(seg_lens))
+    ranks = jnp.asarray(np.where(np.asarray(seg_lens) > 0, rank, 0).reshape(1, ns).astype(np.int32))
     sets = []
     for rows in perm.reshape(n_sets, n_rows):
         a_rows = jnp.asarray(rows[: ns * rank * k].reshape(1, ns, rank, k))
         b_rows = jnp.asarray(rows[ns * rank * k:].reshape(ns, rank, k))
         sets.append((pool, starts, ranks, a_rows, b_rows))
     nbytes = (t * d * 2  # x read
-              + 2 * ns * rank * d * 2  # A and B rows, each distinct row once
+              + 2 * used * rank * d * 2  # A and B rows of the non-empty segments, each distinct row once
               + 2 * t * d * 2)  # y read + written
     return (y, *sets[0]), sets[1:], nbytes
 
@@ -356,8 +360,8 @@ SHRINK_SWEEP_PREFILL = [
     {}, dict(k_splits=1), dict(k_splits=2), dict(k_splits=4), dict(k_splits=8),
     dict(block_t=32), dict(block_t=128, num_warps=8), dict(block_d=64), dict(block_d=256),
 ]
-SHRINK_SWEEP_MIXED = [{}, dict(block_t=16), dict(block_t=32), dict(block_t=64)]
-EXPAND_SWEEP_MIXED = [{}, dict(block_t=16), dict(block_t=32), dict(block_t=64)]
+SHRINK_SWEEP_STEPS = [{}, dict(block_t=16), dict(block_t=32), dict(block_t=64)]
+EXPAND_SWEEP_STEPS = [{}, dict(block_t=16), dict(block_t=32), dict(block_t=64)]
 EXPAND_SWEEP_PREFILL = [
     {}, dict(block_t=32), dict(block_t=128), dict(block_d=256), dict(num_warps=8), dict(block_r=16),
 ]
@@ -384,8 +388,8 @@ def sweep(run: common.KernelBenchRun) -> None:
     """(c): each kernel's tunables at the sweep shapes, most telling first, until the time budget is spent."""
     print("== (c) tunables sweep (each kernel's variants with the other's defaults; device time per kernel)")
     nseq, chunk = Cfg.prefill
-    shapes = [("mixed", [1] * nd + [tokens] * nc, r, nd + nc, SHRINK_SWEEP_MIXED, EXPAND_SWEEP_MIXED)
-              for nd, nc, tokens, r in Cfg.sweep_mixed]
+    shapes = [(phase, [1] * nd + [tokens] * nc + [0] * (rows - nd - nc), r, nd + nc, SHRINK_SWEEP_STEPS,
+               EXPAND_SWEEP_STEPS) for phase, nd, nc, tokens, rows, r in Cfg.sweep_steps]
     shapes += [("decode", [1] * b, r, b, SHRINK_SWEEP_DECODE, EXPAND_SWEEP_DECODE)
                for b, r in Cfg.sweep_decode]
     shapes.append(("prefill", [chunk] * nseq, Cfg.sweep_prefill_rank, nseq, SHRINK_SWEEP_PREFILL,
