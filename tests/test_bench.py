@@ -453,3 +453,7 @@ def test_each_timed_run_starts_from_a_cold_pool(tmp_path):
     assert f"~~**{stale['throughput_req_s']:.2f}**~~ †" in text
     assert "† tiny n = 3 (" in text and "50% of its prompt tokens were served from blocks" in text
     assert f"**{results[0]['throughput_req_s']:.2f}** |" in text  # the clean result stands as it is
+    # where every prompt starts with its adapter's system prompt, hits are the setting's own
+    assert results[0]["system_prompt_len"] == 0
+    (tmp_path / "tiny-sat-3.json").write_text(json.dumps({**stale, "system_prompt_len": 16}))
+    assert "~~" not in "\n".join(headline_section(str(tmp_path)))

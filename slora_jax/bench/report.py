@@ -90,7 +90,7 @@ def _stale(d: dict) -> Optional[str]:
     run started from a cold pool, `run.start_cold`)."""
     e = (d.get("run") or {}).get("engine") or {}
     hit, asked = e.get("prefix_hit_tokens") or 0, e.get("prefix_query_tokens") or 0
-    if d.get("saturated") and hit and asked:
+    if d.get("saturated") and not d.get("system_prompt_len") and hit and asked:
         return (f"{d['setting']} n = {d['n_adapters']} ({_short_device(d.get('device'))}, `{d.get('git_commit', '?')}`): "
                 f"{hit / asked:.0%} of its prompt tokens were served from blocks an earlier run had left cached, so "
                 "its req/s and LoRA / base are not the setting's")

@@ -665,6 +665,7 @@ def result(plan: Plan, served: Served, n: int, s: dict, base: Optional[dict], po
         "ranks": plan.ranks, "modules": list(cfg["modules"]), "saturated": plan.saturate, "rate": float(cfg["rate"]),
         "cv": float(cfg["cv"]), "alpha": float(cfg["alpha"]), "duration_s": float(cfg["duration_s"]),
         "input_range": list(cfg["input_range"]), "output_range": list(cfg["output_range"]),
+        "system_prompt_len": int(cfg.get("system_prompt_len") or 0),
         "seed": int(cfg["seed"]), "slo_ttft_s": plan.slo,
         "requests": s["requests"], "throughput_req_s": s["throughput_req_s"], "tokens_per_s": s["tokens_per_s"],
         "avg_latency_s": s["avg_latency_s"], "avg_ttft_s": s["avg_ttft_s"], "slo_attainment": s["slo_attainment"],
