@@ -68,9 +68,10 @@ class Cfg:
     sweep_decode = ((32, 16), (512, 8), (128, 16), (32, 64), (512, 16), (128, 64), (32, 8), (128, 8),
                     (512, 64))  # most telling first
     sweep_prefill_rank = 16
-    # steps as the engine builds them with max_running 384 (S1 on the H200): a prefill or mixed step's tables
-    # have a segment per sequence row of its bucket, B = min(T, 384), unused ones empty, so `decode_like`
-    # (T <= 8 B) picks one token a program for every step up to 3,072 tokens, prompt chunks included. Each
+    # steps as the engine builds them with max_running 384: a prefill or mixed step's tables have a segment
+    # per sequence row of its bucket, B = min(T, 384), unused ones empty, so `decode_like` (T <= 8 B) picks
+    # one token a program for every step up to 3,072 tokens, prompt chunks included (4,096 with the H200's
+    # S1, max_running 385 and so 512 rows). Each
     # shape: (phase, one-token segments, chunks, chunk tokens, segment rows, rank), its defaults against
     # token blocks
     sweep_steps = (("mixed", 256, 2, 256, 384, 8), ("prefill-rows", 0, 4, 512, 384, 8))
@@ -360,8 +361,8 @@ SHRINK_SWEEP_PREFILL = [
     {}, dict(k_splits=1), dict(k_splits=2), dict(k_splits=4), dict(k_splits=8),
     dict(block_t=32), dict(block_t=128, num_warps=8), dict(block_d=64), dict(block_d=256),
 ]
-SHRINK_SWEEP_STEPS = [{}, dict(block_t=16), dict(block_t=32), dict(block_t=64)]
-EXPAND_SWEEP_STEPS = [{}, dict(block_t=16), dict(block_t=32), dict(block_t=64)]
+# either kernel on the engine-shaped steps: one token a program (the default there) against token blocks
+SWEEP_STEPS = [{}, dict(block_t=16), dict(block_t=32), dict(block_t=64)]
 EXPAND_SWEEP_PREFILL = [
     {}, dict(block_t=32), dict(block_t=128), dict(block_d=256), dict(num_warps=8), dict(block_r=16),
 ]
@@ -388,8 +389,8 @@ def sweep(run: common.KernelBenchRun) -> None:
     """(c): each kernel's tunables at the sweep shapes, most telling first, until the time budget is spent."""
     print("== (c) tunables sweep (each kernel's variants with the other's defaults; device time per kernel)")
     nseq, chunk = Cfg.prefill
-    shapes = [(phase, [1] * nd + [tokens] * nc + [0] * (rows - nd - nc), r, nd + nc, SHRINK_SWEEP_STEPS,
-               EXPAND_SWEEP_STEPS) for phase, nd, nc, tokens, rows, r in Cfg.sweep_steps]
+    shapes = [(phase, [1] * nd + [tokens] * nc + [0] * (rows - nd - nc), r, nd + nc, SWEEP_STEPS, SWEEP_STEPS)
+              for phase, nd, nc, tokens, rows, r in Cfg.sweep_steps]
     shapes += [("decode", [1] * b, r, b, SHRINK_SWEEP_DECODE, EXPAND_SWEEP_DECODE)
                for b, r in Cfg.sweep_decode]
     shapes.append(("prefill", [chunk] * nseq, Cfg.sweep_prefill_rank, nseq, SHRINK_SWEEP_PREFILL,

@@ -136,7 +136,7 @@ def main():
     bench.warm_up(plan, served)
     llm, engine = served.llm, served.engine
     llm.set_prefix_cache(args.prefix_cache == "on")
-    llm.clear_cache()
+    bench.start_cold(served)
     n = plan.ns[-1]
     trace = plan.traces[n]
     win = Window(engine, tempfile.mkdtemp(), args.lead_s, args.seconds, args.host_profile)

@@ -97,9 +97,9 @@ def _stale(d: dict) -> Optional[str]:
     return None
 
 
-def _struck(d: dict, value: str) -> str:
-    """A figure of a stale result (`_stale`), struck through and marked."""
-    return f"~~{value}~~ †" if _stale(d) else value
+def _struck(stale: Optional[str], value: str) -> str:
+    """A figure of a stale result (`stale`: what `_stale` said of it), struck through and marked."""
+    return f"~~{value}~~ †" if stale else value
 
 
 def _stale_notes(rows: list) -> list[str]:
@@ -171,9 +171,10 @@ def headline_section(results_dir: str) -> list[str]:
         out += ["| setting | n adapters | req/s | tokens/s | base only req/s | LoRA / base | max_running | device, commit |",
                 "|---|---:|---:|---:|---:|---:|---:|---|"]
         for d in sat:
-            out.append(f"| {d['setting']} | {d['n_adapters']} | {_struck(d, '**' + _f(d['throughput_req_s']) + '**')} | "
+            stale = _stale(d)
+            out.append(f"| {d['setting']} | {d['n_adapters']} | {_struck(stale, '**' + _f(d['throughput_req_s']) + '**')} | "
                        f"{_f(d.get('tokens_per_s'), '{:.0f}')} | {_f(d.get('base_only_throughput_req_s'))} | "
-                       f"{_struck(d, _f(d.get('lora_vs_base'), '{:.3f}'))} | {d.get('max_running', '-')} | "
+                       f"{_struck(stale, _f(d.get('lora_vs_base'), '{:.3f}'))} | {d.get('max_running', '-')} | "
                        f"{_meta([d])} |")
         out += _stale_notes(sat)
     else:
@@ -595,11 +596,11 @@ def _saturated_table(rows: list) -> list[str]:
     ref_n = rows[0]["n_adapters"]
     ref = {_run_key(d): d["throughput_req_s"] for d in rows if d["n_adapters"] == ref_n}
     for d in rows:
-        first = ref.get(_run_key(d))
-        lines.append(f"| {d['n_adapters']} | {d['requests']} | {_struck(d, '**' + _f(d['throughput_req_s']) + '**')} | "
+        first, stale = ref.get(_run_key(d)), _stale(d)
+        lines.append(f"| {d['n_adapters']} | {d['requests']} | {_struck(stale, '**' + _f(d['throughput_req_s']) + '**')} | "
                      f"{_f(d.get('tokens_per_s'), '{:.0f}')} | {_f(d.get('base_only_throughput_req_s'))} | "
-                     f"{_struck(d, _f(d.get('lora_vs_base'), '{:.3f}'))} | "
-                     f"{_struck(d, _f(d['throughput_req_s'] / first if first else None, '{:.3f}'))} "
+                     f"{_struck(stale, _f(d.get('lora_vs_base'), '{:.3f}'))} | "
+                     f"{_struck(stale, _f(d['throughput_req_s'] / first if first else None, '{:.3f}'))} "
                      f"| {_f(d.get('avg_latency_s'))} | {d.get('max_running', '-')} | "
                      f"{(d.get('run') or {}).get('unfinished', '-')} | {_short_device(d.get('device'))}, "
                      f"`{d.get('git_commit', '?')}` |")
